@@ -1,0 +1,98 @@
+"""The one table that tells model families apart by their keys, never by file name.
+
+``detect_family`` returns the family and key layout of a flat state dict. Families the extension
+cannot use in a given place (a ControlNet, a LoRA, a whole checkpoint) are recognised too, so the
+error can say what the file is instead of "unknown".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Mapping
+
+import torch
+
+from ..errors import FormatError
+
+
+class ModelFamily(str, Enum):
+    T2I_FULL = "T2I-Adapter"
+    T2I_LIGHT = "T2I-Adapter (light)"
+    T2I_STYLE = "T2I-Adapter (style)"
+    IP_ADAPTER = "IP-Adapter"
+    CONTROLNET = "ControlNet"
+    LORA = "LoRA"
+    CHECKPOINT = "Stable Diffusion checkpoint"
+
+    @property
+    def is_t2i(self) -> bool:
+        return self in (ModelFamily.T2I_FULL, ModelFamily.T2I_LIGHT, ModelFamily.T2I_STYLE)
+
+
+class KeyLayout(str, Enum):
+    TENCENTARC = "tencentarc"  # TencentARC .pth layout (optionally with an "adapter." prefix)
+    DIFFUSERS = "diffusers"  # diffusers T2IAdapter layout ("adapter.body.N.resnets.M...")
+    IP_FLAT = "ip-flat"  # "image_proj.*" / "ip_adapter.*" (flattened from nested .bin or flat .safetensors)
+    OTHER = "other"
+
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Signature:
+    family: ModelFamily
+    layout: KeyLayout
+    matches: Callable[[StateDict], bool]
+
+
+def _has(*keys: str) -> Callable[[StateDict], bool]:
+    return lambda sd: all(k in sd for k in keys)
+
+
+def _has_prefixes(*prefixes: str) -> Callable[[StateDict], bool]:
+    return lambda sd: all(any(k.startswith(p) for k in sd) for p in prefixes)
+
+
+def _any_contains(*parts: str) -> Callable[[StateDict], bool]:
+    return lambda sd: any(p in k for k in sd for p in parts)
+
+
+# Order matters: the first match wins, so more specific signatures come first.
+SIGNATURES: tuple[Signature, ...] = (
+    Signature(ModelFamily.T2I_LIGHT, KeyLayout.DIFFUSERS,
+              _has("adapter.body.0.in_conv.weight", "adapter.body.0.out_conv.weight", "adapter.body.0.resnets.0.block1.weight")),
+    Signature(ModelFamily.T2I_FULL, KeyLayout.DIFFUSERS,
+              _has("adapter.conv_in.weight", "adapter.body.0.resnets.0.block1.weight")),
+    Signature(ModelFamily.T2I_FULL, KeyLayout.TENCENTARC, _has("conv_in.weight", "body.0.block1.weight")),
+    Signature(ModelFamily.T2I_LIGHT, KeyLayout.TENCENTARC,
+              _has("body.0.in_conv.weight", "body.0.out_conv.weight", "body.0.body.0.block1.weight")),
+    Signature(ModelFamily.T2I_STYLE, KeyLayout.TENCENTARC, _has("style_embedding", "proj", "ln_pre.weight")),
+    Signature(ModelFamily.IP_ADAPTER, KeyLayout.IP_FLAT, _has_prefixes("image_proj.", "ip_adapter.")),
+    Signature(ModelFamily.CONTROLNET, KeyLayout.OTHER,
+              _any_contains("input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight")),
+    Signature(ModelFamily.LORA, KeyLayout.OTHER, _any_contains("lora_down.weight", "lora_A.weight", "lora_up.weight")),
+    Signature(ModelFamily.CHECKPOINT, KeyLayout.OTHER, _any_contains("model.diffusion_model.input_blocks.0.0.weight")),
+)
+
+
+def strip_adapter_prefix(sd: StateDict) -> dict[str, torch.Tensor]:
+    """TencentARC files sometimes prefix every key with ``adapter.``; diffusers files always do."""
+    keys = list(sd)
+    is_diffusers = any(".resnets." in k for k in keys)
+    if keys and not is_diffusers and all(k.startswith("adapter.") for k in keys):
+        return {k[len("adapter."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def detect_family(sd: StateDict, source: str = "the file") -> tuple[ModelFamily, KeyLayout, dict[str, torch.Tensor]]:
+    """Family, key layout and the (prefix-normalised) state dict; ``FormatError`` when unknown."""
+    normalised = strip_adapter_prefix(sd)
+    for sig in SIGNATURES:
+        if sig.matches(normalised):
+            return sig.family, sig.layout, normalised
+    sample = ", ".join(sorted(normalised)[:5])
+    raise FormatError(
+        f"{source}: not a recognised adapter file (first keys: {sample}). Expected a T2I-Adapter "
+        "(TencentARC or diffusers layout) or an IP-Adapter (image_proj/ip_adapter keys)."
+    )

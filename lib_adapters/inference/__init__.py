@@ -1,0 +1,1 @@
+"""One generation's adapter work: validated units, T2I features, schedules, the session."""

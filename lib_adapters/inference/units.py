@@ -1,0 +1,132 @@
+"""A unit of the Adapters panel, validated once at the boundary (UI, API, infotext).
+
+``AdapterUnit.from_value`` accepts what the WebUI hands a script: a unit object, a dict with named
+fields (the API's JSON), or a positional list in ``FIELD_ORDER``. Unknown fields and out-of-range
+values raise ``InputError`` with the valid choices.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from enum import Enum
+from typing import Any
+
+from ..errors import InputError
+from ..preprocess.resize import ResizeMode
+
+
+class ControlMode(str, Enum):
+    BALANCED = "Balanced"
+    PROMPT = "My prompt is more important"
+    ADAPTER = "Adapter is more important"
+
+    @classmethod
+    def parse(cls, value: Any) -> "ControlMode":
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(cls):
+            return list(cls)[value]
+        if isinstance(value, str):
+            for mode in cls:
+                if value.strip().lower() in (mode.value.lower(), mode.name.lower()):
+                    return mode
+            if "controlnet is more important" in value.lower():  # sd-webui-controlnet's wording
+                return cls.ADAPTER
+        raise InputError(f"control_mode {value!r} is not one of: {', '.join(m.value for m in cls)}")
+
+
+NO_MODEL = "None"
+_ALIASES = {"guidance_start": "start", "guidance_end": "end", "module": "preprocessor",
+            "processor_res": "resolution", "input_image": "image"}
+
+
+@dataclass(frozen=True)
+class AdapterUnit:
+    enabled: bool = False
+    model: str = NO_MODEL
+    preprocessor: str = "none"
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    control_mode: ControlMode = ControlMode.BALANCED
+    resize_mode: ResizeMode = ResizeMode.CROP_AND_RESIZE
+    resolution: int = 512
+    threshold_a: float = -1.0  # -1: the preprocessor's default
+    threshold_b: float = -1.0
+    image: Any = None  # anything preprocess.resize.to_hwc_uint8 accepts; decoded when used
+
+    @property
+    def is_active(self) -> bool:
+        return self.enabled and self.model != NO_MODEL and self.weight != 0.0
+
+    @classmethod
+    def from_value(cls, value: Any) -> "AdapterUnit":
+        if isinstance(value, cls):
+            return value.validated()
+        if value is None:
+            return cls()
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        if isinstance(value, (list, tuple)):
+            if len(value) > len(FIELD_ORDER):
+                raise InputError(f"a unit list has at most {len(FIELD_ORDER)} values ({', '.join(FIELD_ORDER)})")
+            return cls.from_dict(dict(zip(FIELD_ORDER, value)))
+        if hasattr(value, "__dict__"):  # another extension's unit object with the same field names
+            return cls.from_dict({k: v for k, v in vars(value).items() if not k.startswith("_")}, strict=False)
+        raise InputError(f"an adapter unit must be a JSON object or a list, not {type(value).__name__}")
+
+    @classmethod
+    def from_dict(cls, data: dict, strict: bool = True) -> "AdapterUnit":
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            name = _ALIASES.get(key, key)
+            if name in known:
+                values[name] = value
+            elif strict:
+                raise InputError(f"unknown adapter unit field '{key}'; valid fields: {', '.join(FIELD_ORDER)}")
+        return cls(**values).validated()
+
+    def validated(self) -> "AdapterUnit":
+        try:
+            unit = replace(
+                self,
+                enabled=_as_bool(self.enabled),
+                model=str(self.model or NO_MODEL),
+                preprocessor=str(self.preprocessor or "none"),
+                weight=float(self.weight),
+                start=float(self.start),
+                end=float(self.end),
+                control_mode=ControlMode.parse(self.control_mode),
+                resize_mode=ResizeMode.parse(self.resize_mode),
+                resolution=int(self.resolution),
+                threshold_a=float(self.threshold_a),
+                threshold_b=float(self.threshold_b),
+            )
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"invalid adapter unit value: {exc}") from exc
+        if not 0.0 <= unit.start <= unit.end <= 1.0:
+            raise InputError(f"start ({unit.start}) and end ({unit.end}) must satisfy 0 <= start <= end <= 1")
+        if not -10.0 <= unit.weight <= 10.0:
+            raise InputError(f"weight {unit.weight} is outside [-10, 10]")
+        if not 64 <= unit.resolution <= 4096:
+            raise InputError(f"resolution {unit.resolution} is outside [64, 4096]")
+        return unit
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["control_mode"] = self.control_mode.value
+        data["resize_mode"] = self.resize_mode.value
+        return data
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.strip().lower() in ("true", "1", "yes", "on"):
+            return True
+        if value.strip().lower() in ("false", "0", "no", "off", ""):
+            return False
+        raise ValueError(f"'{value}' is not a boolean")
+    return bool(value)
+
+
+FIELD_ORDER: tuple[str, ...] = tuple(f.name for f in fields(AdapterUnit))

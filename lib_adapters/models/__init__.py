@@ -1,0 +1,1 @@
+"""Pure ``nn.Module`` definitions built from small frozen configs."""
