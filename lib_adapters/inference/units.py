@@ -6,7 +6,7 @@ values raise ``InputError`` with the valid choices.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
 
@@ -61,7 +61,7 @@ class AdapterUnit:
     @classmethod
     def from_value(cls, value: Any) -> "AdapterUnit":
         if isinstance(value, cls):
-            return value.validated()
+            return value
         if value is None:
             return cls()
         if isinstance(value, dict):
@@ -84,33 +84,34 @@ class AdapterUnit:
                 values[name] = value
             elif strict:
                 raise InputError(f"unknown adapter unit field '{key}'; valid fields: {', '.join(FIELD_ORDER)}")
-        return cls(**values).validated()
+        return cls(**values)
 
-    def validated(self) -> "AdapterUnit":
+    def __post_init__(self) -> None:
+        """Coerce UI/API/infotext types (strings, ints) and check ranges; frozen, so via __setattr__."""
         try:
-            unit = replace(
-                self,
-                enabled=_as_bool(self.enabled),
-                model=str(self.model or NO_MODEL),
-                preprocessor=str(self.preprocessor or "none"),
-                weight=float(self.weight),
-                start=float(self.start),
-                end=float(self.end),
-                control_mode=ControlMode.parse(self.control_mode),
-                resize_mode=ResizeMode.parse(self.resize_mode),
-                resolution=int(self.resolution),
-                threshold_a=float(self.threshold_a),
-                threshold_b=float(self.threshold_b),
-            )
+            coerced = {
+                "enabled": _as_bool(self.enabled),
+                "model": str(self.model or NO_MODEL),
+                "preprocessor": str(self.preprocessor or "none"),
+                "weight": float(self.weight),
+                "start": float(self.start),
+                "end": float(self.end),
+                "control_mode": ControlMode.parse(self.control_mode),
+                "resize_mode": ResizeMode.parse(self.resize_mode),
+                "resolution": int(self.resolution),
+                "threshold_a": float(self.threshold_a),
+                "threshold_b": float(self.threshold_b),
+            }
         except (TypeError, ValueError) as exc:
             raise InputError(f"invalid adapter unit value: {exc}") from exc
-        if not 0.0 <= unit.start <= unit.end <= 1.0:
-            raise InputError(f"start ({unit.start}) and end ({unit.end}) must satisfy 0 <= start <= end <= 1")
-        if not -10.0 <= unit.weight <= 10.0:
-            raise InputError(f"weight {unit.weight} is outside [-10, 10]")
-        if not 64 <= unit.resolution <= 4096:
-            raise InputError(f"resolution {unit.resolution} is outside [64, 4096]")
-        return unit
+        for name, value in coerced.items():
+            object.__setattr__(self, name, value)
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise InputError(f"start ({self.start}) and end ({self.end}) must satisfy 0 <= start <= end <= 1")
+        if not -10.0 <= self.weight <= 10.0:
+            raise InputError(f"weight {self.weight} is outside [-10, 10]")
+        if not 64 <= self.resolution <= 4096:
+            raise InputError(f"resolution {self.resolution} is outside [64, 4096]")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
