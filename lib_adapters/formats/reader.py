@@ -43,9 +43,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return flat
 
 
-def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file (empty for other files), read from the header only."""
-    path = Path(path)
+def _safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor names, shapes, metadata) without its data."""
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES or not path.is_file():
         return {}
     try:
@@ -56,8 +55,18 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
             header = json.loads(f.read(size))
     except (OSError, ValueError):
         return {}
-    meta = header.get("__metadata__") or {}
+    return header if isinstance(header, dict) else {}
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (empty for other files), read from the header only."""
+    meta = _safetensors_header(Path(path)).get("__metadata__") or {}
     return {str(k): str(v) for k, v in meta.items()}
+
+
+def read_safetensors_keys(path: str | Path) -> list[str]:
+    """Tensor names of a safetensors file, cheaply (header only); empty for other or damaged files."""
+    return [k for k in _safetensors_header(Path(path)) if k != "__metadata__"]
 
 
 def flatten_state_dict(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:

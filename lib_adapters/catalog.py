@@ -1,0 +1,98 @@
+"""Which adapter files the panel offers, and their short hashes for infotext.
+
+Our own folders (``models/adapters`` and any the user adds in Settings) are listed whole. A shared
+folder such as sd-webui-controlnet's ``models/ControlNet`` holds ControlNets too, so from it we
+list only files whose safetensors header has adapter keys, and pickled files whose name says
+adapter (the header of a pickle cannot be read without loading it). Detection proper always
+happens on load, from keys and shapes.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .errors import MissingFileError
+from .formats.detect import ModelFamily, detect_family
+from .formats.reader import MODEL_SUFFIXES, PICKLE_SUFFIXES, read_safetensors_keys
+from .errors import FormatError
+
+SKIPPED_SUBFOLDERS = ("annotators",)  # preprocessor weights live below our folder, not models
+_ADAPTER_NAME_HINTS = ("t2i", "adapter", "t2ia", "ip-adapter", "ip_adapter", "ipadapter")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: Path
+
+
+def _is_adapter_file_in_shared_folder(path: Path) -> bool:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return any(h in path.name.lower() for h in _ADAPTER_NAME_HINTS)
+    keys = read_safetensors_keys(path)
+    try:
+        family = detect_family({k: None for k in keys})[0]  # key presence is all the signatures read
+    except FormatError:
+        return False
+    return family.is_t2i or family is ModelFamily.IP_ADAPTER
+
+
+def _model_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel_parts = path.relative_to(folder).parts
+        if path.is_file() and path.suffix.lower() in MODEL_SUFFIXES and not set(rel_parts[:-1]) & set(SKIPPED_SUBFOLDERS):
+            files.append(path)
+    return files
+
+
+@dataclass
+class ModelCatalog:
+    own_folders: Sequence[Path]
+    shared_folders: Sequence[Path] = ()
+    _entries: dict[str, ModelEntry] = field(default_factory=dict)
+    _hashes: dict[tuple[str, int, int], str] = field(default_factory=dict)
+
+    def refresh(self) -> list[str]:
+        entries: dict[str, ModelEntry] = {}
+        candidates = [p for f in self.own_folders for p in _model_files(Path(f))]
+        candidates += [p for f in self.shared_folders for p in _model_files(Path(f))
+                       if _is_adapter_file_in_shared_folder(p)]
+        for path in candidates:
+            name = path.stem
+            if name in entries:  # same stem in two folders: keep both, qualified by folder
+                name = f"{path.parent.name}/{path.stem}"
+            entries.setdefault(name, ModelEntry(name, path))
+        self._entries = entries
+        return self.names()
+
+    def names(self) -> list[str]:
+        return sorted(self._entries, key=str.lower)
+
+    def resolve(self, name: str) -> Path:
+        """The file for a listed name (also accepts "name [hash]" as written in infotext)."""
+        bare = name.split(" [", 1)[0].strip()
+        if bare not in self._entries:
+            self.refresh()
+        entry = self._entries.get(bare)
+        if entry is None:
+            folders = ", ".join(str(f) for f in list(self.own_folders) + list(self.shared_folders))
+            raise MissingFileError(f"adapter model '{bare}' not found. Put the file in one of: {folders}, "
+                                   "then press the refresh button next to the model list.")
+        return entry.path
+
+    def short_hash(self, path: Path) -> str:
+        """First 8 hex digits of the file's sha256, computed once per file version."""
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._hashes:
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            self._hashes[key] = digest.hexdigest()[:8]
+        return self._hashes[key]

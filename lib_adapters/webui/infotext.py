@@ -1,0 +1,73 @@
+"""Units in the image's parameters: ``Adapter N: "Model: depth [1a2b3c4d], Weight: 1, ..."``.
+
+The WebUI quotes the whole value (it holds ``,`` and ``:``) and unquotes it on read; inside it,
+fields are ``Label: value`` pairs joined by ", ". Model names are written without ``,``/``:`` so
+the pairs stay parseable. ``on_infotext_pasted`` splits a unit back into one key per field,
+``Adapter N <Label>``, which the panel's ``infotext_fields`` map onto its components.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..inference.units import AdapterUnit
+
+PREFIX = "Adapter"
+# (unit field, infotext label); enabled is implied by the unit's presence.
+FIELDS: tuple[tuple[str, str], ...] = (
+    ("model", "Model"), ("preprocessor", "Preprocessor"), ("weight", "Weight"), ("start", "Start"),
+    ("end", "End"), ("control_mode", "Control mode"), ("resize_mode", "Resize mode"),
+    ("resolution", "Resolution"), ("threshold_a", "Threshold A"), ("threshold_b", "Threshold B"),
+)
+_LABEL_TO_FIELD = {label: name for name, label in FIELDS}
+
+
+def unit_key(index: int) -> str:
+    return f"{PREFIX} {index + 1}"
+
+
+def field_key(index: int, label: str) -> str:
+    return f"{unit_key(index)} {label}"
+
+
+def _clean(value: str) -> str:
+    return re.sub(r"[,:]", "_", value)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(getattr(value, "value", value))
+
+
+def format_unit(unit: AdapterUnit, model_label: str) -> str:
+    values = unit.to_dict()
+    values["model"] = model_label
+    return ", ".join(f"{label}: {_clean(_fmt(values[name]))}" for name, label in FIELDS)
+
+
+def parse_unit(text: str) -> dict[str, str]:
+    """``{"model": ..., "weight": ...}`` from a unit's infotext value; unknown labels are ignored."""
+    out: dict[str, str] = {}
+    for part in text.split(", "):
+        label, sep, value = part.partition(": ")
+        name = _LABEL_TO_FIELD.get(label.strip())
+        if sep and name:
+            out[name] = value.strip()
+    return out
+
+
+def on_infotext_pasted(infotext: str, params: dict[str, Any]) -> None:
+    """Expand every ``Adapter N`` entry into per-field keys the panel's components listen to."""
+    for key, value in list(params.items()):
+        m = re.fullmatch(rf"{PREFIX} (\d+)", str(key))
+        if not m or not isinstance(value, str):
+            continue
+        index = int(m.group(1)) - 1
+        params[field_key(index, "Enabled")] = True
+        parsed = parse_unit(value)
+        if "model" in parsed:
+            parsed["model"] = parsed["model"].split(" [", 1)[0]  # the dropdown lists bare names
+        for name, label in FIELDS:
+            if name in parsed:
+                params[field_key(index, label)] = parsed[name]

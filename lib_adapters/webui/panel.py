@@ -1,0 +1,189 @@
+"""The "Adapters" accordion on txt2img and img2img: an AlwaysVisible script with N units.
+
+Each unit's fields feed one ``gr.State`` holding the unit as a dict, so the script receives one
+argument per unit: the same shape the web API sends (``{"adapters": {"args": [{...}, {...}]}}``).
+Validation happens once, in ``AdapterUnit.from_value``, when the generation starts.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from modules import script_callbacks, scripts
+from modules.ui_components import ToolButton
+
+from ..catalog import ModelCatalog
+from ..errors import AdapterError
+from ..inference.cache import AdapterCache
+from ..inference.units import FIELD_ORDER, NO_MODEL, AdapterUnit, ControlMode
+from ..preprocess.registry import PreprocessorCache, get_preprocessor, list_preprocessors
+from ..preprocess.resize import ResizeMode
+from . import infotext, settings
+from .generation import GenerationController
+
+log = logging.getLogger("adapters")
+
+
+@dataclass
+class SharedResources:
+    """Process-wide caches of files read from disk, shared by the txt2img and img2img scripts so a
+    model is loaded once; emptied when the WebUI unloads the scripts."""
+
+    catalog: ModelCatalog
+    adapters: AdapterCache
+    preprocessors: PreprocessorCache
+    scanned: bool = False
+
+    def model_choices(self, refresh: bool = False) -> list[str]:
+        if refresh or not self.scanned:
+            self.catalog.refresh()
+            self.scanned = True
+        return [NO_MODEL] + self.catalog.names()
+
+    def clear(self) -> None:
+        self.adapters.clear()
+        self.preprocessors.clear()
+
+
+_resources: SharedResources | None = None
+
+
+def resources() -> SharedResources:
+    global _resources
+    cfg = settings.current()
+    if _resources is None or tuple(_resources.catalog.own_folders) != cfg.model_dirs:
+        _resources = SharedResources(ModelCatalog(cfg.model_dirs, cfg.shared_model_dirs),
+                                     AdapterCache(cfg.cache_size), PreprocessorCache())
+    _resources.adapters.max_items = cfg.cache_size
+    return _resources
+
+
+def release_resources() -> None:
+    if _resources is not None:
+        _resources.clear()
+
+
+def _threshold_updates(name: str) -> tuple[dict, dict]:
+    try:
+        pre = get_preprocessor(name)
+    except AdapterError:
+        return gr.update(visible=False), gr.update(visible=False)
+    out = []
+    for spec in (pre.threshold_a, pre.threshold_b):
+        if spec is None:
+            out.append(gr.update(visible=False, value=-1))
+        else:
+            out.append(gr.update(visible=True, label=spec.label, minimum=spec.minimum, maximum=spec.maximum,
+                                 step=spec.step, value=spec.default))
+    return out[0], out[1]
+
+
+class AdaptersScript(scripts.Script):
+    def __init__(self) -> None:
+        self._controller: GenerationController | None = None
+        script_callbacks.on_cfg_denoiser(self._on_cfg_denoiser)
+        script_callbacks.on_script_unloaded(self._end)
+        script_callbacks.on_model_loaded(lambda _model: self._end())
+
+    def title(self) -> str:
+        return "Adapters"
+
+    def show(self, is_img2img: bool) -> Any:
+        return scripts.AlwaysVisible
+
+    # UI --------------------------------------------------------------------------------------
+    def ui(self, is_img2img: bool) -> list:
+        res = resources()
+        states = []
+        self.infotext_fields = []
+        self.paste_field_names = []
+        with gr.Accordion("Adapters", open=False, elem_id=self.elem_id("accordion")):
+            with gr.Tabs():
+                for index in range(settings.current().unit_count):
+                    with gr.Tab(f"Unit {index + 1}"):
+                        states.append(self._unit_ui(index, res))
+        return states
+
+    def _unit_ui(self, index: int, res: SharedResources) -> gr.State:
+        default = AdapterUnit()
+        eid = lambda name: self.elem_id(f"unit{index + 1}_{name}")  # noqa: E731
+        with gr.Row():
+            image = gr.Image(label="Condition image", source="upload", type="numpy", elem_id=eid("image"))
+            preview = gr.Image(label="Preprocessed", interactive=False, elem_id=eid("preview"))
+        enabled = gr.Checkbox(label="Enable", value=False, elem_id=eid("enabled"))
+        with gr.Row():
+            preprocessor = gr.Dropdown(label="Preprocessor", value=default.preprocessor,
+                                       choices=[p.name for p in list_preprocessors()], elem_id=eid("preprocessor"))
+            preview_button = ToolButton(value="\U0001F4A5", elem_id=eid("preview_button"), tooltip="Preview")
+            model = gr.Dropdown(label="Model", value=NO_MODEL, choices=res.model_choices(), elem_id=eid("model"))
+            refresh = ToolButton(value="\U0001F504", elem_id=eid("refresh"), tooltip="Refresh models")
+        with gr.Row():
+            weight = gr.Slider(label="Weight", minimum=0.0, maximum=2.0, step=0.05, value=default.weight,
+                               elem_id=eid("weight"))
+            start = gr.Slider(label="Start", minimum=0.0, maximum=1.0, step=0.01, value=0.0, elem_id=eid("start"))
+            end = gr.Slider(label="End", minimum=0.0, maximum=1.0, step=0.01, value=1.0, elem_id=eid("end"))
+        with gr.Row():
+            resolution = gr.Slider(label="Preprocessor resolution", minimum=64, maximum=2048, step=8,
+                                   value=default.resolution, elem_id=eid("resolution"))
+            threshold_a = gr.Slider(label="Threshold A", minimum=-1, maximum=255, value=-1, visible=False,
+                                    elem_id=eid("threshold_a"))
+            threshold_b = gr.Slider(label="Threshold B", minimum=-1, maximum=255, value=-1, visible=False,
+                                    elem_id=eid("threshold_b"))
+        control_mode = gr.Radio(label="Control mode", choices=[m.value for m in ControlMode],
+                                value=default.control_mode.value, elem_id=eid("control_mode"))
+        resize_mode = gr.Radio(label="Resize mode", choices=[m.value for m in ResizeMode],
+                               value=default.resize_mode.value, elem_id=eid("resize_mode"))
+
+        fields = dict(enabled=enabled, model=model, preprocessor=preprocessor, weight=weight, start=start, end=end,
+                      control_mode=control_mode, resize_mode=resize_mode, resolution=resolution,
+                      threshold_a=threshold_a, threshold_b=threshold_b, image=image)
+        ordered = [fields[name] for name in FIELD_ORDER]
+        state = gr.State(default.to_dict())
+        for component in ordered:
+            component.change(fn=lambda *values: dict(zip(FIELD_ORDER, values)), inputs=ordered, outputs=[state],
+                             show_progress=False)
+        preprocessor.change(fn=_threshold_updates, inputs=[preprocessor], outputs=[threshold_a, threshold_b],
+                            show_progress=False)
+        refresh.click(fn=lambda: gr.update(choices=resources().model_choices(refresh=True)), outputs=[model])
+        preview_button.click(fn=self._preview, inputs=[state], outputs=[preview])
+
+        self.infotext_fields.append((enabled, infotext.field_key(index, "Enabled")))
+        for name, label in infotext.FIELDS:
+            self.infotext_fields.append((fields[name], infotext.field_key(index, label)))
+        self.paste_field_names += [key for _, key in self.infotext_fields[-len(infotext.FIELDS) - 1:]]
+        return state
+
+    def _preview(self, value: dict) -> Any:
+        res = resources()
+        try:
+            unit = AdapterUnit.from_value(value)
+            if unit.image is None:
+                raise AdapterError("upload a condition image first")
+            controller = GenerationController(res.catalog, res.adapters, res.preprocessors,
+                                              settings.current().annotator_dir)
+            return controller.preprocess(unit, unit.image)
+        except AdapterError as exc:
+            raise gr.Error(str(exc)) from exc
+
+    # generation ------------------------------------------------------------------------------
+    def process(self, p: Any, *units: Any) -> None:
+        res = resources()
+        if self._controller is None:
+            self._controller = GenerationController(res.catalog, res.adapters, res.preprocessors,
+                                                    settings.current().annotator_dir)
+        self._controller.annotator_dir = settings.current().annotator_dir
+        self._controller.start(p, units)
+
+    def postprocess(self, p: Any, processed: Any, *units: Any) -> None:
+        self._end()
+
+    def _on_cfg_denoiser(self, params: Any) -> None:
+        if self._controller is not None:
+            self._controller.on_cfg_denoiser(params)
+
+    def _end(self) -> None:
+        if self._controller is not None:
+            self._controller.end()
