@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..unet.hooks import Forward, PatchSet
-from ..unet.layout import BoundLayout, bind_layout
+from ..unet.layout import BoundLayout, IPSite, bind_layout
+from .ip import IPUnitRuntime, image_attention
 from .schedule import in_window
 from .t2i import T2IUnitRuntime, fit_feature
 
@@ -34,8 +35,9 @@ class GenerationSession:
     """Owns the hooks of one generation; use as a context manager or call install/restore."""
 
     unet: nn.Module
-    t2i_units: Sequence[T2IUnitRuntime]
+    t2i_units: Sequence[T2IUnitRuntime] = ()
     bound: BoundLayout | None = None
+    ip_units: Sequence[IPUnitRuntime] = ()
     _patches: PatchSet = field(default_factory=PatchSet)
     _row_roles: list[bool] | None = None  # True = cond row, for the current denoiser step
     _row_cursor: int = 0
@@ -48,6 +50,8 @@ class GenerationSession:
             self.bound = bind_layout(self.unet)
         for unit in self.t2i_units:
             unit.check_compatible(self.bound)
+        for ip_unit in self.ip_units:
+            ip_unit.adapter.check_compatible(self.bound, ip_unit.label)
 
     # lifecycle -----------------------------------------------------------------------------
     @property
@@ -55,19 +59,26 @@ class GenerationSession:
         return len(self._patches) > 0
 
     def install(self) -> None:
-        if self.installed or not self.t2i_units:
+        if self.installed or not (self.t2i_units or self.ip_units):
             return
         bound = self.bound
         assert bound is not None
         self._patches.wrap(bound.module(bound.layout.entry), self._wrap_entry)
-        for level, site in enumerate(bound.layout.t2i_sites):
-            self._patches.wrap(bound.module(site.path), self._make_site_wrapper(level))
+        if self.t2i_units:
+            for level, site in enumerate(bound.layout.t2i_sites):
+                self._patches.wrap(bound.module(site.path), self._make_site_wrapper(level))
+        if self.ip_units:
+            for ip_site in bound.ip_sites():
+                module = bound.module(ip_site.path)
+                self._patches.wrap(module, self._make_attn2_wrapper(ip_site, module))
 
     def restore(self) -> None:
         self._patches.restore()
         self._call = None
         for unit in self.t2i_units:
             unit.adapter.module.to("cpu")
+        for ip_unit in self.ip_units:
+            ip_unit.release()
 
     def __enter__(self) -> "GenerationSession":
         self.install()
@@ -101,6 +112,21 @@ class GenerationSession:
                 return h if residual is None else h + residual
 
             return site
+
+        return make
+
+    def _make_attn2_wrapper(self, site: IPSite, attn: nn.Module) -> Callable[[Forward], Forward]:
+        def make(forward: Forward) -> Forward:
+            def attn2(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                out = forward(x, *args, **kwargs)  # the text attention, as the WebUI computes it
+                units = [(u, u.scale_at(site)) for u in self.ip_units if in_window(self._progress, u.start, u.end)]
+                units = [(u, s) for u, s in units if s != 0.0]
+                if not units:
+                    return out
+                cond_mask = self._call.cond_mask if self._call is not None else None
+                return out + image_attention(attn, x, units, site, cond_mask).to(out.dtype)
+
+            return attn2
 
         return make
 

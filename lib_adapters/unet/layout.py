@@ -27,6 +27,18 @@ class UNetLayout:
     num_input_blocks: int
     entry: str
     t2i_sites: tuple[T2ISite, ...]
+    attn_input_blocks: tuple[int, ...]  # input_blocks[i][1] is a SpatialTransformer
+    attn_output_blocks: tuple[int, ...]  # output_blocks[i][1] is a SpatialTransformer
+
+
+@dataclass(frozen=True)
+class IPSite:
+    """One cross-attention (attn2) and the IP-Adapter weights that belong to it."""
+
+    number: int  # the file's key number: ip_adapter.{number}.to_k_ip (odd; diffusers order down, up, mid)
+    path: str  # e.g. "input_blocks.4.1.transformer_blocks.0.attn2"
+    block_index: int  # SpatialTransformer index in call order (input, middle, output): per-block weights
+    hidden: int  # attn2's inner width: to_k_ip's output size
 
 
 _SD12 = UNetLayout(
@@ -35,6 +47,8 @@ _SD12 = UNetLayout(
     entry="input_blocks.0",
     t2i_sites=(T2ISite("input_blocks.2", 0), T2ISite("input_blocks.5", 1),
                T2ISite("input_blocks.8", 2), T2ISite("input_blocks.11", 3)),
+    attn_input_blocks=(1, 2, 4, 5, 7, 8),
+    attn_output_blocks=(3, 4, 5, 6, 7, 8, 9, 10, 11),
 )
 # SDXL: the first feature goes after the first Downsample (block 3), the last after the middle block.
 _SDXL = UNetLayout(
@@ -43,6 +57,8 @@ _SDXL = UNetLayout(
     entry="input_blocks.0",
     t2i_sites=(T2ISite("input_blocks.3", 0), T2ISite("input_blocks.5", 1),
                T2ISite("input_blocks.8", 2), T2ISite("middle_block", 2)),
+    attn_input_blocks=(4, 5, 7, 8),
+    attn_output_blocks=(0, 1, 2, 3, 4, 5),
 )
 LAYOUTS: dict[BaseArch, UNetLayout] = {BaseArch.SD1: _SD12, BaseArch.SD2: _SD12, BaseArch.SDXL: _SDXL}
 
@@ -58,6 +74,27 @@ class BoundLayout:
 
     def module(self, path: str) -> nn.Module:
         return self.unet.get_submodule(path)
+
+    def ip_sites(self) -> tuple[IPSite, ...]:
+        """Every attn2 with its file key number and call-order block index, read off this UNet."""
+        layout = self.layout
+        inputs = [f"input_blocks.{i}.1" for i in layout.attn_input_blocks]
+        outputs = [f"output_blocks.{i}.1" for i in layout.attn_output_blocks]
+        call_order = {path: n for n, path in enumerate(inputs + ["middle_block.1"] + outputs)}
+        sites = []
+        for path in inputs + outputs + ["middle_block.1"]:  # diffusers' attn_processors order
+            blocks = getattr(self.module(path), "transformer_blocks", None)
+            if blocks is None:
+                raise IncompatibleModelError(f"{layout.arch_family} UNet: '{path}' is not a spatial transformer")
+            for j, block in enumerate(blocks):
+                attn2 = block.attn2
+                sites.append(IPSite(number=2 * len(sites) + 1, path=f"{path}.transformer_blocks.{j}.attn2",
+                                    block_index=call_order[path], hidden=int(attn2.to_k.out_features)))
+        return tuple(sites)
+
+    @property
+    def num_attn_blocks(self) -> int:
+        return len(self.layout.attn_input_blocks) + 1 + len(self.layout.attn_output_blocks)
 
 
 def bind_layout(unet: nn.Module) -> BoundLayout:
