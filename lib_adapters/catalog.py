@@ -15,10 +15,11 @@ from typing import Sequence
 
 from .errors import MissingFileError
 from .formats.detect import ModelFamily, detect_family
-from .formats.reader import MODEL_SUFFIXES, PICKLE_SUFFIXES, read_safetensors_keys
+from .formats.reader import (MODEL_SUFFIXES, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_safetensors_keys,
+                             read_safetensors_shapes, read_state_dict)
 from .errors import FormatError
 
-SKIPPED_SUBFOLDERS = ("annotators",)  # preprocessor weights live below our folder, not models
+SKIPPED_SUBFOLDERS = ("annotators", "clip_vision")  # preprocessor weights and encoders, not adapters
 _ADAPTER_NAME_HINTS = ("t2i", "adapter", "t2ia", "ip-adapter", "ip_adapter", "ipadapter")
 
 
@@ -96,3 +97,51 @@ class ModelCatalog:
                     digest.update(chunk)
             self._hashes[key] = digest.hexdigest()[:8]
         return self._hashes[key]
+
+
+@dataclass(frozen=True)
+class EncoderFile:
+    path: Path
+    hidden_size: int
+    projection_dim: int
+
+
+def _encoder_dims(path: Path) -> EncoderFile | None:
+    """Widths of a CLIP vision file: from the safetensors header, else by loading the pickle."""
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        shapes = read_safetensors_shapes(path)
+    else:
+        try:
+            shapes = {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
+        except (FormatError, MissingFileError):
+            return None
+    cls, proj = shapes.get("vision_model.embeddings.class_embedding"), shapes.get("visual_projection.weight")
+    if not cls or not proj:
+        return None
+    return EncoderFile(path, int(cls[0]), int(proj[0]))
+
+
+@dataclass
+class EncoderCatalog:
+    """CLIP vision encoders in ``models/clip_vision`` (and any other folders), matched by width."""
+
+    folders: Sequence[Path]
+    _files: list[EncoderFile] | None = None
+
+    def refresh(self) -> list[EncoderFile]:
+        self._files = [f for folder in self.folders for p in _model_files(Path(folder))
+                       for f in [_encoder_dims(p)] if f is not None]
+        return self._files
+
+    def find(self, hidden_states: bool, width: int, description: str) -> Path:
+        """The first encoder whose hidden size (or projection size) is ``width``."""
+        for attempt in range(2):
+            files = self._files if (self._files is not None and attempt == 0) else self.refresh()
+            for f in files:
+                if (f.hidden_size if hidden_states else f.projection_dim) == width:
+                    return f.path
+        folders = ", ".join(str(f) for f in self.folders)
+        raise MissingFileError(
+            f"this IP-Adapter needs a {description} CLIP vision encoder and none was found in {folders}. "
+            "Put the encoder that comes with IP-Adapter there (for ViT-H/14: models/image_encoder/model.safetensors "
+            "of h94/IP-Adapter, for ViT-bigG/14: sdxl_models/image_encoder/model.safetensors), any file name.")

@@ -20,7 +20,8 @@ def test_named_fields_with_sd_webui_controlnet_aliases():
 
 def test_positional_list_follows_field_order():
     values = [True, "sketch", "none", 0.8, 0.0, 0.5, "Balanced", "Resize and Fill", 256, -1, -1, None]
-    assert len(values) == len(FIELD_ORDER)
+    assert FIELD_ORDER[:len(values)] == ("enabled", "model", "preprocessor", "weight", "start", "end", "control_mode",
+                                         "resize_mode", "resolution", "threshold_a", "threshold_b", "image")
     unit = AdapterUnit.from_value(values)
     assert (unit.model, unit.weight, unit.end, unit.resize_mode) == ("sketch", 0.8, 0.5, ResizeMode.RESIZE_AND_FILL)
     assert AdapterUnit.from_value(values[:2]).model == "sketch"  # missing trailing values keep defaults
@@ -34,7 +35,9 @@ def test_positional_list_follows_field_order():
     ({"enabled": "maybe"}, "not a boolean"),
     ({"resolution": 8}, "resolution 8 is outside"),
     (42, "must be a JSON object or a list"),
-    (list(range(20)), "at most"),
+    (list(range(30)), "at most"),
+    ({"block_preset": "everything"}, "block preset 'everything' is not one of"),
+    ({"multi_image": "blend"}, "multi_image 'blend' is not one of"),
 ])
 def test_bad_values_are_rejected_with_a_reason(value, message):
     with pytest.raises(InputError, match=message):

@@ -64,6 +64,12 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()}
 
 
+def read_safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a safetensors file from its header, without reading any data."""
+    header = _safetensors_header(Path(path))
+    return {k: tuple(v.get("shape", ())) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+
+
 def read_safetensors_keys(path: str | Path) -> list[str]:
     """Tensor names of a safetensors file, cheaply (header only); empty for other or damaged files."""
     return [k for k in _safetensors_header(Path(path)) if k != "__metadata__"]

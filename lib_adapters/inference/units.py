@@ -11,7 +11,10 @@ from enum import Enum
 from typing import Any
 
 from ..errors import InputError
+from ..models.clip_vision import CropMode
 from ..preprocess.resize import ResizeMode
+from .blocks import BlockPreset
+from .ip import MultiImage
 
 
 class ControlMode(str, Enum):
@@ -52,7 +55,12 @@ class AdapterUnit:
     resolution: int = 512
     threshold_a: float = -1.0  # -1: the preprocessor's default
     threshold_b: float = -1.0
-    image: Any = None  # anything preprocess.resize.to_hwc_uint8 accepts; decoded when used
+    image: Any = None  # anything preprocess.resize.to_hwc_uint8 accepts, or a list of them (IP units)
+    # IP-Adapter units only (the model file decides the unit's kind):
+    block_preset: BlockPreset = BlockPreset.ALL
+    composition_weight: float = 1.0  # with "Style and composition": factor of the layout blocks
+    multi_image: MultiImage = MultiImage.AVERAGE
+    crop: CropMode = CropMode.CENTER
 
     @property
     def is_active(self) -> bool:
@@ -101,6 +109,10 @@ class AdapterUnit:
                 "resolution": int(self.resolution),
                 "threshold_a": float(self.threshold_a),
                 "threshold_b": float(self.threshold_b),
+                "block_preset": BlockPreset.parse(self.block_preset),
+                "composition_weight": float(self.composition_weight),
+                "multi_image": _parse_enum(MultiImage, self.multi_image, "multi_image"),
+                "crop": CropMode.parse(self.crop),
             }
         except (TypeError, ValueError) as exc:
             raise InputError(f"invalid adapter unit value: {exc}") from exc
@@ -115,9 +127,26 @@ class AdapterUnit:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["control_mode"] = self.control_mode.value
-        data["resize_mode"] = self.resize_mode.value
+        for name in ("control_mode", "resize_mode", "block_preset", "multi_image", "crop"):
+            data[name] = getattr(self, name).value
         return data
+
+    @property
+    def images(self) -> list[Any]:
+        """The unit's reference images as a list (empty when none was given)."""
+        if self.image is None:
+            return []
+        if isinstance(self.image, (list, tuple)):
+            return [i for i in self.image if i is not None]
+        return [self.image]
+
+
+def _parse_enum(enum: type[Enum], value: Any, name: str) -> Any:
+    for member in enum:
+        if value is member or (isinstance(value, str) and value.strip().lower() in
+                               (member.value.lower(), member.name.lower())):
+            return member
+    raise InputError(f"{name} {value!r} is not one of: {', '.join(m.value for m in enum)}")
 
 
 def _as_bool(value: Any) -> bool:

@@ -13,9 +13,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..catalog import ModelCatalog
+from ..catalog import EncoderCatalog, ModelCatalog
 from ..errors import AdapterError, InputError
+from ..formats.ip import LoadedIPAdapter
+from ..inference.blocks import block_weights
 from ..inference.cache import AdapterCache
+from ..inference.ip import IPUnitRuntime
 from ..inference.session import GenerationSession
 from ..inference.t2i import T2IUnitRuntime
 from ..inference.units import AdapterUnit
@@ -42,6 +45,7 @@ class GenerationController:
     adapters: AdapterCache
     preprocessors: PreprocessorCache
     annotator_dir: Path
+    encoders: EncoderCatalog
     session: GenerationSession | None = None
     messages: list[str] = field(default_factory=list)
 
@@ -51,7 +55,8 @@ class GenerationController:
         self.messages = []
         unet = p.sd_model.model.diffusion_model
         bound: BoundLayout | None = None
-        runtimes: list[T2IUnitRuntime] = []
+        t2i: list[T2IUnitRuntime] = []
+        ip: list[IPUnitRuntime] = []
         for index, value in enumerate(unit_values):
             label = infotext.unit_key(index)
             try:
@@ -59,15 +64,15 @@ class GenerationController:
                 if not unit.is_active:
                     continue
                 bound = bound or bind_layout(unet)
-                runtime, model_label = self._build_runtime(label, unit, p)
-                runtime.check_compatible(bound)
+                runtime, model_label = self._build_unit(label, unit, p, bound)
             except AdapterError as exc:
                 self._skip(p, label, exc)
                 continue
-            runtimes.append(runtime)
-            p.extra_generation_params[label] = infotext.format_unit(unit, model_label)
-        if runtimes:
-            self.session = GenerationSession(unet, runtimes, bound)
+            is_ip = isinstance(runtime, IPUnitRuntime)
+            (ip if is_ip else t2i).append(runtime)
+            p.extra_generation_params[label] = infotext.format_unit(unit, model_label, ip=is_ip)
+        if t2i or ip:
+            self.session = GenerationSession(unet, t2i, bound, ip)
             self.session.install()
 
     def end(self) -> None:
@@ -89,15 +94,40 @@ class GenerationController:
         self.session.on_denoiser(cond, uncond, step, total)
 
     # building units --------------------------------------------------------------------------
-    def _build_runtime(self, label: str, unit: AdapterUnit, p: Any) -> tuple[T2IUnitRuntime, str]:
+    def _build_unit(self, label: str, unit: AdapterUnit, p: Any, bound: BoundLayout
+                    ) -> tuple[T2IUnitRuntime | IPUnitRuntime, str]:
         path = self.catalog.resolve(unit.model)
-        adapter = self.adapters.load_t2i(path)
+        loaded = self.adapters.load_adapter(path)
+        if isinstance(loaded, LoadedIPAdapter):
+            loaded.check_compatible(bound, label)
+            runtime: T2IUnitRuntime | IPUnitRuntime = self._ip_runtime(label, unit, loaded, p, bound)
+        else:
+            runtime = self._t2i_runtime(label, unit, loaded, p)
+            runtime.check_compatible(bound)
+        return runtime, f"{path.stem} [{self.catalog.short_hash(path)}]"
+
+    def _t2i_runtime(self, label: str, unit: AdapterUnit, adapter: Any, p: Any) -> T2IUnitRuntime:
         if adapter.is_style:
-            raise AdapterError(f"{label}: style adapters need a CLIP vision encoder, which is not supported yet; "
-                               "use a spatial T2I-Adapter (depth, canny, sketch, openpose, seg, color).")
-        condition = self.preprocess(unit, self._source_image(label, unit, p))
-        model_label = f"{path.stem} [{self.catalog.short_hash(path)}]"
-        return T2IUnitRuntime(label, unit, adapter, condition), model_label
+            raise AdapterError(f"{label}: the style T2I-Adapter is not supported yet; use an IP-Adapter for style, "
+                               "or a spatial T2I-Adapter (depth, canny, sketch, openpose, seg, color).")
+        condition = self.preprocess(unit, self._source_images(label, unit, p)[0])
+        return T2IUnitRuntime(label, unit, adapter, condition)
+
+    def _ip_runtime(self, label: str, unit: AdapterUnit, adapter: LoadedIPAdapter, p: Any,
+                    bound: BoundLayout) -> IPUnitRuntime:
+        """Encode the reference images once for the whole job; the tokens serve every step and pass."""
+        need = adapter.encoder_need
+        encoder = self.adapters.load_encoder(self.encoders.find(need.hidden_states, need.width, need.description))
+        images = self._source_images(label, unit, p)
+        device = next(bound.unet.parameters()).device
+        encoder.model.to(device)
+        try:
+            cond, uncond = encoder.encode_images(images, unit.crop, need.hidden_states)
+        finally:
+            encoder.model.to("cpu")
+        return IPUnitRuntime.from_encoder_outputs(
+            label, adapter, cond, uncond, multi=unit.multi_image, weight=unit.weight, start=unit.start, end=unit.end,
+            block_weights=block_weights(unit.block_preset, bound.arch, unit.composition_weight))
 
     def preprocess(self, unit: AdapterUnit, image: Any) -> np.ndarray:
         return run_preprocessor(
@@ -105,17 +135,15 @@ class GenerationController:
             threshold_b=unit.threshold_b, weights_dir=self.annotator_dir, cache=self.preprocessors)
 
     @staticmethod
-    def _source_image(label: str, unit: AdapterUnit, p: Any) -> np.ndarray:
-        image = unit.image
-        if isinstance(image, dict) and image.get("image") is None:
-            image = None
-        if image is None:
+    def _source_images(label: str, unit: AdapterUnit, p: Any) -> list[np.ndarray]:
+        images = [i for i in unit.images if not (isinstance(i, dict) and i.get("image") is None)]
+        if not images:
             init_images = getattr(p, "init_images", None) or []
             if not init_images:
-                raise InputError(f"{label}: no image. Upload a condition image in the unit "
+                raise InputError(f"{label}: no image. Upload an image in the unit "
                                  "(in img2img the input image is used when the unit has none).")
-            image = init_images[0]
-        return to_hwc_uint8(image)
+            images = [init_images[0]]
+        return [to_hwc_uint8(image) for image in images]
 
     def _skip(self, p: Any, label: str, exc: AdapterError) -> None:
         message = f"{label} skipped: {exc}"

@@ -19,7 +19,11 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("end", "End"), ("control_mode", "Control mode"), ("resize_mode", "Resize mode"),
     ("resolution", "Resolution"), ("threshold_a", "Threshold A"), ("threshold_b", "Threshold B"),
 )
-_LABEL_TO_FIELD = {label: name for name, label in FIELDS}
+IP_FIELDS: tuple[tuple[str, str], ...] = (
+    ("block_preset", "Blocks"), ("composition_weight", "Composition weight"), ("multi_image", "Multi-image"),
+    ("crop", "Crop"),
+)
+_LABEL_TO_FIELD = {label: name for name, label in FIELDS + IP_FIELDS}
 
 
 def unit_key(index: int) -> str:
@@ -40,10 +44,12 @@ def _fmt(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-def format_unit(unit: AdapterUnit, model_label: str) -> str:
+def format_unit(unit: AdapterUnit, model_label: str, ip: bool = False) -> str:
+    """The unit's infotext value; IP-Adapter units also carry their IP-only fields."""
     values = unit.to_dict()
     values["model"] = model_label
-    return ", ".join(f"{label}: {_clean(_fmt(values[name]))}" for name, label in FIELDS)
+    fields = FIELDS + IP_FIELDS if ip else FIELDS
+    return ", ".join(f"{label}: {_clean(_fmt(values[name]))}" for name, label in fields)
 
 
 def parse_unit(text: str) -> dict[str, str]:
@@ -68,6 +74,6 @@ def on_infotext_pasted(infotext: str, params: dict[str, Any]) -> None:
         parsed = parse_unit(value)
         if "model" in parsed:
             parsed["model"] = parsed["model"].split(" [", 1)[0]  # the dropdown lists bare names
-        for name, label in FIELDS:
+        for name, label in FIELDS + IP_FIELDS:
             if name in parsed:
                 params[field_key(index, label)] = parsed[name]

@@ -15,10 +15,16 @@ import gradio as gr
 from modules import script_callbacks, scripts
 from modules.ui_components import ToolButton
 
-from ..catalog import ModelCatalog
+import numpy as np
+from PIL import Image
+
+from ..catalog import EncoderCatalog, ModelCatalog
 from ..errors import AdapterError
+from ..inference.blocks import BlockPreset
 from ..inference.cache import AdapterCache
+from ..inference.ip import MultiImage
 from ..inference.units import FIELD_ORDER, NO_MODEL, AdapterUnit, ControlMode
+from ..models.clip_vision import CropMode
 from ..preprocess.registry import PreprocessorCache, get_preprocessor, list_preprocessors
 from ..preprocess.resize import ResizeMode
 from . import infotext, settings
@@ -33,6 +39,7 @@ class SharedResources:
     model is loaded once; emptied when the WebUI unloads the scripts."""
 
     catalog: ModelCatalog
+    encoders: EncoderCatalog
     adapters: AdapterCache
     preprocessors: PreprocessorCache
     scanned: bool = False
@@ -56,7 +63,8 @@ def resources() -> SharedResources:
     cfg = settings.current()
     if _resources is None or tuple(_resources.catalog.own_folders) != cfg.model_dirs:
         _resources = SharedResources(ModelCatalog(cfg.model_dirs, cfg.shared_model_dirs),
-                                     AdapterCache(cfg.cache_size), PreprocessorCache())
+                                     EncoderCatalog(cfg.encoder_dirs), AdapterCache(cfg.cache_size),
+                                     PreprocessorCache())
     _resources.adapters.max_items = cfg.cache_size
     return _resources
 
@@ -79,6 +87,21 @@ def _threshold_updates(name: str) -> tuple[dict, dict]:
             out.append(gr.update(visible=True, label=spec.label, minimum=spec.minimum, maximum=spec.maximum,
                                  step=spec.step, value=spec.default))
     return out[0], out[1]
+
+
+def _controller(res: SharedResources) -> GenerationController:
+    return GenerationController(res.catalog, res.adapters, res.preprocessors, settings.current().annotator_dir,
+                                res.encoders)
+
+
+def _unit_value(*values: Any) -> dict:
+    """The unit dict from the field components, the extra reference images appended to ``image``."""
+    *ordered, extra_files = values
+    unit = dict(zip(FIELD_ORDER, ordered))
+    if extra_files:
+        extra = [np.asarray(Image.open(getattr(f, "name", f)).convert("RGB")) for f in extra_files]
+        unit["image"] = [i for i in [unit["image"], *extra] if i is not None]
+    return unit
 
 
 class AdaptersScript(scripts.Script):
@@ -117,9 +140,9 @@ class AdaptersScript(scripts.Script):
         with gr.Row():
             preprocessor = gr.Dropdown(label="Preprocessor", value=default.preprocessor,
                                        choices=[p.name for p in list_preprocessors()], elem_id=eid("preprocessor"))
-            preview_button = ToolButton(value="\U0001F4A5", elem_id=eid("preview_button"), tooltip="Preview")
+            preview_button = ToolButton(value="\U0001F4A5", elem_id=eid("preview_button"))
             model = gr.Dropdown(label="Model", value=NO_MODEL, choices=res.model_choices(), elem_id=eid("model"))
-            refresh = ToolButton(value="\U0001F504", elem_id=eid("refresh"), tooltip="Refresh models")
+            refresh = ToolButton(value="\U0001F504", elem_id=eid("refresh"))
         with gr.Row():
             weight = gr.Slider(label="Weight", minimum=0.0, maximum=2.0, step=0.05, value=default.weight,
                                elem_id=eid("weight"))
@@ -132,28 +155,42 @@ class AdaptersScript(scripts.Script):
                                     elem_id=eid("threshold_a"))
             threshold_b = gr.Slider(label="Threshold B", minimum=-1, maximum=255, value=-1, visible=False,
                                     elem_id=eid("threshold_b"))
-        control_mode = gr.Radio(label="Control mode", choices=[m.value for m in ControlMode],
+        control_mode = gr.Radio(label="Control mode (T2I-Adapter)", choices=[m.value for m in ControlMode],
                                 value=default.control_mode.value, elem_id=eid("control_mode"))
-        resize_mode = gr.Radio(label="Resize mode", choices=[m.value for m in ResizeMode],
+        resize_mode = gr.Radio(label="Resize mode (T2I-Adapter)", choices=[m.value for m in ResizeMode],
                                value=default.resize_mode.value, elem_id=eid("resize_mode"))
+        with gr.Accordion("IP-Adapter options", open=False):
+            extra_images = gr.File(label="More reference images", file_count="multiple", file_types=["image"],
+                                   elem_id=eid("extra_images"))
+            with gr.Row():
+                block_preset = gr.Dropdown(label="Blocks", choices=[b.value for b in BlockPreset],
+                                           value=default.block_preset.value, elem_id=eid("block_preset"))
+                composition_weight = gr.Slider(label="Composition weight", minimum=0.0, maximum=2.0, step=0.05,
+                                               value=default.composition_weight, elem_id=eid("composition_weight"))
+            with gr.Row():
+                multi_image = gr.Radio(label="Several images", choices=[m.value for m in MultiImage],
+                                       value=default.multi_image.value, elem_id=eid("multi_image"))
+                crop = gr.Radio(label="Image to encoder", choices=[c.value for c in CropMode],
+                                value=default.crop.value, elem_id=eid("crop"))
 
         fields = dict(enabled=enabled, model=model, preprocessor=preprocessor, weight=weight, start=start, end=end,
                       control_mode=control_mode, resize_mode=resize_mode, resolution=resolution,
-                      threshold_a=threshold_a, threshold_b=threshold_b, image=image)
+                      threshold_a=threshold_a, threshold_b=threshold_b, image=image, block_preset=block_preset,
+                      composition_weight=composition_weight, multi_image=multi_image, crop=crop)
         ordered = [fields[name] for name in FIELD_ORDER]
         state = gr.State(default.to_dict())
-        for component in ordered:
-            component.change(fn=lambda *values: dict(zip(FIELD_ORDER, values)), inputs=ordered, outputs=[state],
-                             show_progress=False)
+        for component in ordered + [extra_images]:
+            component.change(fn=_unit_value, inputs=ordered + [extra_images], outputs=[state], show_progress=False)
         preprocessor.change(fn=_threshold_updates, inputs=[preprocessor], outputs=[threshold_a, threshold_b],
                             show_progress=False)
         refresh.click(fn=lambda: gr.update(choices=resources().model_choices(refresh=True)), outputs=[model])
         preview_button.click(fn=self._preview, inputs=[state], outputs=[preview])
 
         self.infotext_fields.append((enabled, infotext.field_key(index, "Enabled")))
-        for name, label in infotext.FIELDS:
+        labels = infotext.FIELDS + infotext.IP_FIELDS
+        for name, label in labels:
             self.infotext_fields.append((fields[name], infotext.field_key(index, label)))
-        self.paste_field_names += [key for _, key in self.infotext_fields[-len(infotext.FIELDS) - 1:]]
+        self.paste_field_names += [key for _, key in self.infotext_fields[-len(labels) - 1:]]
         return state
 
     def _preview(self, value: dict) -> Any:
@@ -162,9 +199,7 @@ class AdaptersScript(scripts.Script):
             unit = AdapterUnit.from_value(value)
             if unit.image is None:
                 raise AdapterError("upload a condition image first")
-            controller = GenerationController(res.catalog, res.adapters, res.preprocessors,
-                                              settings.current().annotator_dir)
-            return controller.preprocess(unit, unit.image)
+            return _controller(res).preprocess(unit, unit.images[0])
         except AdapterError as exc:
             raise gr.Error(str(exc)) from exc
 
@@ -172,10 +207,19 @@ class AdaptersScript(scripts.Script):
     def process(self, p: Any, *units: Any) -> None:
         res = resources()
         if self._controller is None:
-            self._controller = GenerationController(res.catalog, res.adapters, res.preprocessors,
-                                                    settings.current().annotator_dir)
+            self._controller = _controller(res)
         self._controller.annotator_dir = settings.current().annotator_dir
         self._controller.start(p, units)
+        if self._controller.session is not None:
+            # postprocess() is skipped when sampling raises, but txt2img, img2img and the API all run
+            # the job inside `closing(p)`: ending the session in p.close() restores the UNet anyway.
+            close = p.close
+
+            def close_and_restore() -> None:
+                self._end()
+                close()
+
+            p.close = close_and_restore
 
     def postprocess(self, p: Any, processed: Any, *units: Any) -> None:
         self._end()

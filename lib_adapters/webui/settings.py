@@ -13,6 +13,7 @@ class PanelSettings:
     model_dirs: tuple[Path, ...]  # listed whole
     shared_model_dirs: tuple[Path, ...]  # only adapter files are listed from these
     annotator_dir: Path
+    encoder_dirs: tuple[Path, ...]  # CLIP vision encoders for IP-Adapters
     cache_size: int
 
 
@@ -50,5 +51,6 @@ def current() -> PanelSettings:
         model_dirs=(models / "adapters",) + extra,
         shared_model_dirs=(models / "ControlNet",),
         annotator_dir=Path(annotators) if annotators else models / "adapters" / "annotators",
+        encoder_dirs=(models / "clip_vision", models / "adapters" / "clip_vision"),
         cache_size=int(getattr(shared.opts, "adapters_cache_size", 2) or 2),
     )

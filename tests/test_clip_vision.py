@@ -1,0 +1,71 @@
+"""CLIP vision encoders: loaded from local files, configured from shapes, found by width."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures.clip import save_clip_vision, tiny_clip_vision
+from lib_adapters.catalog import EncoderCatalog
+from lib_adapters.errors import FormatError, MissingFileError
+from lib_adapters.models.clip_vision import CropMode, load_clip_vision
+
+
+def _image(h=40, w=64, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_loaded_encoder_reproduces_the_original(tmp_path):
+    original = tiny_clip_vision()
+    encoder = load_clip_vision(save_clip_vision(original, tmp_path))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = original(pixel_values=pixels, output_hidden_states=True)
+    assert torch.equal(encoder.encode(pixels, hidden_states=False), ref.image_embeds)
+    assert torch.equal(encoder.encode(pixels, hidden_states=True), ref.hidden_states[-2])
+
+
+def test_center_crop_matches_transformers_clip_image_processor(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    encoder = load_clip_vision(save_clip_vision(tiny_clip_vision(), tmp_path))
+    image = _image()
+    ours = encoder.preprocess([image], CropMode.CENTER)
+    ref = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})(
+        images=[image], return_tensors="pt").pixel_values
+    assert ours.shape == ref.shape == (1, 3, 32, 32)
+    assert (ours - ref).abs().max() < 0.02  # PIL's bicubic vs transformers' rounding of the resized image
+
+
+def test_squash_keeps_the_whole_image(tmp_path):
+    encoder = load_clip_vision(save_clip_vision(tiny_clip_vision(), tmp_path))
+    image = np.zeros((32, 64, 3), np.uint8)
+    image[:, :16] = 255  # a white band on the left quarter: cropped away by centre crop, kept by squash
+    squashed, cropped = encoder.preprocess([image], CropMode.SQUASH), encoder.preprocess([image], CropMode.CENTER)
+    assert squashed[0, 0, :, :4].mean() > 1.5 and cropped[0, 0, :, :4].mean() < -1.5
+
+
+def test_uncond_follows_the_reference(tmp_path):
+    encoder = load_clip_vision(save_clip_vision(tiny_clip_vision(), tmp_path))
+    cond, uncond = encoder.encode_images([_image()], CropMode.CENTER, hidden_states=False)
+    assert torch.equal(uncond, torch.zeros_like(cond))
+    _, uncond_hidden = encoder.encode_images([_image()], CropMode.CENTER, hidden_states=True)
+    assert torch.equal(uncond_hidden, encoder.encode(torch.zeros(1, 3, 32, 32), hidden_states=True))
+
+
+def test_catalog_picks_the_encoder_by_width(tmp_path):
+    small = save_clip_vision(tiny_clip_vision(hidden=96, projection=64), tmp_path, "a")
+    wide = save_clip_vision(tiny_clip_vision(hidden=128, projection=80), tmp_path, "b")
+    catalog = EncoderCatalog([tmp_path])
+    assert catalog.find(True, 96, "x") == small and catalog.find(False, 80, "x") == wide
+    with pytest.raises(MissingFileError, match="needs a ViT-H/14 .* CLIP vision encoder .*h94/IP-Adapter"):
+        catalog.find(True, 1280, "ViT-H/14 (hidden states of width 1280)")
+
+
+def test_not_an_encoder(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(1)}, str(path))
+    with pytest.raises(FormatError, match="not a CLIP vision encoder"):
+        load_clip_vision(path)

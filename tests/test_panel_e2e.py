@@ -1,0 +1,231 @@
+"""The Adapters script end to end in the stub WebUI: txt2img, img2img, hires fix, batches, the API,
+infotext, bad units, and exact restore of the UNet after every generation."""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import driver
+from fixtures.adapters import diffusers_adapter, save_both_layouts
+from fixtures.unets import install_webui_cat_hijack
+from modules import paths, script_callbacks, shared
+from modules.infotext_utils import parse_generation_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+TITLE = "Adapters"
+
+
+def _load_script_module():
+    """As the WebUI loads scripts/adapters.py: by file location, with the extension root on sys.path."""
+    spec = importlib.util.spec_from_file_location("adapters.py", ROOT / "scripts" / "adapters.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def webui(tmp_path):
+    install_webui_cat_hijack()
+    driver.reset_webui(tmp_path)
+    module = _load_script_module()
+    module.release_resources()
+    import lib_adapters.webui.panel as panel
+    panel._resources = None  # a fresh models folder per test
+    models = Path(paths.models_path) / "adapters"
+    save_both_layouts(diffusers_adapter("full_adapter", 3, seed=4), models, "depth")
+    save_both_layouts(diffusers_adapter("full_adapter", 1, seed=5), models, "canny")
+    save_both_layouts(diffusers_adapter("full_adapter_xl", 3, seed=6), models, "xl_sketch")
+    script_callbacks.ui_settings_callback()
+    model = driver.load_tiny_model("sd1")
+    driver.build_runners([module.AdaptersScript])
+    yield model, models
+
+
+def _condition(size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _b64(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _pixels(processed):
+    return [np.asarray(im).astype(np.int16) for im in processed.images]
+
+
+def _unet_snapshot(model):
+    unet = model.model.diffusion_model
+    return ({n: m.__dict__.get("forward") for n, m in unet.named_modules()},
+            {k: v.clone() for k, v in unet.state_dict().items()})
+
+
+def _assert_restored(model, snapshot):
+    forwards, state = snapshot
+    unet = model.model.diffusion_model
+    assert {n: m.__dict__.get("forward") for n, m in unet.named_modules()} == forwards
+    assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
+
+
+def _units(*units):
+    return {TITLE: list(units)}
+
+
+def test_two_units_hires_fix_and_batch_of_two(webui):
+    model, _ = webui
+    snap = _unet_snapshot(model)
+    kwargs = dict(batch_size=2, enable_hr=True, hr_scale=1.5, denoising_strength=0.5, hr_second_pass_steps=2)
+    base = driver.txt2img(**kwargs)
+    depth = {"enabled": True, "model": "depth", "image": _condition(), "weight": 1.0}
+    canny = {"enabled": True, "model": "canny", "preprocessor": "canny", "image": _condition(seed=1), "weight": 0.7,
+             "threshold_a": 50, "threshold_b": 150}
+    result = driver.txt2img(alwayson_scripts=_units(depth, canny), **kwargs)
+    assert len(result.images) == 2 and result.images[0].size == (96, 96)  # hires 64 * 1.5
+    for a, b in zip(_pixels(base), _pixels(result)):
+        assert np.abs(a - b).mean() > 1.0
+    params = parse_generation_parameters(result.infotexts[0])
+    assert params["Adapter 1"].startswith("Model: depth [") and "Preprocessor: canny" in params["Adapter 2"]
+    _assert_restored(model, snap)
+
+
+def test_features_once_per_resolution_hires_recomputes(webui, monkeypatch):
+    from lib_adapters.models.t2i_adapter import FullAdapter
+
+    sizes = []
+    original = FullAdapter.forward
+    monkeypatch.setattr(FullAdapter, "forward", lambda self, x: (sizes.append(tuple(x.shape[-2:])), original(self, x))[1])
+    unit = {"enabled": True, "model": "depth", "image": _condition()}
+    driver.txt2img(alwayson_scripts=_units(unit), steps=6, batch_size=2, enable_hr=True, hr_scale=2.0,
+                   denoising_strength=0.6, hr_second_pass_steps=3)
+    assert sizes == [(64, 64), (128, 128)]
+
+
+def test_disabled_unit_and_weight_zero_are_bit_identical_to_no_extension(webui):
+    model, _ = webui
+    no_extension = driver.run_processing(driver.make_txt2img(), runner=driver.build_runner([], is_img2img=False))
+    off = driver.txt2img(alwayson_scripts=_units({"enabled": False, "model": "depth", "image": _condition()}))
+    zero = driver.txt2img(alwayson_scripts=_units({"enabled": True, "model": "depth", "image": _condition(),
+                                                   "weight": 0.0}))
+    for other in (off, zero):
+        assert all(np.array_equal(a, b) for a, b in zip(_pixels(no_extension), _pixels(other)))
+    assert "Adapter 1" not in zero.infotexts[0]
+
+
+def test_img2img_uses_the_input_image_when_the_unit_has_none(webui):
+    model, _ = webui
+    init = Image.fromarray(_condition(seed=3))
+    base = driver.img2img([init])
+    result = driver.img2img([init], alwayson_scripts=_units({"enabled": True, "model": "depth"}))
+    assert np.abs(_pixels(base)[0] - _pixels(result)[0]).mean() > 1.0
+    assert "Adapter 1" in result.infotexts[0]
+
+
+def test_inpainting_with_a_unit(webui):
+    init = Image.fromarray(_condition(seed=3))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    result = driver.img2img([init], mask=mask, alwayson_scripts=_units({"enabled": True, "model": "canny",
+                                                                        "preprocessor": "canny"}))
+    assert len(result.images) == 1 and "Adapter 1" in result.infotexts[0]
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ({"enabled": True, "model": "missing_model", "image": None}, "not found"),
+    ({"enabled": True, "model": "xl_sketch"}, "SDXL T2I-Adapter"),
+    ({"enabled": True, "model": "depth", "weigth": 2}, "unknown adapter unit field"),
+    ({"enabled": True, "model": "truncated"}, "download it again"),
+])
+def test_a_bad_unit_is_skipped_with_a_message_and_the_others_still_apply(webui, bad, reason):
+    model, models = webui
+    data = (models / "depth.pth").read_bytes()
+    (models / "truncated.pth").write_bytes(data[: len(data) // 3])
+    good = {"enabled": True, "model": "depth", "image": _condition()}
+    bad = {"image": _condition(), **bad}
+    only_good = driver.txt2img(alwayson_scripts=_units(good))
+    result = driver.txt2img(alwayson_scripts=_units(bad, good))
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(only_good), _pixels(result)))
+    assert "Adapter 2" in result.infotexts[0] and "Adapter 1:" not in result.infotexts[0]
+    assert reason in result.comments and "Adapter 1 skipped" in result.comments
+
+
+def test_sampling_error_still_restores_the_unet(webui, monkeypatch):
+    model, _ = webui
+    snap = _unet_snapshot(model)
+    out = model.model.diffusion_model.out
+
+    def explode(module, args):
+        raise RuntimeError("sampler exploded")
+
+    handle = out.register_forward_pre_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="sampler exploded"):
+            driver.txt2img(alwayson_scripts=_units({"enabled": True, "model": "depth", "image": _condition()}))
+    finally:
+        handle.remove()
+    _assert_restored(model, snap)
+
+
+def test_model_reload_and_script_unload_restore(webui):
+    model, _ = webui
+    snap = _unet_snapshot(model)
+    runner = driver.scripts.scripts_txt2img
+    script = runner.script(TITLE)
+    p = driver.make_txt2img()
+    p.scripts, p.script_args = runner, tuple(driver.default_script_args(
+        runner, _units({"enabled": True, "model": "depth", "image": _condition()})))
+    script.process(p, *p.script_args[script.args_from:script.args_to])
+    assert model.model.diffusion_model.input_blocks[2].__dict__.get("forward") is not None
+    script_callbacks.model_loaded_callback(model)
+    _assert_restored(model, snap)
+    script.process(p, *p.script_args[script.args_from:script.args_to])
+    script_callbacks.script_unloaded_callback()
+    _assert_restored(model, snap)
+
+
+def test_api_named_fields_base64_and_positional_lists(webui):
+    named = {"enabled": True, "model": "depth", "image": _b64(_condition()), "weight": 0.9,
+             "guidance_end": 0.8, "resize_mode": "Just Resize"}
+    positional = [True, "depth", "none", 0.9, 0.0, 0.8, "Balanced", "Just Resize", 512, -1, -1, _b64(_condition())]
+    a = driver.txt2img(alwayson_scripts=_units(named), is_api=True)
+    b = driver.txt2img(alwayson_scripts=_units(positional), is_api=True)
+    assert all(np.array_equal(x, y) for x, y in zip(_pixels(a), _pixels(b)))
+    assert "Weight: 0.9" in a.infotexts[0] and "End: 0.8" in a.infotexts[0]
+
+
+def test_infotext_restores_the_unit_fields(webui):
+    unit = {"enabled": True, "model": "canny", "preprocessor": "canny", "image": _condition(), "weight": 0.6,
+            "start": 0.1, "end": 0.9, "control_mode": "My prompt is more important", "threshold_a": 60,
+            "threshold_b": 160}
+    result = driver.txt2img(alwayson_scripts=_units(unit))
+    params = parse_generation_parameters(result.infotexts[0])
+    script_callbacks.infotext_pasted_callback(result.infotexts[0], params)
+    script = driver.scripts.scripts_txt2img.script(TITLE)
+    by_label = {label: component for component, label in script.infotext_fields}
+    assert {"Adapter 1 Enabled", "Adapter 1 Model", "Adapter 1 Weight"} <= set(by_label)
+    assert params["Adapter 1 Enabled"] is True and params["Adapter 1 Model"] == "canny"
+    assert (params["Adapter 1 Weight"], params["Adapter 1 Start"], params["Adapter 1 End"]) == ("0.6", "0.1", "0.9")
+    assert params["Adapter 1 Control mode"] == "My prompt is more important"
+    assert (params["Adapter 1 Threshold A"], params["Adapter 1 Threshold B"]) == ("60", "160")
+
+
+def test_denoiser_rows_reach_the_session(webui, monkeypatch):
+    from lib_adapters.inference.session import GenerationSession
+
+    seen = []
+    original = GenerationSession.on_denoiser
+    monkeypatch.setattr(GenerationSession, "on_denoiser",
+                        lambda self, c, u, s, t: (seen.append((c, u, s, t)), original(self, c, u, s, t))[1])
+    unit = {"enabled": True, "model": "depth", "image": _condition(), "control_mode": "Adapter is more important"}
+    shared.opts.data["batch_cond_uncond"] = False
+    driver.txt2img(alwayson_scripts=_units(unit), batch_size=2, steps=3, prompt="a cat AND a hat")
+    assert [(c, u) for c, u, _, _ in seen] == [(4, 2)] * 3  # two AND sub-prompts per image, then uncond rows
+    assert [s for _, _, s, _ in seen] == [0, 1, 2]
