@@ -1,0 +1,98 @@
+"""IP-Adapter units through the Adapters script in the stub WebUI, alone and with T2I units."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import driver
+from fixtures.adapters import diffusers_adapter, save_both_layouts
+from fixtures.clip import save_clip_vision, tiny_clip_vision
+from fixtures.ip import random_ip_state_dict
+from lib_adapters.unet.layout import bind_layout
+from modules import paths, script_callbacks
+from test_panel_e2e import _b64, _condition, _load_script_module, _pixels, _unet_snapshot, _assert_restored, _units
+
+
+@pytest.fixture()
+def webui(tmp_path):
+    driver.reset_webui(tmp_path)
+    module = _load_script_module()
+    import lib_adapters.webui.panel as panel
+    panel._resources = None
+    model = driver.load_tiny_model("sd1")
+    bound = bind_layout(model.model.diffusion_model)
+    models = Path(paths.models_path)
+    for variant in ("base", "plus"):
+        nested = random_ip_state_dict(bound, variant, 32, seed=11)
+        (models / "adapters").mkdir(parents=True, exist_ok=True)
+        torch.save(nested, models / "adapters" / f"ip-{variant}.bin")
+    save_both_layouts(diffusers_adapter("full_adapter", 3, seed=4), models / "adapters", "depth")
+    save_clip_vision(tiny_clip_vision(), models / "clip_vision")
+    script_callbacks.ui_settings_callback()
+    driver.build_runners([module.AdaptersScript])
+    yield model, models
+
+
+@pytest.mark.parametrize("variant", ["base", "plus"])
+def test_ip_unit_changes_the_image_and_restores(webui, variant):
+    model, _ = webui
+    snap = _unet_snapshot(model)
+    base = driver.txt2img(batch_size=2)
+    result = driver.txt2img(batch_size=2, alwayson_scripts=_units(
+        {"enabled": True, "model": f"ip-{variant}", "image": _condition(seed=5), "weight": 2.0}))
+    assert np.abs(_pixels(base)[0] - _pixels(result)[0]).mean() > 0.1
+    assert "Blocks: All blocks" in result.infotexts[0] and "Crop: Center crop" in result.infotexts[0]
+    _assert_restored(model, snap)
+
+
+def test_ip_and_t2i_units_combine(webui):
+    ip = {"enabled": True, "model": "ip-plus", "image": _condition(seed=5), "weight": 2.0}
+    t2i = {"enabled": True, "model": "depth", "image": _condition(seed=6)}
+    only_ip = driver.txt2img(alwayson_scripts=_units(ip))
+    only_t2i = driver.txt2img(alwayson_scripts=_units(t2i))
+    both = driver.txt2img(alwayson_scripts=_units(ip, t2i))
+    for single in (only_ip, only_t2i):
+        assert np.abs(_pixels(both)[0] - _pixels(single)[0]).mean() > 0.1
+    assert "Adapter 1" in both.infotexts[0] and "Adapter 2" in both.infotexts[0]
+
+
+def test_several_reference_images_over_the_api(webui):
+    one = {"enabled": True, "model": "ip-base", "image": _b64(_condition(seed=5)), "weight": 2.0}
+    three = dict(one, image=[_b64(_condition(seed=s)) for s in (5, 6, 7)], multi_image="Concatenate")
+    a = driver.txt2img(alwayson_scripts=_units(one), is_api=True)
+    b = driver.txt2img(alwayson_scripts=_units(three), is_api=True)
+    assert np.abs(_pixels(a)[0] - _pixels(b)[0]).mean() > 0.1
+    assert "Multi-image: Concatenate" in b.infotexts[0]
+
+
+def test_img2img_ip_unit_uses_the_input_image(webui):
+    from PIL import Image
+
+    init = Image.fromarray(_condition(seed=8))
+    base = driver.img2img([init])
+    result = driver.img2img([init], alwayson_scripts=_units({"enabled": True, "model": "ip-plus", "weight": 2.0}))
+    assert np.abs(_pixels(base)[0] - _pixels(result)[0]).mean() > 0.05
+    assert "Adapter 1" in result.infotexts[0]
+
+
+def test_missing_encoder_skips_the_unit_and_says_where_it_goes(webui):
+    _, models = webui
+    for f in (models / "clip_vision").iterdir():
+        f.unlink()
+    ip = {"enabled": True, "model": "ip-plus", "image": _condition(seed=5)}
+    t2i = {"enabled": True, "model": "depth", "image": _condition(seed=6)}
+    only_t2i = driver.txt2img(alwayson_scripts=_units(t2i))
+    result = driver.txt2img(alwayson_scripts=_units(ip, t2i))
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(only_t2i), _pixels(result)))
+    assert "Adapter 1 skipped" in result.comments and "clip_vision" in result.comments
+
+
+def test_style_preset_from_the_api(webui):
+    unit = {"enabled": True, "model": "ip-base", "image": _condition(seed=5), "weight": 2.0}
+    full = driver.txt2img(alwayson_scripts=_units(unit))
+    style = driver.txt2img(alwayson_scripts=_units(dict(unit, block_preset="Style")))
+    assert np.abs(_pixels(full)[0] - _pixels(style)[0]).mean() > 0.1
+    assert "Blocks: Style" in style.infotexts[0]
