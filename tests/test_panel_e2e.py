@@ -229,3 +229,25 @@ def test_denoiser_rows_reach_the_session(webui, monkeypatch):
     driver.txt2img(alwayson_scripts=_units(unit), batch_size=2, steps=3, prompt="a cat AND a hat")
     assert [(c, u) for c, u, _, _ in seen] == [(4, 2)] * 3  # two AND sub-prompts per image, then uncond rows
     assert [s for _, _, s, _ in seen] == [0, 1, 2]
+
+
+def test_preview_shows_the_preprocessed_condition(webui):
+    import gradio as gr
+
+    script = driver.scripts.scripts_txt2img.script(TITLE)
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[16:48, 16:48] = 255
+    edges = script._preview({"enabled": True, "model": "depth", "preprocessor": "canny", "image": image,
+                             "resolution": 64})
+    assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
+    assert edges[32, 32].max() == 0 and edges[14:19, 32].max() == 255  # flat inside, an edge at the border
+    with pytest.raises(gr.Error, match="upload a condition image first"):
+        script._preview({"enabled": True, "preprocessor": "canny"})
+
+
+def test_missing_preprocessor_weights_name_the_file_and_folder(webui):
+    good = {"enabled": True, "model": "depth", "image": _condition()}
+    bad = {"enabled": True, "model": "depth", "preprocessor": "depth_midas", "image": _condition()}
+    result = driver.txt2img(alwayson_scripts=_units(bad, good))
+    assert "Adapter 1 skipped" in result.comments
+    assert "dpt_hybrid-midas-501f0c75.pt" in result.comments and "annotators" in result.comments
