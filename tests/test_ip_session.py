@@ -173,3 +173,48 @@ def test_layout_numbers_follow_the_reference_table(sd1):
     assert sites[-1].path.startswith("middle_block") and sites[-1].block_index == 6
     assert [s.path.split(".")[0] for s in sites[:6]] == ["input_blocks"] * 6
     assert math.isclose(sum(s.hidden for s in sites), 32 * 5 + 64 * 5 + 128 * 6)
+
+
+def test_attention_mask_confines_the_image_prompt_to_its_region(sd1):
+    """At the first attn2 (upstream of any IP influence) the image branch is exactly zero outside the mask."""
+    unet, bound = sd1
+    mask = torch.zeros(16, 16)
+    mask[:, :8] = 1.0  # left half of the latent
+    first = bound.module(bound.ip_sites()[0].path)
+    outputs = []
+    handle = first.register_forward_hook(lambda m, a, out: outputs.append(out.reshape(out.shape[0], 16, 16, -1)))
+    try:
+        _run(unet)
+        _run(unet, [_runtime(bound, 32, mask=mask)])
+        _run(unet, [_runtime(bound, 32)])
+    finally:
+        handle.remove()
+    base, masked, full = outputs
+    assert torch.equal(masked[:, :, 8:], base[:, :, 8:])  # right half: untouched
+    assert torch.allclose(masked[:, :, :8], full[:, :, :8], atol=1e-6)  # left half: the full image prompt
+    assert not torch.allclose(full[:, :, 8:], base[:, :, 8:])
+
+
+def test_layer_grid_rounds_up_like_the_unet():
+    from lib_adapters.inference.ip import layer_grid
+
+    assert layer_grid((15, 17), 15 * 17) == (15, 17)
+    assert layer_grid((15, 17), 8 * 9) == (8, 9)
+    assert layer_grid((15, 17), 2 * 3) == (2, 3)
+    assert layer_grid((15, 17), 7) is None
+
+
+def test_split_and_skipped_uncond_calls_give_the_same_rows_as_one_batch(sd1):
+    unet, bound = sd1
+    g = torch.Generator().manual_seed(3)
+    x, ctx, t = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 7, 32, generator=g), torch.full((4,), 300.0)
+    runtime = _runtime(bound, 32)
+    with torch.no_grad(), GenerationSession(unet, ip_units=[runtime]) as session:
+        session.on_denoiser(2, 2, 0, 10)
+        batched = unet(x, t, context=ctx)
+        session.on_denoiser(2, 2, 1, 10)
+        split = torch.cat([unet(x[:2], t[:2], context=ctx[:2]), unet(x[2:], t[2:], context=ctx[2:])])
+        session.on_denoiser(2, 2, 2, 10)
+        skipped = unet(x[:2], t[:2], context=ctx[:2])
+    assert torch.allclose(batched, split, atol=1e-4)
+    assert torch.equal(skipped, split[:2])

@@ -96,3 +96,15 @@ def test_style_preset_from_the_api(webui):
     style = driver.txt2img(alwayson_scripts=_units(dict(unit, block_preset="Style")))
     assert np.abs(_pixels(full)[0] - _pixels(style)[0]).mean() > 0.1
     assert "Blocks: Style" in style.infotexts[0]
+
+
+def test_attention_mask_over_the_api(webui):
+    unit = {"enabled": True, "model": "ip-plus", "image": _b64(_condition(seed=5)), "weight": 2.0}
+    base = driver.txt2img(is_api=True)
+    black = driver.txt2img(alwayson_scripts=_units(dict(unit, mask=_b64(np.zeros((64, 64, 3), np.uint8)))),
+                           is_api=True)
+    white = driver.txt2img(alwayson_scripts=_units(dict(unit, mask=_b64(np.full((64, 64, 3), 255, np.uint8)))),
+                           is_api=True)
+    unmasked = driver.txt2img(alwayson_scripts=_units(unit), is_api=True)
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(base), _pixels(black)))
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(unmasked), _pixels(white)))

@@ -34,7 +34,9 @@ class IPUnitRuntime:
     start: float = 0.0
     end: float = 1.0
     block_weights: dict[int, float] | None = None  # call-order block index -> factor; None = all 1
+    mask: torch.Tensor | None = None  # [H, W] in [0, 1]: where the image prompt acts (regional prompting)
     _kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_encoder_outputs(cls, label: str, adapter: LoadedIPAdapter, cond: torch.Tensor, uncond: torch.Tensor,
@@ -71,13 +73,39 @@ class IPUnitRuntime:
         pick = (1 - cond_mask).long()  # 0 -> cond tokens, 1 -> uncond tokens
         return k[pick], v[pick]
 
+    def mask_for(self, latent_hw: tuple[int, int] | None, tokens: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The mask on this layer's grid as [1, tokens, 1], or None (no mask, or the grid is unknown)."""
+        if self.mask is None or latent_hw is None:
+            return None
+        key = (latent_hw, tokens, like.device, like.dtype)
+        if key not in self._masks:
+            grid = layer_grid(latent_hw, tokens)
+            if grid is None:
+                return None
+            resized = F.interpolate(self.mask[None, None].float(), size=grid, mode="bilinear", align_corners=False)
+            self._masks[key] = resized.reshape(1, tokens, 1).to(like.device, like.dtype)
+        return self._masks[key]
+
     def release(self) -> None:
         self._kv.clear()
+        self._masks.clear()
         self.adapter.model.to("cpu")
 
 
+def layer_grid(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int] | None:
+    """The (h, w) of an attention layer with ``tokens`` positions: the latent halved k times (rounding
+    up, as the UNet's stride-2 convolutions do)."""
+    h, w = latent_hw
+    for _ in range(6):
+        if h * w == tokens:
+            return h, w
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return None
+
+
 def image_attention(attn: torch.nn.Module, x: torch.Tensor, units: list[tuple[IPUnitRuntime, float]],
-                    site: IPSite, cond_mask: torch.Tensor | None) -> torch.Tensor:
+                    site: IPSite, cond_mask: torch.Tensor | None,
+                    latent_hw: tuple[int, int] | None = None) -> torch.Tensor:
     """Sum over units of ``scale * to_out_linear(attention(q, k_ip, v_ip))`` for one attn2 call."""
     heads = int(attn.heads)
     q = attn.to_q(x)
@@ -88,8 +116,10 @@ def image_attention(attn: torch.nn.Module, x: torch.Tensor, units: list[tuple[IP
         k, v = unit.key_value(site, cond_mask, q)
         k = k.reshape(b, -1, heads, inner // heads).transpose(1, 2)
         v = v.reshape(b, -1, heads, inner // heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v) * scale
+        out = (F.scaled_dot_product_attention(q, k, v) * scale).transpose(1, 2).reshape(b, n, inner)
+        region = unit.mask_for(latent_hw, n, out)
+        if region is not None:
+            out = out * region
         total = out if total is None else total + out
     assert total is not None
-    total = total.transpose(1, 2).reshape(b, n, inner)
     return F.linear(total, attn.to_out[0].weight)

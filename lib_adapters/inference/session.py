@@ -123,8 +123,10 @@ class GenerationSession:
                 units = [(u, s) for u, s in units if s != 0.0]
                 if not units:
                     return out
-                cond_mask = self._call.cond_mask if self._call is not None else None
-                return out + image_attention(attn, x, units, site, cond_mask).to(out.dtype)
+                call = self._call
+                cond_mask = call.cond_mask if call is not None else None
+                latent_hw = call.latent_hw if call is not None else None
+                return out + image_attention(attn, x, units, site, cond_mask, latent_hw).to(out.dtype)
 
             return attn2
 

@@ -61,6 +61,7 @@ class AdapterUnit:
     composition_weight: float = 1.0  # with "Style and composition": factor of the layout blocks
     multi_image: MultiImage = MultiImage.AVERAGE
     crop: CropMode = CropMode.CENTER
+    mask: Any = None  # optional image: white where the image prompt acts, black where it does not
 
     @property
     def is_active(self) -> bool:

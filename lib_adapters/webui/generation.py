@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from ..catalog import EncoderCatalog, ModelCatalog
 from ..errors import AdapterError, InputError
@@ -35,6 +36,14 @@ def rows_of(cond: Any) -> int:
     if isinstance(cond, dict):
         cond = cond.get("crossattn", next(iter(cond.values())))
     return int(cond.shape[0])
+
+
+def region_mask(image: Any) -> torch.Tensor | None:
+    """An attention mask image as [H, W] in [0, 1] (white: the image prompt acts there)."""
+    if image is None or (isinstance(image, dict) and image.get("image") is None):
+        return None
+    gray = to_hwc_uint8(image).astype(np.float32).mean(axis=2) / 255.0
+    return torch.from_numpy(gray)
 
 
 @dataclass
@@ -127,7 +136,8 @@ class GenerationController:
             encoder.model.to("cpu")
         return IPUnitRuntime.from_encoder_outputs(
             label, adapter, cond, uncond, multi=unit.multi_image, weight=unit.weight, start=unit.start, end=unit.end,
-            block_weights=block_weights(unit.block_preset, bound.arch, unit.composition_weight))
+            block_weights=block_weights(unit.block_preset, bound.arch, unit.composition_weight),
+            mask=region_mask(unit.mask))
 
     def preprocess(self, unit: AdapterUnit, image: Any) -> np.ndarray:
         return run_preprocessor(

@@ -172,11 +172,13 @@ class AdaptersScript(scripts.Script):
                                        value=default.multi_image.value, elem_id=eid("multi_image"))
                 crop = gr.Radio(label="Image to encoder", choices=[c.value for c in CropMode],
                                 value=default.crop.value, elem_id=eid("crop"))
+            mask = gr.Image(label="Attention mask (white: where the image prompt acts)", source="upload",
+                            type="numpy", elem_id=eid("mask"))
 
         fields = dict(enabled=enabled, model=model, preprocessor=preprocessor, weight=weight, start=start, end=end,
                       control_mode=control_mode, resize_mode=resize_mode, resolution=resolution,
                       threshold_a=threshold_a, threshold_b=threshold_b, image=image, block_preset=block_preset,
-                      composition_weight=composition_weight, multi_image=multi_image, crop=crop)
+                      composition_weight=composition_weight, multi_image=multi_image, crop=crop, mask=mask)
         ordered = [fields[name] for name in FIELD_ORDER]
         state = gr.State(default.to_dict())
         for component in ordered + [extra_images]:
