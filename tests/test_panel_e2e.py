@@ -251,3 +251,15 @@ def test_missing_preprocessor_weights_name_the_file_and_folder(webui):
     result = driver.txt2img(alwayson_scripts=_units(bad, good))
     assert "Adapter 1 skipped" in result.comments
     assert "dpt_hybrid-midas-501f0c75.pt" in result.comments and "annotators" in result.comments
+
+
+def test_batch_count_reuses_one_session_per_batch_and_restores(webui):
+    model, _ = webui
+    snap = _unet_snapshot(model)
+    unit = {"enabled": True, "model": "depth", "image": _condition()}
+    base = driver.txt2img(n_iter=2, batch_size=2)
+    result = driver.txt2img(n_iter=2, batch_size=2, alwayson_scripts=_units(unit))
+    assert len(result.images) == len(base.images) == 4  # two batches of two (the driver saves no grid)
+    assert all(np.abs(a - b).mean() > 1.0 for a, b in zip(_pixels(base), _pixels(result)))
+    assert len({im.tobytes() for im in result.images}) == 4
+    _assert_restored(model, snap)
