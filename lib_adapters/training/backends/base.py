@@ -1,0 +1,153 @@
+"""The interface the training loop needs from a model, whatever holds it (the WebUI's ldm/sgm model, diffusers).
+
+A backend encodes images to latents and prompts to conditioning, runs the UNet on noisy latents,
+and exposes the schedule (``alphas_cumprod``), the prediction type, the UNet module and the text
+encoders (for LoRA). It also owns "training mode" for the base model: freezing every base weight
+and, on request, gradient checkpointing; ``restore()`` puts the model back exactly as it was.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from typing import Union
+
+import torch
+from torch import nn
+
+from ...arch import BaseArch
+from ..latent_cache import CacheIdentity
+from .checkpointing import enable_block_checkpointing
+
+Conditioning = Union[torch.Tensor, dict]  # SD1/SD2: [B, T, C]; SDXL: {"crossattn": [B, T, C], "vector": [B, D]}
+
+
+class Parameterization(str, Enum):
+    EPS = "eps"
+    V = "v"
+
+
+class TextEncoderNaming(str, Enum):
+    HF_CLIP = "hf_clip"  # transformers CLIPTextModel: text_model.encoder.layers.N.self_attn.q_proj ...
+    OPEN_CLIP = "open_clip"  # open_clip: transformer.resblocks.N.attn (fused MultiheadAttention)
+
+
+@dataclass(frozen=True)
+class TextEncoderPart:
+    """One text encoder: its kohya prefix ("lora_te", "lora_te1", "lora_te2"), module and naming scheme."""
+
+    prefix: str
+    module: nn.Module
+    naming: TextEncoderNaming
+
+
+@dataclass(frozen=True)
+class SizeCondition:
+    """SDXL's size conditioning of one sample: (height, width) pairs and the crop's (top, left)."""
+
+    original: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the exported file's metadata says about the base model."""
+
+    arch: BaseArch
+    parameterization: Parameterization
+    name: str  # checkpoint file name or model id
+    sha256: str | None  # checkpoint hash when known
+
+    @property
+    def base_model_version(self) -> str:
+        """kohya's ``ss_base_model_version``."""
+        if self.arch is BaseArch.SDXL:
+            return "sdxl_base_v1-0"
+        version = "sd_v2" if self.arch is BaseArch.SD2 else "sd_v1"
+        return version + ("_v" if self.parameterization is Parameterization.V else "")
+
+
+class TrainingBackend(ABC):
+    """See the module docstring. Implementations: ``LdmBackend`` (ldm/sgm), ``DiffusersBackend``."""
+
+    arch: BaseArch
+
+    @property
+    @abstractmethod
+    def unet(self) -> nn.Module: ...
+
+    @property
+    @abstractmethod
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The model's own training schedule, fp32, on the CPU."""
+
+    @property
+    @abstractmethod
+    def parameterization(self) -> Parameterization: ...
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [-1, 1] -> scaled latents ``[B, 4, H/8, W/8]`` fp32 (deterministic: the posterior mean)."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images ``[B, 3, H, W]`` in about [-1, 1]."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str], sizes: list[SizeCondition] | None = None, *,
+                       grad: bool = False) -> Conditioning:
+        """Text conditioning; ``grad=True`` lets gradients reach the text encoders (text-encoder LoRA)."""
+
+    @abstractmethod
+    def apply(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The UNet's prediction (eps or v, see ``parameterization``) for noisy latents at ``timesteps``."""
+
+    @abstractmethod
+    def text_encoders(self) -> list[TextEncoderPart]: ...
+
+    @abstractmethod
+    def kohya_unet_name(self, path: str) -> str:
+        """The kohya LoRA module name (``lora_unet_...``) of the UNet layer at ``path`` (a path inside ``unet``)."""
+
+    @abstractmethod
+    def identity(self) -> CacheIdentity:
+        """Model and VAE identity for the latent cache."""
+
+    @abstractmethod
+    def model_info(self) -> ModelInfo: ...
+
+    @abstractmethod
+    def base_modules(self) -> list[nn.Module]:
+        """Every module holding base weights (UNet, VAE, text encoders): frozen during training."""
+
+    @abstractmethod
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The UNet blocks whose forward is recomputed in backward when gradient checkpointing is on."""
+
+    # -- training mode -----------------------------------------------------------------------------
+    def prepare(self, gradient_checkpointing: bool = False) -> None:
+        """Freeze every base weight explicitly (remembering the flags) and optionally checkpoint the UNet."""
+        if getattr(self, "_saved_flags", None) is not None:
+            return
+        self._saved_flags = [(p, p.requires_grad) for m in self.base_modules() for p in m.parameters()]
+        for module in self.base_modules():
+            module.requires_grad_(False)
+        self._patches = enable_block_checkpointing(self.checkpoint_blocks()) if gradient_checkpointing else None
+
+    def restore(self) -> None:
+        """Undo ``prepare``: requires_grad flags as they were, block forwards as they were."""
+        if getattr(self, "_patches", None) is not None:
+            self._patches.restore()
+            self._patches = None
+        for param, flag in getattr(self, "_saved_flags", None) or []:
+            param.requires_grad_(flag)
+        self._saved_flags = None

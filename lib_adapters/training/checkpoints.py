@@ -1,0 +1,133 @@
+"""Checkpoints: atomic save of one training moment, and everything needed to resume it exactly.
+
+A checkpoint at step N is two files in ``<output_dir>/<name>-checkpoints/``:
+
+* ``<name>-stepNNNNNN.safetensors``: the method's export in fp32 (for LoRA, a complete kohya file the
+  WebUI can already use) - the trainable state;
+* ``<name>-stepNNNNNN.state``: ``torch.save`` of plain containers (loadable with ``weights_only=True``):
+  step, data position, optimizer, scheduler and grad-scaler states, the torch / CUDA / numpy / python
+  RNG states and the run's noise generator, and the settings that must not change on resume.
+
+Each file is written to a temporary name and moved into place with ``os.replace``; the state file is
+written last, so a checkpoint is complete exactly when its ``.state`` file exists.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FormatError, InputError, MissingFileError
+from .config import TrainConfig
+from .methods.lora_file import atomic_write
+
+STATE_SUFFIX = ".state"
+_STEP = re.compile(r"-step(\d+)\.state$")
+
+
+def checkpoint_dir(config: TrainConfig) -> Path:
+    return config.output_dir / f"{config.output_name}-checkpoints"
+
+
+def checkpoint_paths(config: TrainConfig, step: int) -> tuple[Path, Path]:
+    """(trainable .safetensors, .state) for ``step``."""
+    stem = checkpoint_dir(config) / f"{config.output_name}-step{step:06d}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(STATE_SUFFIX)
+
+
+def latest_checkpoint(config: TrainConfig) -> Path | None:
+    """The ``.state`` file of the newest complete checkpoint of this run's name, or None."""
+    folder = checkpoint_dir(config)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.glob(f"{config.output_name}-step*{STATE_SUFFIX}")
+             if (m := _STEP.search(p.name)) and p.with_suffix(".safetensors").is_file()]
+    return max(found)[1] if found else None
+
+
+def resume_signature(config: TrainConfig) -> dict:
+    """Settings that decide the trained tensors' shapes or the data order: they must match on resume."""
+    lora = config.lora
+    return {"method": config.method.value, "seed": config.seed, "batch_size": config.batch_size,
+            "grad_accumulation": config.grad_accumulation, "resolution": config.resolution,
+            "buckets": config.buckets, "lora_rank": lora.rank, "lora_alpha": float(lora.alpha),
+            "lora_targets": lora.targets.value, "train_text_encoder": lora.train_text_encoder}
+
+
+def check_signature(saved: dict, config: TrainConfig, path: Path) -> None:
+    now = resume_signature(config)
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if changed:
+        raise InputError(f"cannot resume from {path}: these settings differ from the saved run ({'; '.join(changed)}). "
+                         "Use the saved settings, or start a new run under another output name.")
+
+
+# -- random number generators -------------------------------------------------------------------------
+def capture_rng(generator: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+           "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                     "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+           "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
+                      "gauss": py_state[2]}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- save / load ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything about the run at a step boundary except the trainable weights."""
+
+    step: int
+    epoch: int
+    batch_index: int
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    rng: dict
+    signature: dict
+
+    def to_dict(self) -> dict:
+        return {"format": 1, "step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
+                "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler, "rng": self.rng,
+                "signature": self.signature}
+
+
+def write_state(path: Path, snapshot: Snapshot) -> Path:
+    return atomic_write(path, lambda tmp: torch.save(snapshot.to_dict(), tmp))
+
+
+def read_state(path: Path) -> Snapshot:
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; resume needs a checkpoint's {STATE_SUFFIX} file")
+    if not path.is_file():
+        raise MissingFileError(f"the checkpoint {path} does not exist")
+    if not path.with_suffix(".safetensors").is_file():
+        raise MissingFileError(f"the checkpoint {path} has no weights file {path.with_suffix('.safetensors').name}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FormatError(f"{path} is not a readable training state ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != 1:
+        raise FormatError(f"{path} is not a training state written by this extension")
+    return Snapshot(data["step"], data["epoch"], data["batch_index"], data["optimizer"], data["scheduler"],
+                    data["scaler"], data["rng"], data["signature"])

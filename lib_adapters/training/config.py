@@ -1,0 +1,175 @@
+"""Frozen, validated settings of one training run (``TrainConfig``) and of the LoRA method (``LoraConfig``).
+
+Enum fields also accept their string values ("cosine", "bf16", ...) so that a UI or a command line
+can pass what the user picked; anything out of range raises ``InputError`` naming the field, the
+value and the allowed range.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+
+from ..errors import InputError
+
+
+class Method(str, Enum):
+    LORA = "lora"
+
+
+class LRSchedule(str, Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    LINEAR = "linear"
+
+
+class OptimizerKind(str, Enum):
+    ADAMW = "adamw"
+    ADAMW_8BIT = "adamw8bit"
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class LoraTargets(str, Enum):
+    """Which UNet layers get LoRA. Each level includes the previous one."""
+
+    ATTENTION = "attention"  # attn1/attn2 to_q, to_k, to_v, to_out.0
+    ATTENTION_FF = "attention+ff"  # + proj_in/proj_out and ff.net.0.proj/ff.net.2: kohya's default set
+    ATTENTION_FF_CONV = "attention+ff+conv"  # + ResBlock convs/emb/skip and down/upsample convs (kohya "LoCon")
+
+    @property
+    def feed_forward(self) -> bool:
+        return self is not LoraTargets.ATTENTION
+
+    @property
+    def conv(self) -> bool:
+        return self is LoraTargets.ATTENTION_FF_CONV
+
+
+def _coerce_enums(obj) -> None:
+    """Turn enum-typed fields given as strings into their enum (``InputError`` on unknown values)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        enum_type = _ENUM_FIELDS.get(f.name)
+        if enum_type is None or isinstance(value, enum_type):
+            continue
+        try:
+            object.__setattr__(obj, f.name, enum_type(str(value).lower()))
+        except ValueError:
+            allowed = ", ".join(e.value for e in enum_type)
+            raise InputError(f"{f.name} must be one of {allowed}; got {value!r}") from None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InputError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 8.0  # scale = alpha / rank, as kohya and the WebUI's Lora extension compute it
+    targets: LoraTargets = LoraTargets.ATTENTION
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None  # None: the run's learning rate
+    save_precision: Precision = Precision.FP16  # dtype of the tensors in the exported .safetensors
+
+    def __post_init__(self):
+        _coerce_enums(self)
+        _check(_is_int(self.rank) and 1 <= self.rank <= 1024, f"LoRA rank must be an integer in 1..1024; got {self.rank!r}")
+        _check(_is_num(self.alpha) and 0 < self.alpha <= 4096,
+               f"LoRA alpha must be a number in (0, 4096]; got {self.alpha!r}")
+        _check(self.text_encoder_lr is None or (_is_num(self.text_encoder_lr) and 0 < self.text_encoder_lr <= 1),
+               f"text encoder learning rate must be in (0, 1] or empty; got {self.text_encoder_lr!r}")
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset_dir: Path
+    output_dir: Path
+    output_name: str
+    method: Method = Method.LORA
+    resolution: int = 512
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    learning_rate: float = 1e-4
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT
+    warmup_steps: int = 0
+    optimizer: OptimizerKind = OptimizerKind.ADAMW
+    weight_decay: float = 1e-2
+    max_grad_norm: float | None = 1.0
+    precision: Precision = Precision.FP32
+    seed: int = 0
+    save_every: int = 0  # 0: save only at the end (and on interrupt)
+    sample_every: int = 0  # 0: no samples
+    sample_prompts: tuple[str, ...] = ()
+    sample_seed: int = 0
+    sample_steps: int = 20
+    min_snr_gamma: float | None = None  # None: off; 5 is the paper's value
+    noise_offset: float = 0.0
+    gradient_checkpointing: bool = False
+    buckets: bool = True
+    cache_latents: bool = False
+    min_image_size: int = 64  # images whose shorter side is smaller are reported by validation
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self):
+        object.__setattr__(self, "dataset_dir", Path(self.dataset_dir))
+        object.__setattr__(self, "output_dir", Path(self.output_dir))
+        object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
+        _coerce_enums(self)
+        name = self.output_name
+        _check(isinstance(name, str) and name.strip() == name and name not in ("", ".", "..")
+               and not any(c in name for c in '/\\:*?"<>|'),
+               f"output name must be a plain file name without a folder or any of /\\:*?\"<>|; got {name!r}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        ints = dict(resolution=(64, 4096), steps=(1, 10_000_000), batch_size=(1, 1024), grad_accumulation=(1, 1024),
+                    warmup_steps=(0, 10_000_000), save_every=(0, 10_000_000), sample_every=(0, 10_000_000),
+                    sample_steps=(1, 1000), min_image_size=(1, 8192))
+        for name, (low, high) in ints.items():
+            value = getattr(self, name)
+            _check(_is_int(value) and low <= value <= high, f"{name} must be an integer in {low}..{high}; got {value!r}")
+        _check(self.resolution % 64 == 0, f"resolution must be a multiple of 64; got {self.resolution}")
+        _check(self.warmup_steps <= self.steps, f"warmup_steps ({self.warmup_steps}) cannot exceed steps ({self.steps})")
+        _check(_is_int(self.seed) and 0 <= self.seed < 2**63, f"seed must be a non-negative integer; got {self.seed!r}")
+        _check(_is_num(self.learning_rate) and 0 < self.learning_rate <= 1, f"learning_rate must be in (0, 1]; got {self.learning_rate!r}")
+        _check(_is_num(self.weight_decay) and 0 <= self.weight_decay <= 1,
+               f"weight_decay must be in [0, 1]; got {self.weight_decay!r}")
+        _check(self.max_grad_norm is None or (_is_num(self.max_grad_norm) and self.max_grad_norm > 0),
+               f"max_grad_norm must be positive or empty; got {self.max_grad_norm!r}")
+        _check(self.min_snr_gamma is None or (_is_num(self.min_snr_gamma) and self.min_snr_gamma > 0),
+               f"min_snr_gamma must be positive (5 is usual) or empty to turn it off; got {self.min_snr_gamma!r}")
+        _check(_is_num(self.noise_offset) and 0 <= self.noise_offset <= 1,
+               f"noise_offset must be in [0, 1] (0.05-0.1 is usual); got {self.noise_offset!r}")
+        _check(self.sample_every == 0 or len(self.sample_prompts) > 0,
+               "sample_every is set but there are no sample prompts; add at least one prompt or set sample_every to 0")
+        _check(all(isinstance(p, str) for p in self.sample_prompts), "sample prompts must be strings")
+
+    @property
+    def micro_batches(self) -> int:
+        """Batches consumed by the whole run."""
+        return self.steps * self.grad_accumulation
+
+
+_ENUM_FIELDS = {"method": Method, "lr_schedule": LRSchedule, "optimizer": OptimizerKind, "precision": Precision,
+                "targets": LoraTargets, "save_precision": Precision}

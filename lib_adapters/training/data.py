@@ -1,0 +1,192 @@
+"""The folder dataset: images with same-stem captions, kohya-style ``N_name`` repeat folders, validation.
+
+Layout (the kohya DreamBooth layout, plus images directly in the root)::
+
+    dataset/
+      a.png  a.txt             repeats 1
+      10_cat/ b.jpg b.caption  repeats 10 (the folder name's leading integer)
+      misc/ c.png c.txt        repeats 1 (a folder without a leading number)
+
+A caption is the first non-empty line of ``<stem>.txt`` or, failing that, ``<stem>.caption``.
+Folders whose names start with "." are skipped (caches, ``.ipynb_checkpoints``); deeper folders are
+not read. ``validate_dataset`` reads every image and caption once and reports *all* problems,
+file by file, before any training starts.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import InputError, MissingFileError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_EXTENSIONS = (".txt", ".caption")
+_REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+class ProblemKind(str, Enum):
+    UNREADABLE_IMAGE = "unreadable image"
+    MISSING_CAPTION = "missing caption"
+    EMPTY_CAPTION = "empty caption"
+    UNREADABLE_CAPTION = "unreadable caption"
+    TOO_SMALL = "image too small"
+    EMPTY_FOLDER = "empty folder"
+    ZERO_REPEATS = "zero repeats"
+
+
+@dataclass(frozen=True)
+class DatasetProblem:
+    path: Path
+    kind: ProblemKind
+    detail: str
+
+    def describe(self, root: Path | None = None) -> str:
+        shown = self.path
+        if root is not None:
+            try:
+                shown = self.path.relative_to(root)
+            except ValueError:
+                pass
+        return f"{shown}: {self.kind.value} ({self.detail})"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One training image: where it is, its caption, how often it repeats per epoch, its size."""
+
+    path: Path
+    caption: str
+    repeats: int
+    width: int
+    height: int
+    folder: str  # the image's folder name (the root's own name for root images): kohya's tag-frequency key
+
+
+class DatasetInvalidError(InputError):
+    """The dataset has problems; ``problems`` lists each file and what is wrong with it."""
+
+    def __init__(self, root: Path, problems: list[DatasetProblem]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p.describe(root)}" for p in problems)
+        super().__init__(f"the dataset {root} has {len(problems)} problem(s); fix them and start again:\n{lines}")
+
+
+def find_caption(image: Path) -> Path | None:
+    """``<stem>.txt`` if it exists, else ``<stem>.caption``, else None."""
+    for ext in CAPTION_EXTENSIONS:
+        candidate = image.with_suffix(ext)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _folders(root: Path) -> list[tuple[Path, int, str]]:
+    """(folder, repeats, name) for the root (only if it holds images) and each visible sub-folder."""
+    out = []
+    subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if any(_is_image(p) for p in root.iterdir()) or not subfolders:
+        out.append((root, 1, root.name))
+    for folder in subfolders:
+        match = _REPEAT_FOLDER.match(folder.name)
+        out.append((folder, int(match.group(1)) if match else 1, folder.name))
+    return out
+
+
+def _read_caption(image: Path) -> tuple[str | None, DatasetProblem | None]:
+    caption_file = find_caption(image)
+    if caption_file is None:
+        return None, DatasetProblem(image, ProblemKind.MISSING_CAPTION,
+                                    f"no {image.stem}.txt or {image.stem}.caption next to it")
+    try:
+        text = caption_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, DatasetProblem(caption_file, ProblemKind.UNREADABLE_CAPTION, f"{type(exc).__name__}: {exc}")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return None, DatasetProblem(caption_file, ProblemKind.EMPTY_CAPTION, "the caption file is empty")
+    return lines[0], None
+
+
+def _read_size(image: Path) -> tuple[tuple[int, int] | None, DatasetProblem | None]:
+    """Decode the whole image once (a truncated file often passes a header-only check)."""
+    try:
+        with Image.open(image) as im:
+            im.load()
+            return im.size, None
+    except Exception as exc:  # PIL raises many types for bad files
+        return None, DatasetProblem(image, ProblemKind.UNREADABLE_IMAGE, f"{type(exc).__name__}: {exc}")
+
+
+def scan_dataset(root: Path | str, min_size: int = 64) -> tuple[list[ImageRecord], list[DatasetProblem]]:
+    """Every usable image as a record, and every problem found; raises only if ``root`` is missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingFileError(f"the dataset folder {root} does not exist or is not a folder")
+    records: list[ImageRecord] = []
+    problems: list[DatasetProblem] = []
+    for folder, repeats, name in _folders(root):
+        images = sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
+        if not images:
+            problems.append(DatasetProblem(folder, ProblemKind.EMPTY_FOLDER,
+                                           f"no images ({', '.join(IMAGE_EXTENSIONS)}) in it"))
+            continue
+        if repeats == 0:
+            problems.append(DatasetProblem(folder, ProblemKind.ZERO_REPEATS,
+                                           "the folder name starts with 0, so its images would never be used"))
+            continue
+        for image in images:
+            size, problem = _read_size(image)
+            caption, caption_problem = _read_caption(image)
+            problems.extend(p for p in (problem, caption_problem) if p is not None)
+            if size is not None and min(size) < min_size:
+                problems.append(DatasetProblem(image, ProblemKind.TOO_SMALL,
+                                               f"{size[0]}x{size[1]}, the shorter side must be at least {min_size}"))
+            elif size is not None and caption is not None:
+                records.append(ImageRecord(image, caption, repeats, size[0], size[1], name))
+    return records, problems
+
+
+def validate_dataset(path: Path | str, min_size: int = 64, *, raise_on_problems: bool = True) -> list[DatasetProblem]:
+    """All problems of the dataset at ``path`` (an empty list when it is fine).
+
+    With ``raise_on_problems`` (the default) a non-empty list is raised as one ``DatasetInvalidError``
+    (an ``InputError``) whose message names each bad file and what is wrong with it.
+    """
+    _, problems = scan_dataset(path, min_size)
+    if problems and raise_on_problems:
+        raise DatasetInvalidError(Path(path), problems)
+    return problems
+
+
+def load_records(path: Path | str, min_size: int = 64) -> list[ImageRecord]:
+    """The dataset's records, after validation (``DatasetInvalidError`` if anything is wrong)."""
+    records, problems = scan_dataset(path, min_size)
+    if problems:
+        raise DatasetInvalidError(Path(path), problems)
+    return records
+
+
+def tag_frequency(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: per folder, how many captions contain each comma-separated tag."""
+    out: dict[str, Counter] = {}
+    for record in records:
+        counter = out.setdefault(record.folder, Counter())
+        for tag in record.caption.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                counter[tag] += 1
+    return {folder: dict(counter) for folder, counter in out.items()}
+
+
+def tag_frequency_json(records: list[ImageRecord]) -> str:
+    return json.dumps(tag_frequency(records), ensure_ascii=False)

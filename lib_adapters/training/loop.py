@@ -1,0 +1,334 @@
+"""The training loop: one readable pass over batches, with saves, samples, interrupt, resume and a NaN guard.
+
+Per optimizer step: ``grad_accumulation`` batches, each encoded to latents (or read from the latent
+cache), noised at uniform timesteps of the model's own schedule, predicted by the UNet under
+autocast (trainable weights stay fp32), and scored by MSE against eps or v, optionally min-SNR
+weighted. Then clip, step, schedule. Randomness comes from one seeded generator (noise, timesteps)
+plus the global RNGs (LoRA init), all saved in checkpoints, and the batch order is a function of
+(seed, epoch); so ``N`` steps + resume + ``N`` steps equals ``2N`` steps bit for bit.
+
+``train()`` validates the dataset first, leaves the base model as it found it (``finally``), saves on
+interrupt (``callbacks.interrupted()`` is polled before every step) and on errors, and never writes
+after a non-finite loss: it raises ``NonFiniteLossError`` and the last good checkpoint stays as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..errors import InputError, MissingFileError
+from .backends.base import SizeCondition, TrainingBackend
+from .buckets import BatchPlan, load_pixels
+from .checkpoints import (Snapshot, capture_rng, check_signature, checkpoint_dir, checkpoint_paths, latest_checkpoint,
+                          read_state, restore_rng, resume_signature, write_state)
+from .config import Precision, TrainConfig
+from .data import ImageRecord, load_records, tag_frequency
+from .errors import NonFiniteLossError
+from .latent_cache import LatentCache
+from .methods.base import ExportInfo, TrainingMethod
+from .methods.lora import LoraMethod
+from .objective import add_noise, diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
+from .optim import build_optimizer, build_scheduler
+from .sampling import SampleRequest, Sampler, euler_sampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int  # optimizer steps done
+    total: int
+    loss: float
+    lr: float
+    epoch: int
+    elapsed: float  # seconds in this session
+    eta: float  # seconds left, extrapolated from this session's pace
+
+
+class TrainCallbacks:
+    """Hooks for a UI; every method has a no-op default. ``interrupted()`` is polled before each step."""
+
+    def on_progress(self, progress: Progress) -> None:
+        pass
+
+    def interrupted(self) -> bool:
+        return False
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        pass
+
+    def on_sample(self, step: int, images: list[Image.Image], paths: list[Path]) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output: Path | None  # the exported file (None when the run stopped before the end)
+    step: int
+    losses: list[float] = field(default_factory=list)  # one per optimizer step of this session
+    checkpoints: list[Path] = field(default_factory=list)  # .state files written
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+def build_method(config: TrainConfig, backend: TrainingBackend) -> TrainingMethod:
+    return LoraMethod(backend, config.lora)
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.precision is Precision.FP32:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if config.precision is Precision.FP16 else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _grad_scaler():
+    """fp16 needs loss scaling; ``torch.amp.GradScaler("cuda")`` is newer than the WebUI's torch 2.1."""
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
+
+
+def _check_precision(config: TrainConfig, backend: TrainingBackend) -> None:
+    if config.precision is Precision.FP16 and backend.device.type != "cuda":
+        raise InputError("fp16 mixed precision needs a CUDA GPU; choose bf16 or fp32 on this device")
+    if config.precision is Precision.FP32 and backend.unet_dtype != torch.float32:
+        raise InputError(f"the loaded UNet is in {backend.unet_dtype}; choose fp16 or bf16 mixed precision "
+                         "(or load the model in full precision) to train in fp32")
+
+
+class Trainer:
+    """One run's state. Use ``train()``; this class exists so each piece stays small."""
+
+    def __init__(self, config: TrainConfig, backend: TrainingBackend, callbacks: TrainCallbacks | None = None,
+                 sampler: Sampler | None = None):
+        self.config, self.backend = config, backend
+        self.callbacks = callbacks or TrainCallbacks()
+        self.sampler = sampler or euler_sampler
+        self.records: list[ImageRecord] = load_records(config.dataset_dir, config.min_image_size)
+        self.plan = BatchPlan(self.records, config.resolution, config.batch_size, config.seed, config.buckets)
+        self.cache = (LatentCache(backend.identity(), config.output_dir / ".latent_cache")
+                      if config.cache_latents else None)
+        self.step, self.epoch, self.batch_index = 0, 0, 0
+        self.generator = torch.Generator()
+        self.checkpoints: list[Path] = []
+        self.last_checkpoint: Path | None = None
+        self.started_at = time.time()
+        self.session_id = uuid.uuid4().hex
+
+    # -- setup --------------------------------------------------------------------------------------
+    def _setup(self, resume_from: Path | None) -> None:
+        config = self.config
+        _check_precision(config, self.backend)
+        torch.manual_seed(config.seed)
+        self.generator.manual_seed(config.seed)
+        self.backend.prepare(config.gradient_checkpointing)
+        self.method = build_method(config, self.backend)
+        groups = self.method.parameter_groups(config.learning_rate)
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = build_optimizer(config, groups)
+        self.scheduler = build_scheduler(config, self.optimizer)
+        self.scaler = _grad_scaler() if config.precision is Precision.FP16 else None
+        if resume_from is not None:
+            self._resume(Path(resume_from))
+        self._snapshot_rng()
+
+    def _resume(self, path: Path) -> None:
+        state = read_state(path)
+        check_signature(state.signature, self.config, path)
+        self.method.load_trainable_file(path.with_suffix(".safetensors"))
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if self.scaler is not None and state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        self.step, self.epoch, self.batch_index = state.step, state.epoch, state.batch_index
+        restore_rng(state.rng, self.generator)
+        self.last_checkpoint = path
+
+    def _snapshot_rng(self) -> None:
+        """RNG states and data position at the current step boundary: what a checkpoint must hold, even one
+        written after an error in the middle of the next step (which has drawn noise and batches since)."""
+        self._boundary = (self.epoch, self.batch_index, capture_rng(self.generator))
+
+    # -- data ----------------------------------------------------------------------------------------
+    def _next_batch(self):
+        batches = self.plan.epoch(self.epoch)
+        if self.batch_index >= len(batches):
+            self.epoch, self.batch_index = self.epoch + 1, 0
+            batches = self.plan.epoch(self.epoch)
+        batch = batches[self.batch_index]
+        self.batch_index += 1
+        return batch
+
+    def _latents(self, indices: tuple[int, ...]) -> torch.Tensor:
+        out: list[torch.Tensor | None] = []
+        missing = []
+        for i in indices:
+            placement = self.plan.placements[i]
+            cached = self.cache.get(self.records[i].path, placement) if self.cache is not None else None
+            out.append(cached)
+            if cached is None:
+                missing.append(len(out) - 1)
+        if missing:
+            pixels = torch.stack([load_pixels(self.records[indices[k]].path, self.plan.placements[indices[k]])
+                                  for k in missing])
+            encoded = self.backend.encode_images(pixels)
+            for k, latent in zip(missing, encoded):
+                out[k] = latent
+                if self.cache is not None:
+                    self.cache.put(self.records[indices[k]].path, self.plan.placements[indices[k]], latent)
+        return torch.stack([t.to(self.backend.device) for t in out]).float()
+
+    def _sizes(self, indices: tuple[int, ...]) -> list[SizeCondition]:
+        sizes = []
+        for i in indices:
+            p = self.plan.placements[i]
+            sizes.append(SizeCondition((p.original[1], p.original[0]), (p.crop_top, p.crop_left),
+                                       (p.bucket.height, p.bucket.width)))
+        return sizes
+
+    # -- one step -----------------------------------------------------------------------------------
+    def _loss(self, indices: tuple[int, ...]) -> torch.Tensor:
+        config, backend = self.config, self.backend
+        latents = self._latents(indices)
+        alphas = backend.alphas_cumprod
+        noise = sample_noise(tuple(latents.shape), self.generator, config.noise_offset).to(latents.device)
+        timesteps = sample_timesteps(latents.shape[0], len(alphas), self.generator)
+        noisy = add_noise(latents, noise, timesteps, alphas)
+        with _autocast(config, backend.device):
+            cond = backend.encode_prompts([self.records[i].caption for i in indices], self._sizes(indices),
+                                          grad=self.method.trains_text_encoder)
+            prediction = backend.apply(noisy, timesteps.to(latents.device), cond)
+        target = training_target(backend.parameterization, latents, noise, timesteps, alphas)
+        weights = (min_snr_weights(timesteps, alphas, config.min_snr_gamma, backend.parameterization)
+                   if config.min_snr_gamma else None)
+        return diffusion_loss(prediction, target, weights)
+
+    def _optimizer_step(self) -> float:
+        accumulation = self.config.grad_accumulation
+        total = 0.0
+        for _ in range(accumulation):
+            loss = self._loss(self._next_batch().records)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                self._fail(value)
+            scaled = loss / accumulation
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            total += value / accumulation
+        self._updating = True
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.max_grad_norm:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+            if self.scaler is None and not math.isfinite(norm):
+                self._fail(norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._snapshot_rng()
+        self._updating = False
+        return total
+
+    def _fail(self, value: float) -> None:
+        self._failed = True
+        lr = self.optimizer.param_groups[0]["lr"]
+        raise NonFiniteLossError(self.step + 1, value, self.last_checkpoint, lr, self.config.precision.value)
+
+    # -- saving and samples -------------------------------------------------------------------------
+    def _export_info(self) -> ExportInfo:
+        return ExportInfo(self.config, self.backend.model_info(), self.step, len(self.records),
+                          tag_frequency(self.records), self.started_at, self.session_id)
+
+    def save_checkpoint(self) -> Path:
+        weights, state_path = checkpoint_paths(self.config, self.step)
+        self.method.export(weights, self._export_info(), torch.float32)
+        epoch, batch_index, rng = self._boundary
+        snapshot = Snapshot(self.step, epoch, batch_index, self.optimizer.state_dict(), self.scheduler.state_dict(),
+                            self.scaler.state_dict() if self.scaler else None, rng, resume_signature(self.config))
+        write_state(state_path, snapshot)
+        self.checkpoints.append(state_path)
+        self.last_checkpoint = state_path
+        self.callbacks.on_checkpoint(self.step, state_path)
+        return state_path
+
+    def sample(self) -> list[Path]:
+        c = self.config
+        request = SampleRequest(c.sample_prompts, c.sample_seed, c.sample_steps, c.resolution, c.resolution)
+        images = self.sampler(self.backend, request)
+        folder = c.output_dir / f"{c.output_name}-samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / f"step{self.step:06d}-{i}.png" for i in range(len(images))]
+        for image, path in zip(images, paths):
+            image.save(path)
+        self.callbacks.on_sample(self.step, images, paths)
+        return paths
+
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self, resume_from: Path | None = None) -> TrainResult:
+        config = self.config
+        self._updating, self._failed = False, False
+        losses: list[float] = []
+        start = time.perf_counter()
+        first_step = None
+        try:
+            self._setup(resume_from)
+            first_step = self.step
+            while self.step < config.steps:
+                if self.callbacks.interrupted():
+                    self.save_checkpoint()
+                    return TrainResult(None, self.step, losses, self.checkpoints, True, time.perf_counter() - start)
+                losses.append(self._optimizer_step())
+                self._report(losses[-1], start, first_step)
+                if config.save_every and self.step % config.save_every == 0 and self.step < config.steps:
+                    self.save_checkpoint()
+                if config.sample_every and self.step % config.sample_every == 0:
+                    self.sample()
+            self.save_checkpoint()
+            output = self.method.export(config.output_dir / f"{config.output_name}.safetensors", self._export_info())
+            return TrainResult(output, self.step, losses, self.checkpoints, False, time.perf_counter() - start)
+        except BaseException:
+            if first_step is not None and not self._failed and not self._updating and self.step > first_step:
+                log.warning("training stopped by an error at step %d; saving a checkpoint first", self.step)
+                with contextlib.suppress(Exception):
+                    self.save_checkpoint()
+            raise
+        finally:
+            if getattr(self, "method", None) is not None:
+                self.method.close()
+            self.backend.restore()
+
+    def _report(self, loss: float, start: float, first_step: int) -> None:
+        elapsed = time.perf_counter() - start
+        done = self.step - first_step
+        eta = elapsed / done * (self.config.steps - self.step) if done else 0.0
+        self.callbacks.on_progress(Progress(self.step, self.config.steps, loss, self.scheduler.get_last_lr()[0],
+                                            self.epoch, elapsed, eta))
+
+
+def train(config: TrainConfig, backend: TrainingBackend, *, callbacks: TrainCallbacks | None = None,
+          resume_from: Path | None = None, sampler: Sampler | None = None) -> TrainResult:
+    """Run (or, with ``resume_from`` = a checkpoint's ``.state`` file, continue) one training run."""
+    return Trainer(config, backend, callbacks, sampler).run(resume_from)
+
+
+def resume(config: TrainConfig, backend: TrainingBackend, path: Path | None = None, *,
+           callbacks: TrainCallbacks | None = None, sampler: Sampler | None = None) -> TrainResult:
+    """Continue from ``path`` (a ``.state`` file), or from the newest checkpoint of ``config``'s output name."""
+    path = Path(path) if path is not None else latest_checkpoint(config)
+    if path is None:
+        raise MissingFileError(f"there is no checkpoint of {config.output_name!r} in {checkpoint_dir(config)} to resume; "
+                               "start a new run instead")
+    return train(config, backend, callbacks=callbacks, resume_from=path, sampler=sampler)

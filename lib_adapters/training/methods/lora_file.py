@@ -1,0 +1,133 @@
+"""Writing and reading kohya-format LoRA files (``.safetensors`` with ``ss_*`` and ``modelspec.*`` metadata).
+
+The metadata is what the WebUI's Lora extension reads: ``ss_output_name`` (the alias),
+``ss_base_model_version`` / ``ss_v2`` (version detection, "hide incompatible"), ``sshs_model_hash``
+(the short hash in infotext), ``ss_tag_frequency`` (training tags in the metadata editor). Hashes
+follow kohya's ``precalculate_safetensors_hashes``: sha256 of the tensor payload of the file as
+serialised with only the ``ss_*`` metadata (so later user edits do not change it), and the legacy
+8-digit hash of 64 KiB at 1 MiB.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_bytes
+from safetensors.torch import save_file
+
+from ...arch import BaseArch
+from ...errors import FormatError, MissingFileError
+from ..backends.base import Parameterization
+from ..config import LoraConfig
+from .base import ExportInfo
+
+_ARCHITECTURE = {BaseArch.SD1: "stable-diffusion-v1", BaseArch.SD2: "stable-diffusion-v2-512",
+                 BaseArch.SDXL: "stable-diffusion-xl-v1-base"}
+
+
+def _payload_sha256(data: bytes) -> str:
+    header = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + header:]).hexdigest()
+
+
+def _legacy_hash(data: bytes) -> str:
+    return hashlib.sha256(data[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
+
+
+def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as kohya computes them."""
+    data = save_bytes(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    return _payload_sha256(data), _legacy_hash(data)
+
+
+def kohya_metadata(info: ExportInfo, lora: LoraConfig, trains_text_encoder: bool) -> dict[str, str]:
+    c = info.config
+    model = info.model
+    metadata = {
+        "ss_session_id": info.session_id or uuid.uuid4().hex,
+        "ss_training_started_at": str(info.started_at),
+        "ss_training_finished_at": str(time.time()),
+        "ss_output_name": c.output_name,
+        "ss_sd_model_name": model.name,
+        "ss_new_sd_model_hash": model.sha256 or "",
+        "ss_base_model_version": model.base_model_version,
+        "ss_v2": str(model.arch is BaseArch.SD2),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(lora.rank),
+        "ss_network_alpha": str(float(lora.alpha)),
+        "ss_network_args": json.dumps({"targets": lora.targets.value, **({"conv_dim": str(lora.rank),
+                                       "conv_alpha": str(float(lora.alpha))} if lora.targets.conv else {})}),
+        "ss_network_train_unet_only": str(not trains_text_encoder),
+        "ss_learning_rate": str(c.learning_rate),
+        "ss_unet_lr": str(c.learning_rate),
+        "ss_text_encoder_lr": str(lora.text_encoder_lr or c.learning_rate) if trains_text_encoder else "0",
+        "ss_optimizer": c.optimizer.value,
+        "ss_lr_scheduler": c.lr_schedule.value,
+        "ss_lr_warmup_steps": str(c.warmup_steps),
+        "ss_max_grad_norm": str(c.max_grad_norm or 0.0),
+        "ss_mixed_precision": {"fp32": "no"}.get(c.precision.value, c.precision.value),
+        "ss_gradient_checkpointing": str(c.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(c.grad_accumulation),
+        "ss_seed": str(c.seed),
+        "ss_steps": str(info.step),
+        "ss_max_train_steps": str(c.steps),
+        "ss_batch_size_per_device": str(c.batch_size),
+        "ss_num_train_images": str(info.num_images),
+        "ss_resolution": f"({c.resolution}, {c.resolution})",
+        "ss_enable_bucket": str(c.buckets),
+        "ss_cache_latents": str(c.cache_latents),
+        "ss_noise_offset": str(c.noise_offset) if c.noise_offset else "None",
+        "ss_min_snr_gamma": str(c.min_snr_gamma) if c.min_snr_gamma else "None",
+        "ss_tag_frequency": json.dumps(info.tag_frequency, ensure_ascii=False),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{_ARCHITECTURE[model.arch]}/lora",
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if model.arch is BaseArch.SDXL
+                                     else "diffusers"),
+        "modelspec.title": c.output_name,
+        "modelspec.resolution": f"{c.resolution}x{c.resolution}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(info.started_at or time.time())),
+        "modelspec.prediction_type": "v" if model.parameterization is Parameterization.V else "epsilon",
+    }
+    return metadata
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Call ``write(tmp_path)`` then move the result over ``path`` in one step (no half-written file, ever)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write a kohya LoRA file atomically, adding ``sshs_model_hash`` and ``sshs_legacy_hash``."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    model_hash, legacy_hash = safetensors_hashes(tensors, metadata)
+    metadata = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
+
+
+def load_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"the LoRA file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:
+        raise FormatError(f"{path} is not a readable .safetensors file ({exc})") from exc
