@@ -142,6 +142,6 @@ class EncoderCatalog:
                     return f.path
         folders = ", ".join(str(f) for f in self.folders)
         raise MissingFileError(
-            f"this IP-Adapter needs a {description} CLIP vision encoder and none was found in {folders}. "
+            f"this adapter needs a {description} CLIP vision encoder and none was found in {folders}. "
             "Put the encoder that comes with IP-Adapter there (for ViT-H/14: models/image_encoder/model.safetensors "
             "of h94/IP-Adapter, for ViT-bigG/14: sdxl_models/image_encoder/model.safetensors), any file name.")

@@ -108,3 +108,30 @@ def test_attention_mask_over_the_api(webui):
     unmasked = driver.txt2img(alwayson_scripts=_units(unit), is_api=True)
     assert all(np.array_equal(a, b) for a, b in zip(_pixels(base), _pixels(black)))
     assert all(np.array_equal(a, b) for a, b in zip(_pixels(unmasked), _pixels(white)))
+
+
+def _save_style_adapter(models):
+    from lib_adapters.models.t2i_adapter import StyleAdapter, StyleAdapterConfig
+
+    torch.manual_seed(2)
+    style = StyleAdapter(StyleAdapterConfig(width=96, context_dim=32, num_heads=8, num_layers=1, num_tokens=8))
+    torch.save(style.state_dict(), models / "adapters" / "t2i-style.pth")
+
+
+def test_style_t2i_adapter_unit(webui):
+    _, models = webui
+    _save_style_adapter(models)
+    base = driver.txt2img()
+    result = driver.txt2img(alwayson_scripts=_units({"enabled": True, "model": "t2i-style", "image": _condition(seed=9),
+                                                      "weight": 1.0}))
+    assert np.abs(_pixels(base)[0] - _pixels(result)[0]).mean() > 0.1
+    assert "Adapter 1" in result.infotexts[0]
+
+
+def test_style_adapter_without_its_encoder_is_skipped(webui):
+    _, models = webui
+    _save_style_adapter(models)
+    for f in (models / "clip_vision").iterdir():
+        f.unlink()
+    result = driver.txt2img(alwayson_scripts=_units({"enabled": True, "model": "t2i-style", "image": _condition()}))
+    assert "Adapter 1 skipped" in result.comments and "ViT-L/14" in result.comments

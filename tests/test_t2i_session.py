@@ -220,3 +220,29 @@ def test_sdxl_adapter_on_sd1_unet_is_refused(sd1_unet, tmp_path):
     pth, _ = save_both_layouts(diffusers_adapter("full_adapter_xl", 3, seed=1), tmp_path, "xl")
     with pytest.raises(IncompatibleModelError, match="SDXL T2I-Adapter"):
         GenerationSession(sd1_unet, [_runtime(pth)])
+
+
+def test_style_tokens_reach_cond_rows_of_every_cross_attention(sd1_unet, monkeypatch):
+    from ldm.modules.attention import CrossAttention
+
+    from lib_adapters.inference.t2i import StyleUnitRuntime
+
+    seen = []
+    original = CrossAttention.forward
+
+    def recording(self, x, context=None, mask=None, **kwargs):
+        if context is not None and context.shape[1] != x.shape[1]:
+            seen.append(context)
+        return original(self, x, context=context, mask=mask, **kwargs)
+
+    monkeypatch.setattr(CrossAttention, "forward", recording)
+    tokens = torch.randn(1, 8, 32)
+    style = StyleUnitRuntime("Adapter 1", tokens, weight=0.5)
+    with torch.no_grad(), GenerationSession(sd1_unet, style_units=[style]) as session:
+        session.on_denoiser(2, 2, 0, 10)
+        _call(sd1_unet, rows=4)
+    assert len(seen) == 16  # every attn2 of the SD1-shaped UNet
+    for context in seen:
+        assert context.shape == (4, 5 + 8, 32)
+        assert torch.allclose(context[:2, 5:], (tokens * 0.5).expand(2, -1, -1))
+        assert torch.equal(context[2:, 5:], torch.zeros(2, 8, 32))  # uncond rows: zero tokens

@@ -19,7 +19,7 @@ from ..unet.hooks import Forward, PatchSet
 from ..unet.layout import BoundLayout, IPSite, bind_layout
 from .ip import IPUnitRuntime, image_attention
 from .schedule import in_window
-from .t2i import T2IUnitRuntime, fit_feature
+from .t2i import StyleUnitRuntime, T2IUnitRuntime, fit_feature
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class GenerationSession:
     t2i_units: Sequence[T2IUnitRuntime] = ()
     bound: BoundLayout | None = None
     ip_units: Sequence[IPUnitRuntime] = ()
+    style_units: Sequence[StyleUnitRuntime] = ()
     _patches: PatchSet = field(default_factory=PatchSet)
     _row_roles: list[bool] | None = None  # True = cond row, for the current denoiser step
     _row_cursor: int = 0
@@ -59,7 +60,7 @@ class GenerationSession:
         return len(self._patches) > 0
 
     def install(self) -> None:
-        if self.installed or not (self.t2i_units or self.ip_units):
+        if self.installed or not (self.t2i_units or self.ip_units or self.style_units):
             return
         bound = self.bound
         assert bound is not None
@@ -67,7 +68,7 @@ class GenerationSession:
         if self.t2i_units:
             for level, site in enumerate(bound.layout.t2i_sites):
                 self._patches.wrap(bound.module(site.path), self._make_site_wrapper(level))
-        if self.ip_units:
+        if self.ip_units or self.style_units:
             for ip_site in bound.ip_sites():
                 module = bound.module(ip_site.path)
                 self._patches.wrap(module, self._make_attn2_wrapper(ip_site, module))
@@ -118,6 +119,8 @@ class GenerationSession:
     def _make_attn2_wrapper(self, site: IPSite, attn: nn.Module) -> Callable[[Forward], Forward]:
         def make(forward: Forward) -> Forward:
             def attn2(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                if self.style_units and "context" in kwargs and kwargs["context"] is not None:
+                    kwargs["context"] = self._with_style_tokens(kwargs["context"])
                 out = forward(x, *args, **kwargs)  # the text attention, as the WebUI computes it
                 units = [(u, u.scale_at(site)) for u in self.ip_units if in_window(self._progress, u.start, u.end)]
                 units = [(u, s) for u, s in units if s != 0.0]
@@ -131,6 +134,14 @@ class GenerationSession:
             return attn2
 
         return make
+
+    def _with_style_tokens(self, context: torch.Tensor) -> torch.Tensor:
+        active = [u for u in self.style_units if in_window(self._progress, u.start, u.end)]
+        if not active:
+            return context
+        cond_mask = self._call.cond_mask if self._call is not None else None
+        extra = [u.context_for(context.shape[0], cond_mask, context) for u in active]
+        return torch.cat([context, *extra], dim=1)
 
     def _take_rows(self, rows: int, h: torch.Tensor) -> torch.Tensor | None:
         roles = self._row_roles

@@ -85,6 +85,24 @@ class T2IUnitRuntime:
         return tensor
 
 
+@dataclass
+class StyleUnitRuntime:
+    """Style T2I-Adapter: tokens appended to the text context of every cross-attention, for cond
+    rows only (uncond rows get zero tokens, as sd-webui-controlnet does), scaled by the weight."""
+
+    label: str
+    tokens: torch.Tensor  # [1, num_tokens, context]
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def context_for(self, rows: int, cond_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        tokens = (self.tokens * self.weight).to(like.device, like.dtype).expand(rows, -1, -1)
+        if cond_mask is not None:
+            tokens = tokens * cond_mask.to(like.dtype).view(-1, 1, 1)
+        return tokens
+
+
 def fit_feature(feature: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Match a feature map to ``h``'s spatial size: crop the bottom/right padding, else interpolate."""
     fh, fw = feature.shape[-2:]

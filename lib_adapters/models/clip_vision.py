@@ -97,6 +97,13 @@ class ClipVisionEncoder:
             out = self.model(pixel_values=pixels.to(device), output_hidden_states=hidden_states)
         return (out.hidden_states[-2] if hidden_states else out.image_embeds).float().cpu()
 
+    def last_hidden_state(self, images: Sequence[np.ndarray], crop: CropMode) -> torch.Tensor:
+        """The final layer's hidden states [N, T, H]: what the style T2I-Adapter reads."""
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            out = self.model(pixel_values=self.preprocess(images, crop).to(device))
+        return out.last_hidden_state.float().cpu()
+
     def encode_images(self, images: Sequence[np.ndarray], crop: CropMode, hidden_states: bool
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs for the images and for "no image", as the reference computes uncond: zero pixels

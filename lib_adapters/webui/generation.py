@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from ..catalog import EncoderCatalog, ModelCatalog
-from ..errors import AdapterError, InputError
+from ..arch import cross_attention_dim
+from ..errors import AdapterError, IncompatibleModelError, InputError
 from ..formats.ip import LoadedIPAdapter
 from ..inference.blocks import block_weights
 from ..inference.cache import AdapterCache
 from ..inference.ip import IPUnitRuntime
 from ..inference.session import GenerationSession
-from ..inference.t2i import T2IUnitRuntime
+from ..inference.t2i import StyleUnitRuntime, T2IUnitRuntime
 from ..inference.units import AdapterUnit
 from ..preprocess.registry import PreprocessorCache, run_preprocessor
 from ..preprocess.resize import to_hwc_uint8
@@ -66,6 +67,7 @@ class GenerationController:
         bound: BoundLayout | None = None
         t2i: list[T2IUnitRuntime] = []
         ip: list[IPUnitRuntime] = []
+        style: list[StyleUnitRuntime] = []
         for index, value in enumerate(unit_values):
             label = infotext.unit_key(index)
             try:
@@ -78,10 +80,15 @@ class GenerationController:
                 self._skip(p, label, exc)
                 continue
             is_ip = isinstance(runtime, IPUnitRuntime)
-            (ip if is_ip else t2i).append(runtime)
+            if is_ip:
+                ip.append(runtime)
+            elif isinstance(runtime, StyleUnitRuntime):
+                style.append(runtime)
+            else:
+                t2i.append(runtime)
             p.extra_generation_params[label] = infotext.format_unit(unit, model_label, ip=is_ip)
-        if t2i or ip:
-            self.session = GenerationSession(unet, t2i, bound, ip)
+        if t2i or ip or style:
+            self.session = GenerationSession(unet, t2i, bound, ip, style)
             self.session.install()
 
     def end(self) -> None:
@@ -104,23 +111,38 @@ class GenerationController:
 
     # building units --------------------------------------------------------------------------
     def _build_unit(self, label: str, unit: AdapterUnit, p: Any, bound: BoundLayout
-                    ) -> tuple[T2IUnitRuntime | IPUnitRuntime, str]:
+                    ) -> tuple[T2IUnitRuntime | IPUnitRuntime | StyleUnitRuntime, str]:
         path = self.catalog.resolve(unit.model)
         loaded = self.adapters.load_adapter(path)
         if isinstance(loaded, LoadedIPAdapter):
             loaded.check_compatible(bound, label)
-            runtime: T2IUnitRuntime | IPUnitRuntime = self._ip_runtime(label, unit, loaded, p, bound)
+            runtime: T2IUnitRuntime | IPUnitRuntime | StyleUnitRuntime = self._ip_runtime(label, unit, loaded, p, bound)
+        elif loaded.is_style:
+            runtime = self._style_runtime(label, unit, loaded, p, bound)
         else:
             runtime = self._t2i_runtime(label, unit, loaded, p)
             runtime.check_compatible(bound)
         return runtime, f"{path.stem} [{self.catalog.short_hash(path)}]"
 
     def _t2i_runtime(self, label: str, unit: AdapterUnit, adapter: Any, p: Any) -> T2IUnitRuntime:
-        if adapter.is_style:
-            raise AdapterError(f"{label}: the style T2I-Adapter is not supported yet; use an IP-Adapter for style, "
-                               "or a spatial T2I-Adapter (depth, canny, sketch, openpose, seg, color).")
         condition = self.preprocess(unit, self._source_images(label, unit, p)[0])
         return T2IUnitRuntime(label, unit, adapter, condition)
+
+    def _style_runtime(self, label: str, unit: AdapterUnit, adapter: Any, p: Any,
+                       bound: BoundLayout) -> StyleUnitRuntime:
+        """The style adapter reads CLIP ViT-L's last hidden states and yields context tokens."""
+        cfg = adapter.config
+        context = cross_attention_dim(bound.unet)
+        if cfg.context_dim != context:
+            raise IncompatibleModelError(
+                f"{label}: '{adapter.name}' makes {cfg.context_dim}-wide context tokens but this checkpoint's "
+                f"text context is {context} wide; the style adapter is for SD1.x.")
+        encoder = self.adapters.load_encoder(self.encoders.find(
+            True, cfg.width, f"ViT-L/14 (hidden states of width {cfg.width})"))
+        with torch.no_grad():
+            hidden = encoder.last_hidden_state(self._source_images(label, unit, p), unit.crop)
+            tokens = adapter.module(hidden).mean(dim=0, keepdim=True)
+        return StyleUnitRuntime(label, tokens, weight=unit.weight, start=unit.start, end=unit.end)
 
     def _ip_runtime(self, label: str, unit: AdapterUnit, adapter: LoadedIPAdapter, p: Any,
                     bound: BoundLayout) -> IPUnitRuntime:
