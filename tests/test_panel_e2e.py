@@ -263,3 +263,22 @@ def test_batch_count_reuses_one_session_per_batch_and_restores(webui):
     assert all(np.abs(a - b).mean() > 1.0 for a, b in zip(_pixels(base), _pixels(result)))
     assert len({im.tobytes() for im in result.images}) == 4
     _assert_restored(model, snap)
+
+
+def test_interrupt_returns_a_partial_result_and_restores(webui):
+    model, _ = webui
+    snap = _unet_snapshot(model)
+    calls = []
+
+    def interrupt_after_two_steps(params):
+        calls.append(params.sampling_step)
+        if len(calls) == 2:
+            shared.state.interrupt()
+
+    script_callbacks.on_cfg_denoiser(interrupt_after_two_steps)
+    result = driver.txt2img(steps=8, alwayson_scripts=_units({"enabled": True, "model": "depth", "image": _condition()}))
+    assert len(calls) == 2 and len(result.images) == 1  # stopped early, still an image
+    _assert_restored(model, snap)
+    shared.state.interrupted = False
+    again = driver.txt2img(alwayson_scripts=_units({"enabled": True, "model": "depth", "image": _condition()}))
+    assert "Adapter 1" in again.infotexts[0]
