@@ -77,7 +77,7 @@ class ModelCatalog:
     def resolve(self, name: str) -> Path:
         """The file for a listed name (also accepts "name [hash]" as written in infotext)."""
         bare = name.split(" [", 1)[0].strip()
-        if bare not in self._entries:
+        if bare not in self._entries or not self._entries[bare].path.is_file():
             self.refresh()
         entry = self._entries.get(bare)
         if entry is None:
@@ -138,7 +138,7 @@ class EncoderCatalog:
         for attempt in range(2):
             files = self._files if (self._files is not None and attempt == 0) else self.refresh()
             for f in files:
-                if (f.hidden_size if hidden_states else f.projection_dim) == width:
+                if (f.hidden_size if hidden_states else f.projection_dim) == width and f.path.is_file():
                     return f.path
         folders = ", ".join(str(f) for f in self.folders)
         raise MissingFileError(

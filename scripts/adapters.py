@@ -5,6 +5,6 @@ from modules import script_callbacks
 from lib_adapters.webui import infotext, settings
 from lib_adapters.webui.panel import AdaptersScript, release_resources  # noqa: F401  (loaded by the WebUI)
 
-script_callbacks.on_ui_settings(settings.register)
+settings.register()
 script_callbacks.on_infotext_pasted(infotext.on_infotext_pasted)
 script_callbacks.on_script_unloaded(release_resources)

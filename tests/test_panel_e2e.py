@@ -42,7 +42,6 @@ def webui(tmp_path):
     save_both_layouts(diffusers_adapter("full_adapter", 3, seed=4), models, "depth")
     save_both_layouts(diffusers_adapter("full_adapter", 1, seed=5), models, "canny")
     save_both_layouts(diffusers_adapter("full_adapter_xl", 3, seed=6), models, "xl_sketch")
-    script_callbacks.ui_settings_callback()
     model = driver.load_tiny_model("sd1")
     driver.build_runners([module.AdaptersScript])
     yield model, models
@@ -153,7 +152,9 @@ def test_a_bad_unit_is_skipped_with_a_message_and_the_others_still_apply(webui, 
     only_good = driver.txt2img(alwayson_scripts=_units(good))
     result = driver.txt2img(alwayson_scripts=_units(bad, good))
     assert all(np.array_equal(a, b) for a, b in zip(_pixels(only_good), _pixels(result)))
-    assert "Adapter 2" in result.infotexts[0] and "Adapter 1:" not in result.infotexts[0]
+    params = parse_generation_parameters(result.infotexts[0])
+    assert "Adapter 2" in params and "Adapter 1" not in params
+    assert reason in params["Adapter 1 skipped"]
     assert reason in result.comments and "Adapter 1 skipped" in result.comments
 
 
@@ -282,3 +283,43 @@ def test_interrupt_returns_a_partial_result_and_restores(webui):
     shared.state.interrupted = False
     again = driver.txt2img(alwayson_scripts=_units({"enabled": True, "model": "depth", "image": _condition()}))
     assert "Adapter 1" in again.infotexts[0]
+
+
+def test_settings_exist_without_the_ui(webui):
+    assert shared.opts.adapters_unit_count == 3
+    assert "adapters_unit_count" in shared.opts.data_labels  # what GET /sdapi/v1/options lists
+
+
+def test_pasted_thresholds_survive_the_preprocessor_change(webui):
+    from lib_adapters.webui.panel import _threshold_updates
+
+    a, b = _threshold_updates("canny", 50, 150)
+    assert (a["value"], b["value"]) == (50, 150)
+    a, b = _threshold_updates("canny", -1, 999)  # no value / out of range: the preprocessor's defaults
+    assert (a["value"], b["value"]) == (100, 200)
+
+
+def test_files_removed_after_use_cost_only_their_unit(webui):
+    _, models = webui
+    depth = {"enabled": True, "model": "depth", "image": _condition()}
+    canny = {"enabled": True, "model": "canny", "image": _condition(seed=2)}
+    driver.txt2img(alwayson_scripts=_units(canny, depth))  # both found and cached
+    (models / "canny.pth").rename(models.parent / "canny.pth.away")
+    only_depth = driver.txt2img(alwayson_scripts=_units(depth))
+    result = driver.txt2img(alwayson_scripts=_units(canny, depth))
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(only_depth), _pixels(result)))
+    assert "Adapter 1 skipped" in result.comments
+    assert "Adapter 1 skipped" in result.infotexts[0]  # API clients read the infotext
+
+
+def test_pickles_load_under_the_webui_safe_unpickler(webui, monkeypatch):
+    """Inside the WebUI torch.load is modules.safe.load, which rejects current torch zip files and
+    returns None; the reader must use the original loader (weights_only keeps it safe)."""
+    from lib_adapters.formats.reader import read_state_dict
+    from modules import safe
+
+    _, models = webui
+    real = torch.load
+    monkeypatch.setattr(safe, "unsafe_torch_load", real, raising=False)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: None)  # what safe.load returns for these files
+    assert "conv_in.weight" in read_state_dict(models / "depth.pth")

@@ -31,7 +31,6 @@ def webui(tmp_path):
         torch.save(nested, models / "adapters" / f"ip-{variant}.bin")
     save_both_layouts(diffusers_adapter("full_adapter", 3, seed=4), models / "adapters", "depth")
     save_clip_vision(tiny_clip_vision(), models / "clip_vision")
-    script_callbacks.ui_settings_callback()
     driver.build_runners([module.AdaptersScript])
     yield model, models
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 
@@ -103,9 +104,18 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
+def _torch_load():
+    """torch's own loader. Inside the WebUI ``torch.load`` is ``modules.safe.load``, which rejects the
+    ``.format_version`` entry current torch writes and returns None instead of raising; with
+    ``weights_only=True`` torch's restricted unpickler already refuses code, so use the original
+    (looked up, not imported: the core never imports the WebUI)."""
+    safe = sys.modules.get("modules.safe")
+    return getattr(safe, "unsafe_torch_load", None) or torch.load
+
+
 def _read_pickle(path: Path) -> object:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        loaded = _torch_load()(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise FormatError(
             f"{path.name}: the file contains Python objects other than weights, which are not loaded "
@@ -116,3 +126,6 @@ def _read_pickle(path: Path) -> object:
             f"{path.name}: cannot read this file ({exc}). It is damaged or incomplete, often an "
             "interrupted download: download it again."
         ) from exc
+    if loaded is None:
+        raise FormatError(f"{path.name}: the file could not be read as weights; it is damaged or not a model file.")
+    return loaded

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import MissingFileError
 from ..formats.adapter_file import LoadedAdapter, load_adapter
 from ..formats.t2i import LoadedT2IAdapter, load_t2i_adapter
 from ..models.clip_vision import ClipVisionEncoder, load_clip_vision
@@ -19,7 +20,11 @@ class AdapterCache:
     _items: "OrderedDict[tuple[str, str, int, int], Any]" = field(default_factory=OrderedDict)
 
     def _get(self, kind: str, path: Path, loader: Callable[[Path], Any]) -> Any:
-        stat = Path(path).stat()
+        try:
+            stat = Path(path).stat()
+        except FileNotFoundError as exc:
+            raise MissingFileError(f"{Path(path).name} is no longer in {Path(path).parent}; put it back or pick "
+                                   "another model (then press the refresh button).") from exc
         key = (kind, str(path), stat.st_size, stat.st_mtime_ns)
         if key in self._items:
             self._items.move_to_end(key)

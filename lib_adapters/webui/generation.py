@@ -79,6 +79,10 @@ class GenerationController:
             except AdapterError as exc:
                 self._skip(p, label, exc)
                 continue
+            except Exception as exc:  # a bug or an odd file must cost this unit only, never the others
+                log.exception("%s failed", label)
+                self._skip(p, label, AdapterError(f"unexpected {type(exc).__name__}: {exc}"))
+                continue
             is_ip = isinstance(runtime, IPUnitRuntime)
             if is_ip:
                 ip.append(runtime)
@@ -184,3 +188,5 @@ class GenerationController:
         comment = getattr(p, "comment", None)
         if callable(comment):
             comment(message)
+        # API clients see the infotext but not the comments: say it there too
+        p.extra_generation_params[f"{label} skipped"] = str(exc)

@@ -74,18 +74,21 @@ def release_resources() -> None:
         _resources.clear()
 
 
-def _threshold_updates(name: str) -> tuple[dict, dict]:
+def _threshold_updates(name: str, current_a: float = -1, current_b: float = -1) -> tuple[dict, dict]:
+    """Slider settings for a preprocessor; a current value that fits its range is kept (a pasted
+    infotext sets the thresholds and the preprocessor together, in either order)."""
     try:
         pre = get_preprocessor(name)
     except AdapterError:
         return gr.update(visible=False), gr.update(visible=False)
     out = []
-    for spec in (pre.threshold_a, pre.threshold_b):
+    for spec, current in ((pre.threshold_a, current_a), (pre.threshold_b, current_b)):
         if spec is None:
             out.append(gr.update(visible=False, value=-1))
-        else:
-            out.append(gr.update(visible=True, label=spec.label, minimum=spec.minimum, maximum=spec.maximum,
-                                 step=spec.step, value=spec.default))
+            continue
+        keep = current is not None and current != -1 and spec.minimum <= float(current) <= spec.maximum
+        out.append(gr.update(visible=True, label=spec.label, minimum=spec.minimum, maximum=spec.maximum,
+                             step=spec.step, value=float(current) if keep else spec.default))
     return out[0], out[1]
 
 
@@ -183,7 +186,8 @@ class AdaptersScript(scripts.Script):
         state = gr.State(default.to_dict())
         for component in ordered + [extra_images]:
             component.change(fn=_unit_value, inputs=ordered + [extra_images], outputs=[state], show_progress=False)
-        preprocessor.change(fn=_threshold_updates, inputs=[preprocessor], outputs=[threshold_a, threshold_b],
+        preprocessor.change(fn=_threshold_updates, inputs=[preprocessor, threshold_a, threshold_b],
+                            outputs=[threshold_a, threshold_b],
                             show_progress=False)
         refresh.click(fn=lambda: gr.update(choices=resources().model_choices(refresh=True)), outputs=[model])
         preview_button.click(fn=self._preview, inputs=[state], outputs=[preview])

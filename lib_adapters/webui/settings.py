@@ -18,25 +18,22 @@ class PanelSettings:
 
 
 def register() -> None:
-    """``on_ui_settings`` callback."""
+    """Add the options at import time, as the WebUI's built-in Lora extension does: ``on_ui_settings``
+    only fires when the UI is built, so with ``--nowebui`` the API would not know the keys."""
     import gradio as gr
     from modules import shared
 
-    def add(key: str, info) -> None:
-        shared.opts.add_option(key, info)
-
-    add("adapters_unit_count", shared.OptionInfo(
-        3, "Number of adapter units", gr.Slider, {"minimum": 1, "maximum": 10, "step": 1}, section=SECTION,
-    ).needs_reload_ui())
-    add("adapters_extra_model_dirs", shared.OptionInfo(
-        "", "Extra folders with adapter models (one per line)", gr.Textbox, {"lines": 2}, section=SECTION,
-    ).info("models/adapters is always searched; adapter files in models/ControlNet are listed too"))
-    add("adapters_annotator_dir", shared.OptionInfo(
-        "", "Folder with preprocessor weights", section=SECTION,
-    ).info("empty: models/adapters/annotators"))
-    add("adapters_cache_size", shared.OptionInfo(
-        2, "Adapter models kept in memory", gr.Slider, {"minimum": 1, "maximum": 10, "step": 1}, section=SECTION,
-    ))
+    shared.options_templates.update(shared.options_section(SECTION, {
+        "adapters_unit_count": shared.OptionInfo(
+            3, "Number of adapter units", gr.Slider, {"minimum": 1, "maximum": 10, "step": 1}).needs_reload_ui(),
+        "adapters_extra_model_dirs": shared.OptionInfo(
+            "", "Extra folders with adapter models (one per line)", gr.Textbox, {"lines": 2},
+        ).info("models/adapters is always searched; adapter files in models/ControlNet are listed too"),
+        "adapters_annotator_dir": shared.OptionInfo(
+            "", "Folder with preprocessor weights").info("empty: models/adapters/annotators"),
+        "adapters_cache_size": shared.OptionInfo(
+            2, "Adapter models kept in memory", gr.Slider, {"minimum": 1, "maximum": 10, "step": 1}),
+    }))
 
 
 def current() -> PanelSettings:
