@@ -72,19 +72,23 @@ class TrainingBackend(ABC):
     """See the module docstring. Implementations: ``LdmBackend`` (ldm/sgm), ``DiffusersBackend``."""
 
     arch: BaseArch
+    # Set by every implementation's __init__:
+    _unet: nn.Module
+    _alphas: torch.Tensor
+    _parameterization: Parameterization
 
     @property
-    @abstractmethod
-    def unet(self) -> nn.Module: ...
+    def unet(self) -> nn.Module:
+        return self._unet
 
     @property
-    @abstractmethod
     def alphas_cumprod(self) -> torch.Tensor:
         """The model's own training schedule, fp32, on the CPU."""
+        return self._alphas
 
     @property
-    @abstractmethod
-    def parameterization(self) -> Parameterization: ...
+    def parameterization(self) -> Parameterization:
+        return self._parameterization
 
     @property
     def device(self) -> torch.device:

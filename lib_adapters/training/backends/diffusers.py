@@ -36,18 +36,6 @@ class DiffusersBackend(TrainingBackend):
                              BaseArch.SD2 if unet.config.cross_attention_dim == 1024 else BaseArch.SD1)
         self.name, self.sha256 = name, sha256
 
-    @property
-    def unet(self) -> nn.Module:
-        return self._unet
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self._alphas
-
-    @property
-    def parameterization(self) -> Parameterization:
-        return self._parameterization
-
     def text_encoders(self) -> list[TextEncoderPart]:
         prefixes = ["lora_te"] if len(self.encoders) == 1 else ["lora_te1", "lora_te2"]
         return [TextEncoderPart(p, e, TextEncoderNaming.HF_CLIP) for p, e in zip(prefixes, self.encoders)]

@@ -52,18 +52,6 @@ class LdmBackend(TrainingBackend):
         self._alphas = sd_model.alphas_cumprod.detach().float().cpu()
 
     # -- facts --------------------------------------------------------------------------------------
-    @property
-    def unet(self) -> nn.Module:
-        return self._unet
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self._alphas
-
-    @property
-    def parameterization(self) -> Parameterization:
-        return self._parameterization
-
     def text_encoders(self) -> list[TextEncoderPart]:
         if not self.is_sgm:
             part = _text_encoder_part("lora_te", self.sd_model.cond_stage_model)
