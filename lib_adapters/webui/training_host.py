@@ -1,0 +1,201 @@
+"""The WebUI side of a training run: where files go, the model, the queue lock, progress and the Lora list.
+
+``TrainingJobs`` (training_jobs.py) calls, in this order: ``check_ready``/``work_dir``/``device`` while
+validating; ``queue_task(id_task)`` when it accepts a run; then, in its thread, ``exclusive(...)`` for
+the whole run, ``make_backend`` and ``training_model(backend)`` around the core's ``train()``,
+``report``/``interrupted`` per step, and ``refresh_networks`` after the LoRA is in ``output_dir``.
+
+* ``exclusive`` holds ``modules.call_queue.queue_lock`` (the lock every generation takes, UI and API),
+  so no generation runs meanwhile and one that waits runs right after; it brackets the run with
+  ``shared.state.begin/end`` and the ``modules.progress`` task bookkeeping for ``id_task``, so the
+  WebUI's own progress bar (``/internal/progress``: progress and ETA from ``job_count``/``job_no``/
+  ``sampling_step``/``sampling_steps`` and ``time_start``) follows the run, and its Interrupt button
+  (``shared.state.interrupted``) stops it with a checkpoint saved.
+* ``training_model`` unloads the built-in Lora extension's active networks first (their merged weights
+  are put back from the extension's own backups, so none is baked into the trained base), remembers
+  every module's train/eval mode and every parameter's ``requires_grad``, and afterwards restores all
+  of it, networks included, merged again exactly as before. The core's backend freezes the base and
+  undoes its gradient checkpointing; the LoRA method removes its hooks.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import MissingFileError, UnsupportedModelError
+from ..training.backends.ldm import LdmBackend
+from ..training.loop import Progress
+
+log = logging.getLogger(__name__)
+
+
+def _format_seconds(seconds: float | None) -> str:
+    from .training_jobs import format_seconds
+    return format_seconds(seconds)
+
+
+class TrainingHost:
+    """The WebUI glue. ``lora_dir``/``work_dir`` override the WebUI's folders (tests, scripts)."""
+
+    def __init__(self, *, lora_dir: str | os.PathLike | None = None, work_dir: str | os.PathLike | None = None):
+        self._lora_dir = Path(lora_dir) if lora_dir is not None else None
+        self._work_dir = Path(work_dir) if work_dir is not None else None
+
+    # -- folders ---------------------------------------------------------------------------------------------------
+    def output_dir(self, method: str = "lora") -> Path:
+        """Where the finished file goes: for LoRA the WebUI's Lora dir (``--lora-dir``, default models/Lora)."""
+        if str(method).lower() != "lora":
+            raise UnsupportedModelError(f"training method {method!r} is not supported yet; use lora")
+        if self._lora_dir is not None:
+            return self._lora_dir
+        from modules import shared
+        lora_dir = getattr(shared.cmd_opts, "lora_dir", None)
+        if not lora_dir:
+            from modules import paths_internal
+            lora_dir = os.path.join(paths_internal.models_path, "Lora")
+        return Path(lora_dir)
+
+    def work_dir(self, method: str = "lora") -> Path:
+        """Checkpoints, samples and the latent cache: ``<outputs>/adapters-training`` (never scanned as models)."""
+        if self._work_dir is not None:
+            return self._work_dir
+        from modules import paths_internal
+        return Path(paths_internal.default_output_dir) / "adapters-training"
+
+    # -- the model ----------------------------------------------------------------------------------------------------
+    def _sd_model(self):
+        from modules import shared
+        model = shared.sd_model
+        if model is None:
+            raise MissingFileError("no Stable Diffusion checkpoint is loaded; load one in the WebUI first")
+        return model
+
+    def check_ready(self, method: str = "lora") -> None:
+        self.output_dir(method)
+        self._sd_model()
+
+    def device(self) -> torch.device:
+        model = self._sd_model()
+        return next(model.model.diffusion_model.parameters()).device
+
+    def make_backend(self, method: str = "lora") -> LdmBackend:
+        return LdmBackend(self._sd_model())
+
+    @contextlib.contextmanager
+    def training_model(self, backend: LdmBackend):
+        """Active LoRAs unloaded, modes and flags remembered; everything as it was afterwards."""
+        model = backend.sd_model
+        modes = [(m, m.training) for m in model.modules()]
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        unet = backend.unet
+        forwards = [(m, m.__dict__.get("forward")) for m in unet.modules()]
+        networks_state = unload_networks(model)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for module, forward in forwards:
+                    if forward is None:
+                        module.__dict__.pop("forward", None)
+                    else:
+                        module.forward = forward
+                for param, flag in flags:
+                    param.requires_grad_(flag)
+                for module, mode in modes:
+                    module.training = mode
+            restore_networks(networks_state)
+
+    # -- exclusivity and progress -------------------------------------------------------------------------------
+    def queue_task(self, id_task: str | None) -> None:
+        """Register ``id_task`` as queued (the WebUI's progress poller shows "In queue" until the run starts)."""
+        if id_task:
+            from modules import progress
+            progress.add_task_to_queue(id_task)
+
+    @contextlib.contextmanager
+    def exclusive(self, id_task: str | None, steps: int, method: str, output_name: str):
+        """Hold the WebUI's queue lock for the whole run, with shared.state and the task bookkeeping."""
+        from modules import call_queue, progress, shared
+        with call_queue.queue_lock:
+            state = shared.state
+            state.begin(job=id_task or "adapters-training")
+            state.job_count = 1
+            state.job_no = 0
+            state.sampling_step = 0
+            state.sampling_steps = max(1, steps)
+            state.textinfo = f"Training {method} '{output_name}': starting"
+            progress.start_task(id_task)
+            try:
+                yield
+            finally:
+                progress.finish_task(id_task)
+                state.textinfo = None
+                state.interrupted = False
+                state.skipped = False
+                state.end()
+
+    def report(self, p: Progress, first_step: int, method: str, output_name: str) -> None:
+        """One optimizer step done: the progress bar (this session's steps, so its ETA is right after a resume)."""
+        from modules import shared
+        state = shared.state
+        state.sampling_step = p.step - first_step
+        state.sampling_steps = max(1, p.total - first_step)
+        state.textinfo = (f"Training {method} '{output_name}': step {p.step}/{p.total}, loss {p.loss:.4f}, "
+                          f"ETA {_format_seconds(p.eta)}")
+
+    def interrupted(self) -> bool:
+        """The WebUI's Interrupt button (shared.state.interrupt())."""
+        from modules import shared
+        return bool(shared.state.interrupted)
+
+    # -- the Lora list ------------------------------------------------------------------------------------------------
+    def refresh_networks(self, method: str = "lora") -> None:
+        """Re-scan the Lora dir so ``<lora:name:1>`` works in the very next generation."""
+        networks = _lora_extension()
+        if networks is not None:
+            networks.list_available_networks()
+
+
+def _lora_extension():
+    """The built-in Lora extension's ``networks`` module when it is loaded (it is a top-level module there)."""
+    module = sys.modules.get("networks")
+    if module is not None and hasattr(module, "loaded_networks") and hasattr(module, "list_available_networks"):
+        return module
+    return None
+
+
+def _network_layers(model) -> list:
+    return [m for m in model.modules() if getattr(m, "network_layer_name", None) is not None]
+
+
+def unload_networks(model):
+    """Take the active LoRAs out: ``loaded_networks`` emptied and every merged layer put back from the extension's
+    backup, as the extension itself does when a prompt has no ``<lora:...>``. Returns what ``restore_networks`` needs."""
+    networks = _lora_extension()
+    if networks is None or not networks.loaded_networks:
+        return None
+    saved = list(networks.loaded_networks)
+    merged = [m for m in _network_layers(model) if getattr(m, "network_current_names", ())]
+    log.info("adapters training: unloading %d active Lora network(s) for the run: %s", len(saved),
+             ", ".join(getattr(n, "name", "?") for n in saved))
+    networks.loaded_networks.clear()
+    with torch.no_grad():
+        for layer in merged:
+            networks.network_apply_weights(layer)
+    return networks, saved, merged
+
+
+def restore_networks(state) -> None:
+    """Put the user's active LoRAs back, merged again into the layers that had them."""
+    if state is None:
+        return
+    networks, saved, merged = state
+    networks.loaded_networks[:] = saved
+    with torch.no_grad():
+        for layer in merged:
+            networks.network_apply_weights(layer)
