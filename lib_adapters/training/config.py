@@ -1,4 +1,5 @@
-"""Frozen, validated settings of one training run (``TrainConfig``) and of the LoRA method (``LoraConfig``).
+"""Frozen, validated settings of one training run (``TrainConfig``) and of its methods (``LoraConfig``,
+``T2IConfig``).
 
 Enum fields also accept their string values ("cosine", "bf16", ...) so that a UI or a command line
 can pass what the user picked; anything out of range raises ``InputError`` naming the field, the
@@ -7,6 +8,7 @@ value and the allowed range.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -16,6 +18,8 @@ from ..errors import InputError
 
 class Method(str, Enum):
     LORA = "lora"
+    T2I_ADAPTER = "t2i_adapter"
+    IP_ADAPTER = "ip_adapter"
 
 
 class LRSchedule(str, Enum):
@@ -49,6 +53,21 @@ class LoraTargets(str, Enum):
     @property
     def conv(self) -> bool:
         return self is LoraTargets.ATTENTION_FF_CONV
+
+
+class T2IKind(str, Enum):
+    FULL = "full"  # TencentARC ``Adapter`` / ``Adapter_XL`` (depth, sketch, canny, openpose, ...)
+    LIGHT = "light"  # TencentARC ``Adapter_light`` (colour)
+
+
+class TimestepSampling(str, Enum):
+    UNIFORM = "uniform"
+    CUBIC = "cubic"  # t = (1 - u**3) * T: more high-noise steps, where structure is decided (the SDXL recipe)
+
+
+class T2ILayout(str, Enum):
+    TENCENTARC = "tencentarc"  # body.N.* keys: what sd-webui-controlnet, ComfyUI and our panel load
+    DIFFUSERS = "diffusers"  # adapter.body.L.resnets.J.* keys: diffusers' ``T2IAdapter``
 
 
 def _coerce_enums(obj) -> None:
@@ -101,6 +120,43 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class T2IConfig:
+    """The T2I-Adapter method. Feature widths always follow the UNet (320/640/1280/1280 for SD and SDXL)."""
+
+    adapter_kind: T2IKind = T2IKind.FULL
+    condition: str = "depth"  # the condition's name: ``x.<condition>.png`` beside ``x.png``
+    condition_channels: int = 3  # 3 for RGB-like maps (depth, seg, openpose, colour), 1 for edges/sketches
+    num_res_blocks: int | None = None  # per level; None: the released adapters' 2 (full) or 4 (light)
+    preprocessor: str | None = None  # generates missing conditions (cached beside the dataset); None: all must exist
+    preprocessor_weights_dir: Path | None = None  # the annotator weights folder, for preprocessors that need one
+    init_from: Path | None = None  # an adapter file to fine-tune; None: start from scratch
+    timesteps: TimestepSampling = TimestepSampling.UNIFORM
+    export_layout: T2ILayout = T2ILayout.TENCENTARC
+    save_precision: Precision = Precision.FP16
+
+    def __post_init__(self):
+        for name in ("preprocessor_weights_dir", "init_from"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        _coerce_enums(self)
+        _check(isinstance(self.condition, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,32}", self.condition) is not None,
+               f"the condition name is used in file names (x.<condition>.png): letters, digits, _ or -; "
+               f"got {self.condition!r}")
+        _check(_is_int(self.condition_channels) and self.condition_channels in (1, 3),
+               f"condition channels must be 1 (edges, sketches) or 3 (RGB maps); got {self.condition_channels!r}")
+        _check(self.num_res_blocks is None or (_is_int(self.num_res_blocks) and 1 <= self.num_res_blocks <= 8),
+               f"blocks per level must be an integer in 1..8 or empty; got {self.num_res_blocks!r}")
+        _check(self.preprocessor is None or (isinstance(self.preprocessor, str) and self.preprocessor.strip() != ""),
+               f"preprocessor must be a name or empty; got {self.preprocessor!r}")
+
+    @property
+    def res_blocks(self) -> int:
+        if self.num_res_blocks is not None:
+            return self.num_res_blocks
+        return 4 if self.adapter_kind is T2IKind.LIGHT else 2
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     dataset_dir: Path
     output_dir: Path
@@ -130,6 +186,7 @@ class TrainConfig:
     cache_latents: bool = False
     min_image_size: int = 64  # images whose shorter side is smaller are reported by validation
     lora: LoraConfig = field(default_factory=LoraConfig)
+    t2i: T2IConfig = field(default_factory=T2IConfig)
 
     def __post_init__(self):
         object.__setattr__(self, "dataset_dir", Path(self.dataset_dir))
@@ -172,4 +229,5 @@ class TrainConfig:
 
 
 _ENUM_FIELDS = {"method": Method, "lr_schedule": LRSchedule, "optimizer": OptimizerKind, "precision": Precision,
-                "targets": LoraTargets, "save_precision": Precision}
+                "targets": LoraTargets, "save_precision": Precision,
+                "adapter_kind": T2IKind, "timesteps": TimestepSampling, "export_layout": T2ILayout}

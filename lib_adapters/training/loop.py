@@ -29,13 +29,13 @@ from .backends.base import SizeCondition, TrainingBackend
 from .buckets import BatchPlan, load_pixels
 from .checkpoints import (Snapshot, capture_rng, check_signature, checkpoint_dir, checkpoint_paths, latest_checkpoint,
                           read_state, restore_rng, resume_signature, write_state)
-from .config import Precision, TrainConfig
-from .data import ImageRecord, load_records, tag_frequency
+from .config import Method, Precision, TrainConfig
+from .data import ImageRecord, tag_frequency
 from .errors import NonFiniteLossError
 from .latent_cache import LatentCache
-from .methods.base import ExportInfo, TrainingMethod
+from .methods.base import ExportInfo, MethodBase, MethodBatch, TrainingMethod
 from .methods.lora import LoraMethod
-from .objective import add_noise, diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
+from .objective import add_noise, diffusion_loss, min_snr_weights, sample_noise, training_target
 from .optim import build_optimizer, build_scheduler
 from .sampling import SampleRequest, Sampler, euler_sampler
 
@@ -79,8 +79,20 @@ class TrainResult:
     seconds: float = 0.0
 
 
+# Each method class reads its own dataset (``load_records``) and builds itself on a model (``from_config``).
+_METHODS: dict[Method, type[MethodBase]] = {Method.LORA: LoraMethod}
+
+
+def method_class(method: Method) -> type[MethodBase]:
+    found = _METHODS.get(Method(method))
+    if found is None:
+        raise InputError(f"the {Method(method).value} training method is not available in this version; "
+                         f"choose one of {', '.join(m.value for m in _METHODS)}")
+    return found
+
+
 def build_method(config: TrainConfig, backend: TrainingBackend) -> TrainingMethod:
-    return LoraMethod(backend, config.lora)
+    return method_class(config.method).from_config(config, backend)
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -113,7 +125,7 @@ class Trainer:
         self.config, self.backend = config, backend
         self.callbacks = callbacks or TrainCallbacks()
         self.sampler = sampler or euler_sampler
-        self.records: list[ImageRecord] = load_records(config.dataset_dir, config.min_image_size)
+        self.records: list[ImageRecord] = method_class(config.method).load_records(config)
         self.plan = BatchPlan(self.records, config.resolution, config.batch_size, config.seed, config.buckets)
         self.cache = (LatentCache(backend.identity(), config.output_dir / ".latent_cache")
                       if config.cache_latents else None)
@@ -196,17 +208,23 @@ class Trainer:
         return sizes
 
     # -- one step -----------------------------------------------------------------------------------
+    def _method_batch(self, indices: tuple[int, ...]) -> MethodBatch:
+        return MethodBatch([self.records[i] for i in indices], [self.plan.placements[i] for i in indices],
+                           self.generator, self.backend.device)
+
     def _loss(self, indices: tuple[int, ...]) -> torch.Tensor:
         config, backend = self.config, self.backend
+        batch = self._method_batch(indices)
         latents = self._latents(indices)
         alphas = backend.alphas_cumprod
         noise = sample_noise(tuple(latents.shape), self.generator, config.noise_offset).to(latents.device)
-        timesteps = sample_timesteps(latents.shape[0], len(alphas), self.generator)
+        timesteps = self.method.sample_timesteps(latents.shape[0], len(alphas), self.generator)
         noisy = add_noise(latents, noise, timesteps, alphas)
         with _autocast(config, backend.device):
-            cond = backend.encode_prompts([self.records[i].caption for i in indices], self._sizes(indices),
-                                          grad=self.method.trains_text_encoder)
-            prediction = backend.apply(noisy, timesteps.to(latents.device), cond)
+            captions = self.method.captions(batch, [r.caption for r in batch.records])
+            cond = backend.encode_prompts(captions, self._sizes(indices), grad=self.method.trains_text_encoder)
+            with self.method.unet_context(batch):
+                prediction = backend.apply(noisy, timesteps.to(latents.device), cond)
         target = training_target(backend.parameterization, latents, noise, timesteps, alphas)
         weights = (min_snr_weights(timesteps, alphas, config.min_snr_gamma, backend.parameterization)
                    if config.min_snr_gamma else None)

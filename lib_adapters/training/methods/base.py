@@ -1,6 +1,14 @@
-"""What the loop needs from a training method (LoRA now; T2I-Adapter and IP-Adapter later)."""
+"""What the loop needs from a training method (LoRA, T2I-Adapter, IP-Adapter), and the defaults they share.
+
+A method owns its trainable weights and how they enter the model. The loop asks it, per micro-batch
+(a ``MethodBatch``): which captions to encode (``captions``: e.g. caption dropout), how to sample
+timesteps (``sample_timesteps``), and what to install in the UNet around the prediction
+(``unet_context``: e.g. T2I-Adapter features of the batch's conditions). Every random draw comes
+from the batch's generator, the run's seeded one, so a resumed run repeats the same draws.
+"""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -8,7 +16,10 @@ from typing import Protocol
 import torch
 
 from ..backends.base import ModelInfo
+from ..buckets import Placement
 from ..config import TrainConfig
+from ..data import ImageRecord, load_records
+from ..objective import sample_timesteps
 
 
 @dataclass(frozen=True)
@@ -22,6 +33,16 @@ class ExportInfo:
     tag_frequency: dict = field(default_factory=dict)
     started_at: float = 0.0
     session_id: str = ""
+
+
+@dataclass(frozen=True)
+class MethodBatch:
+    """One micro-batch as a method sees it: the samples and how each was fitted to its bucket."""
+
+    records: list[ImageRecord]  # of each sample
+    placements: list[Placement]  # of each sample: conditions get exactly the image's crop/resize
+    generator: torch.Generator  # the run's seeded generator (draw dropout etc. from it: exact resume)
+    device: torch.device
 
 
 class TrainingMethod(Protocol):
@@ -46,3 +67,38 @@ class TrainingMethod(Protocol):
 
     def close(self) -> None:
         """Take the method out of the model, leaving the base model as it was."""
+
+    def captions(self, batch: MethodBatch, captions: list[str]) -> list[str]:
+        """The captions to encode for this batch."""
+
+    def unet_context(self, batch: MethodBatch) -> contextlib.AbstractContextManager:
+        """Entered around ``backend.apply`` only: installs the batch's adapter inputs in the UNet."""
+
+    def sample_timesteps(self, n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+        """Integer timesteps of the ``n`` samples."""
+
+
+class MethodBase:
+    """Defaults of the optional ``TrainingMethod`` members; every method class inherits it.
+
+    ``from_config`` and ``load_records`` are class-level so that the loop can read (and validate) a
+    method's dataset before the method is built on the model.
+    """
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, backend) -> "MethodBase":
+        raise NotImplementedError
+
+    @classmethod
+    def load_records(cls, config: TrainConfig) -> list[ImageRecord]:
+        """The run's records, validated file by file (``DatasetInvalidError`` lists every problem)."""
+        return load_records(config.dataset_dir, config.min_image_size)
+
+    def captions(self, batch: MethodBatch, captions: list[str]) -> list[str]:
+        return list(captions)
+
+    def unet_context(self, batch: MethodBatch) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def sample_timesteps(self, n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+        return sample_timesteps(n, num_train_timesteps, generator)

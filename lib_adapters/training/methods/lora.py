@@ -18,7 +18,7 @@ from torch import nn
 from ...errors import FormatError, InputError
 from ..backends.base import TextEncoderNaming, TextEncoderPart, TrainingBackend
 from ..config import LoraConfig, LoraTargets
-from .base import ExportInfo
+from .base import ExportInfo, MethodBase
 from .lora_file import kohya_metadata, load_lora, save_lora
 from .lora_names import kohya_name
 
@@ -169,10 +169,14 @@ def build_lora_network(backend: TrainingBackend, config: LoraConfig) -> LoraNetw
     return network
 
 
-class LoraMethod:
+class LoraMethod(MethodBase):
     """The LoRA training method: builds and attaches the network, exports kohya files."""
 
     name = "lora"
+
+    @classmethod
+    def from_config(cls, config, backend: TrainingBackend) -> "LoraMethod":
+        return cls(backend, config.lora)
 
     def __init__(self, backend: TrainingBackend, config: LoraConfig):
         self.backend = backend
