@@ -34,7 +34,7 @@ from ..training.config import LoraConfig, TrainConfig
 from ..training.data import load_records
 from ..training.errors import NonFiniteLossError
 from ..training.loop import Progress, TrainCallbacks, train
-from ..training.methods.lora_file import load_lora, save_lora
+from ..training.methods.lora_file import atomic_write, load_lora, save_lora
 from .training_host import TrainingHost
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ class JobRunningError(InputError):
 
 
 # -- the request ----------------------------------------------------------------------------------------
-_INT, _FLOAT, _BOOL, _STR, _STRS, _OPT_FLOAT = "integer", "number", "true/false", "string", "list of strings", \
-    "number or null"
+_INT, _FLOAT, _BOOL, _STR, _STRS, _OPT_FLOAT = ("an integer", "a number", "true or false", "a string",
+                                                "a list of strings", "a number or null")
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class TrainRequest:
             kind = kinds[name]
             ok, converted = _convert(kind, value)
             if not ok:
-                wrong.append(f"{name} must be a {kind}, got {value!r}")
+                wrong.append(f"{name} must be {kind}, got {value!r}")
             values[name] = converted
         if wrong:
             raise InputError("wrong type: " + "; ".join(wrong))
@@ -397,8 +397,9 @@ class TrainingJobs:
         config = job.config
         target = self.host.output_dir(job.request.method) / f"{config.output_name}.safetensors"
         if result.output is not None:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(result.output), str(target))
+            source = Path(result.output)
+            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))  # never a half-copied file in the list
+            source.unlink()
         elif result.checkpoints or job.checkpoint:
             state = Path(result.checkpoints[-1] if result.checkpoints else job.checkpoint)
             tensors, metadata = load_lora(state.with_suffix(".safetensors"))

@@ -1,0 +1,143 @@
+"""The training web API: start, status, interrupt and resume a run over ``TrainingJobs``.
+
+``register_api(app, jobs)`` is called from ``script_callbacks.on_app_started`` (scripts/adapters_train.py)::
+
+    POST /adapters/v1/train            body: a TrainRequest as JSON -> 200 status | 422 bad field | 400 bad dataset,
+                                       no model, nothing to resume | 409 a job is running
+    GET  /adapters/v1/train            -> the current (or last) job's status
+    POST /adapters/v1/train/interrupt  -> status (the run stops before its next step and saves a checkpoint)
+    POST /adapters/v1/train/resume     same body as start: continues from the newest checkpoint of output_name
+
+Every error body is ``{"detail": "<a sentence saying what is wrong and what to do>"}``. With ``--api-auth``
+the routes take the same HTTP basic credentials as the WebUI's own ``/sdapi`` routes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from secrets import compare_digest
+from typing import List, Optional
+
+from fastapi import Body, Depends, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import BaseModel, Extra, Field, create_model
+
+from ..errors import AdapterError, InputError
+from .training_jobs import JobRunningError, JobState, TrainingJobs, TrainRequest
+
+PREFIX = "/adapters/v1/train"
+
+_TYPES = {"an integer": int, "a number": float, "true or false": bool, "a string": str,
+          "a list of strings": List[str], "a number or null": Optional[float]}
+
+
+def _request_model() -> type[BaseModel]:
+    """A pydantic model mirroring ``TrainRequest`` (OpenAPI docs only; validation is ``TrainRequest.from_dict``)."""
+    defaults = TrainRequest.__dataclass_fields__
+    spec = {}
+    for name, kind in TrainRequest.field_kinds().items():
+        default = defaults[name].default
+        if name in ("dataset_dir", "output_name"):
+            default = ...
+        elif name == "sample_prompts":
+            default = []
+        spec[name] = (_TYPES[kind], Field(default))
+
+    class Config:
+        extra = Extra.forbid
+
+    return create_model("AdaptersTrainRequest", __config__=Config, **spec)
+
+
+TrainRequestModel = _request_model()
+
+
+class TrainStatusModel(BaseModel):
+    state: str = Field(title="idle, running, finished, interrupted or failed")
+    job_id: Optional[str]
+    method: Optional[str]
+    output_name: Optional[str]
+    step: int
+    total: int
+    losses: List[Optional[float]] = Field(title="loss per optimizer step of this session")
+    lr: Optional[float]
+    elapsed: float = Field(title="seconds since the job started")
+    eta: Optional[float] = Field(title="seconds left (while running)")
+    samples: List[str] = Field(title="sample image paths, newest last")
+    log: List[str]
+    output: Optional[str] = Field(title="the LoRA file in the Lora dir (finished or interrupted)")
+    checkpoint: Optional[str] = Field(title="the newest resumable checkpoint (.state)")
+    error: Optional[str]
+
+
+def _auth_dependencies() -> list:
+    """The WebUI's ``--api-auth`` (``user:pass,user2:pass2``), checked as ``modules.api.api.Api.auth`` does."""
+    try:
+        from modules import shared
+        api_auth = getattr(shared.cmd_opts, "api_auth", None)
+    except Exception:  # noqa: BLE001  (outside the WebUI: no auth)
+        api_auth = None
+    if not api_auth:
+        return []
+    credentials = dict(item.split(":", 1) for item in api_auth.split(",") if ":" in item)
+
+    def auth(given: HTTPBasicCredentials = Depends(HTTPBasic())):
+        if given.username in credentials and compare_digest(given.password, credentials[given.username]):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return [Depends(auth)]
+
+
+def _parse(body) -> TrainRequest:
+    try:
+        request = TrainRequest.from_dict(body)
+        request.to_config(Path("."))  # every range and choice, before anything touches the disk
+        return request
+    except InputError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+
+
+def _start(jobs: TrainingJobs, body, resume: bool) -> dict:
+    request = _parse(body)
+    try:
+        return jobs.start(request, resume=resume).to_dict()
+    except JobRunningError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
+    except AdapterError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+
+
+_BODY_DOC = "A training request: dataset_dir and output_name, plus any settings to change from their defaults."
+
+
+def register_api(app, jobs: TrainingJobs) -> None:
+    """Add the routes to the WebUI's FastAPI ``app`` (call once, from ``on_app_started``)."""
+    dependencies = _auth_dependencies()
+    body_schema = {"requestBody": {"required": True, "description": _BODY_DOC,
+                                   "content": {"application/json": {"schema": TrainRequestModel.schema()}}}}
+
+    def start(body: dict = Body(..., description=_BODY_DOC)):
+        """Validate the request and the dataset, then train in the background; returns the job's status."""
+        return _start(jobs, body, resume=False)
+
+    def resume(body: dict = Body(..., description=_BODY_DOC)):
+        """Continue the run of ``output_name`` from its newest checkpoint (the same settings as the saved run)."""
+        return _start(jobs, body, resume=True)
+
+    def status():
+        """The current or last job's status: state, step/total, losses, ETA, samples, log, output, checkpoint."""
+        return jobs.status().to_dict()
+
+    def interrupt():
+        """Stop the running job before its next step; it saves a checkpoint and its LoRA lands in the Lora dir."""
+        return jobs.interrupt().to_dict()
+
+    common = dict(dependencies=dependencies, response_model=TrainStatusModel, tags=["adapters"])
+    app.add_api_route(PREFIX, start, methods=["POST"], openapi_extra=body_schema, **common)
+    app.add_api_route(PREFIX, status, methods=["GET"], **common)
+    app.add_api_route(f"{PREFIX}/interrupt", interrupt, methods=["POST"], **common)
+    app.add_api_route(f"{PREFIX}/resume", resume, methods=["POST"], openapi_extra=body_schema, **common)
+
+
+__all__ = ["register_api", "PREFIX", "TrainRequestModel", "TrainStatusModel", "JobState"]

@@ -1,0 +1,113 @@
+"""The training web API over FastAPI's TestClient: start, status, interrupt, resume, 409 on a second start,
+422/400 with a clear message on malformed or impossible requests, and the WebUI's --api-auth."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from lib_adapters.webui.training_api import PREFIX, register_api
+from lib_adapters.webui.training_host import TrainingHost
+from lib_adapters.webui.training_jobs import TrainingJobs
+
+TIMEOUT = 120
+
+
+@pytest.fixture
+def api(webui):
+    jobs = TrainingJobs(TrainingHost())
+    app = FastAPI()
+    register_api(app, jobs)
+    return TestClient(app), jobs
+
+
+def body(webui, name="api", **changes):
+    values = dict(dataset_dir=str(webui.dataset), output_name=name, resolution=64, steps=4, batch_size=2,
+                  learning_rate=1e-3, rank=4, alpha=4, save_every=0)
+    values.update(changes)
+    return values
+
+
+def wait_done(client, jobs):
+    jobs.wait(TIMEOUT)
+    deadline = time.time() + TIMEOUT
+    while True:
+        status = client.get(PREFIX).json()
+        if status["state"] != "running" or time.time() > deadline:
+            return status
+        time.sleep(0.05)
+
+
+def test_start_status_interrupt_resume_and_409(webui, api):
+    client, jobs = api
+    assert client.get(PREFIX).json()["state"] == "idle"
+    with webui.queue_lock:  # a generation is running: the job is accepted and waits for the lock
+        started = client.post(PREFIX, json=body(webui))
+        assert started.status_code == 200, started.text
+        assert started.json()["state"] == "running" and started.json()["total"] == 4
+        again = client.post(PREFIX, json=body(webui, "other"))
+        assert again.status_code == 409 and "already running" in again.json()["detail"]
+        assert client.post(f"{PREFIX}/resume", json=body(webui, "other")).status_code == 409
+        assert client.post(f"{PREFIX}/interrupt").json()["state"] == "running"
+    stopped = wait_done(client, jobs)
+    assert stopped["state"] == "interrupted" and stopped["step"] == 0
+
+    assert client.post(PREFIX, json=body(webui)).status_code == 200
+    finished = wait_done(client, jobs)
+    assert finished["state"] == "finished" and finished["step"] == 4 and len(finished["losses"]) == 4
+    assert finished["output"].endswith("api.safetensors") and finished["error"] is None
+    assert finished["eta"] is None and finished["log"]
+
+    resumed = client.post(f"{PREFIX}/resume", json=body(webui, steps=6))
+    assert resumed.status_code == 200, resumed.text
+    done = wait_done(client, jobs)
+    assert done["state"] == "finished" and done["step"] == 6 and len(done["losses"]) == 2
+
+
+@pytest.mark.parametrize("payload, status, words", [
+    ({"output_name": "x"}, 422, "missing required field(s): dataset_dir"),
+    ({"dataset_dir": "d", "output_name": "x", "stpes": 10}, 422, "unknown field(s) 'stpes'"),
+    ({"dataset_dir": "d", "output_name": "x", "steps": "ten"}, 422, "steps must be an integer, got 'ten'"),
+    ({"dataset_dir": "d", "output_name": "x", "steps": 0}, 422, "steps must be an integer in 1..10000000; got 0"),
+    ({"dataset_dir": "d", "output_name": "x", "resolution": 500}, 422, "resolution must be a multiple of 64"),
+    ({"dataset_dir": "d", "output_name": "x", "optimizer": "sgd"}, 422, "optimizer must be one of adamw, adamw8bit"),
+    ({"dataset_dir": "d", "output_name": "../x"}, 422, "output name must be a plain file name"),
+    ({"dataset_dir": "d", "output_name": "x", "train_text_encoder": "yes"}, 422, "train_text_encoder must be true or false"),
+])
+def test_malformed_requests_get_a_clear_422(webui, api, payload, status, words):
+    client, jobs = api
+    response = client.post(PREFIX, json=payload)
+    assert response.status_code == status and words in response.json()["detail"], response.text
+    assert jobs.status().state.value == "idle"
+
+
+def test_impossible_requests_get_a_clear_400_and_non_objects_a_422(webui, api, tmp_path):
+    client, jobs = api
+    missing = client.post(PREFIX, json=body(webui, dataset_dir=str(tmp_path / "nowhere")))
+    assert missing.status_code == 400 and "nowhere" in missing.json()["detail"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert client.post(PREFIX, json=body(webui, dataset_dir=str(empty))).status_code == 400
+    no_checkpoint = client.post(f"{PREFIX}/resume", json=body(webui, "never"))
+    assert no_checkpoint.status_code == 400 and "no checkpoint of 'never'" in no_checkpoint.json()["detail"]
+    assert client.post(PREFIX, content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    assert client.post(PREFIX, json=[1, 2]).status_code == 422
+    assert client.post(PREFIX).status_code == 422
+    assert jobs.status().state.value == "idle"
+
+
+def test_the_routes_use_the_webuis_api_auth_and_are_documented(webui, monkeypatch):
+    from modules import shared
+    monkeypatch.setattr(shared.cmd_opts, "api_auth", "alice:secret,bob:pw", raising=False)
+    app = FastAPI()
+    register_api(app, TrainingJobs(TrainingHost()))
+    client = TestClient(app)
+    assert client.get(PREFIX).status_code == 401
+    assert client.get(PREFIX, auth=("alice", "wrong")).status_code == 401
+    assert client.get(PREFIX, auth=("bob", "pw")).json()["state"] == "idle"
+    schema = client.get("/openapi.json").json()
+    start = schema["paths"][PREFIX]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"dataset_dir", "output_name", "steps", "rank"} <= set(start["properties"])
+    assert set(schema["paths"]) == {PREFIX, f"{PREFIX}/interrupt", f"{PREFIX}/resume"}
