@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MissingFileError, UnsupportedModelError
+from ..errors import InputError, MissingFileError, UnsupportedModelError
 from ..training.backends.ldm import LdmBackend
 from ..training.loop import Progress
 
@@ -77,7 +77,12 @@ class TrainingHost:
 
     def check_ready(self, method: str = "lora") -> None:
         self.output_dir(method)
-        self._sd_model()
+        model = self._sd_model()
+        if getattr(model, "lowvram", False):  # set by modules.lowvram.setup_for_low_vram
+            raise InputError(
+                "training in the WebUI needs the whole model on the GPU, but this WebUI runs with --medvram or "
+                "--lowvram, which moves model parts between CPU and GPU during every step. Restart the WebUI "
+                "without those flags to train here, or use the command-line trainer.")
 
     def device(self) -> torch.device:
         model = self._sd_model()

@@ -277,3 +277,33 @@ def test_a_non_finite_loss_fails_the_job_and_names_the_last_checkpoint(webui):
     assert before["flags"] == after["flags"] and all(torch.equal(before["state"][k], after["state"][k])
                                                      for k in before["state"])
     assert any(line.split(" ", 1)[1].startswith("failed: the loss became nan") for line in final.log)
+
+
+def test_medvram_lowvram_and_no_model_are_refused_before_anything_starts(webui, monkeypatch):
+    jobs = TrainingJobs(TrainingHost())
+    monkeypatch.setattr(webui.model, "lowvram", True, raising=False)  # what --medvram/--lowvram set on load
+    with pytest.raises(InputError, match="--medvram or --lowvram"):
+        jobs.start(request(webui))
+    from modules import shared
+    monkeypatch.setattr(shared, "sd_model", None)
+    with pytest.raises(MissingFileError, match="no Stable Diffusion checkpoint is loaded"):
+        jobs.start(request(webui))
+    assert jobs.status().state is JobState.IDLE
+
+
+def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside_so_resume_never_picks_a_stale_step(webui):
+    host = TrainingHost()
+    old = host.work_dir() / "again-checkpoints"
+    old.mkdir(parents=True)
+    for suffix in (".state", ".safetensors"):
+        (old / f"again-step000900{suffix}").write_bytes(b"old run")
+    jobs = TrainingJobs(host)
+    with webui.queue_lock:
+        jobs.start(request(webui, "again"))
+        jobs.interrupt()
+    assert jobs.wait(TIMEOUT).state is JobState.INTERRUPTED
+    previous = host.work_dir() / "again-checkpoints-previous"
+    assert sorted(p.name for p in previous.iterdir()) == ["again-step000900.safetensors", "again-step000900.state"]
+    assert not (old / "again-step000900.state").exists()
+    with pytest.raises(MissingFileError, match="no checkpoint of 'again'"):
+        jobs.resume(request(webui, "again"))
