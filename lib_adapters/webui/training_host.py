@@ -123,10 +123,17 @@ class TrainingHost:
             progress.add_task_to_queue(id_task)
 
     @contextlib.contextmanager
-    def exclusive(self, id_task: str | None, steps: int, method: str, output_name: str):
-        """Hold the WebUI's queue lock for the whole run, with shared.state and the task bookkeeping."""
+    def exclusive(self, id_task: str | None, steps: int, method: str, output_name: str, on_wait=None):
+        """Hold the WebUI's queue lock for the whole run, with shared.state and the task bookkeeping.
+        ``on_wait()`` is called first when the lock is taken (a generation is running)."""
         from modules import call_queue, progress, shared
-        with call_queue.queue_lock:
+        lock = call_queue.queue_lock
+        if not lock.acquire(blocking=False):  # FIFOLock.acquire(blocking) as threading.Lock's
+            if on_wait is not None:
+                on_wait()
+            lock.acquire()
+        with contextlib.ExitStack() as release:
+            release.callback(lock.release)
             state = shared.state
             state.begin(job=id_task or "adapters-training")
             state.job_count = 1

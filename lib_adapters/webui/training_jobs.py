@@ -357,7 +357,8 @@ class TrainingJobs:
         state, error = JobState.FAILED, None
         try:
             with self.host.exclusive(job.id_task, job.config.steps - job.first_step, job.request.method,
-                                     job.config.output_name):
+                                     job.config.output_name,
+                                     on_wait=lambda: self._log(job, "waiting for the running generation to finish")):
                 if job.interrupt.is_set():
                     self._log(job, "interrupted before training started")
                     state = JobState.INTERRUPTED

@@ -223,6 +223,7 @@ def test_resume_without_a_checkpoint_and_a_second_start_are_refused(webui):
         assert status.state is JobState.RUNNING
     final = jobs.wait(TIMEOUT)
     assert final.state is JobState.INTERRUPTED and final.step == 0 and final.output is None
+    assert any("waiting for the running generation to finish" in line for line in final.log)
     assert not (webui.lora_dir / "waiting.safetensors").exists()
 
 
@@ -307,3 +308,22 @@ def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside_so_resume_never_pick
     assert not (old / "again-step000900.state").exists()
     with pytest.raises(MissingFileError, match="no checkpoint of 'again'"):
         jobs.resume(request(webui, "again"))
+
+
+def test_sdxl_through_the_jobs_and_the_next_generation(webui):
+    model = driver.load_tiny_model("sdxl")
+    webui.networks.assign_network_names_to_compvis_modules(model)
+    before = model_snapshot(model)
+    jobs = TrainingJobs(TrainingHost())
+    jobs.start(request(webui, "xl", steps=3, learning_rate=5e-3))
+    final = jobs.wait(TIMEOUT)
+    assert final.state is JobState.FINISHED, final.error
+    after = model_snapshot(model)
+    assert before["flags"] == after["flags"] and all(torch.equal(before["state"][k], after["state"][k])
+                                                     for k in before["state"])
+    tensors, metadata = load_lora(final.output)
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    with_lora = generate("a red circle <lora:xl:1>")
+    [net] = webui.networks.loaded_networks
+    assert net.unmatched == {} and len(net.modules) == len(tensors) // 3
+    assert np.abs(with_lora - generate("a red circle")).max() > 0.5
