@@ -1,5 +1,5 @@
 """Frozen, validated settings of one training run (``TrainConfig``) and of its methods (``LoraConfig``,
-``T2IConfig``).
+``T2IConfig``, ``IPAdapterConfig``).
 
 Enum fields also accept their string values ("cosine", "bf16", ...) so that a UI or a command line
 can pass what the user picked; anything out of range raises ``InputError`` naming the field, the
@@ -53,6 +53,13 @@ class LoraTargets(str, Enum):
     @property
     def conv(self) -> bool:
         return self is LoraTargets.ATTENTION_FF_CONV
+
+
+class IPProjection(str, Enum):
+    """The IP-Adapter's image projection (token counts fixed by the reference and its loaders)."""
+
+    PLAIN = "plain"  # linear projection of the pooled image_embeds to 4 tokens (ip-adapter_sd15 / _sdxl)
+    PLUS = "plus"  # Resampler over the penultimate hidden states to 16 tokens (ip-adapter-plus_*)
 
 
 class T2IKind(str, Enum):
@@ -117,6 +124,39 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return float(self.alpha) / self.rank
+
+
+@dataclass(frozen=True)
+class IPAdapterConfig:
+    """IP-Adapter training (the reference's tutorial_train.py / tutorial_train_plus.py recipe)."""
+
+    projection: IPProjection = IPProjection.PLAIN
+    image_encoder: Path | None = None  # CLIP vision file; None: the reference's one, found in encoder_folders
+    encoder_folders: tuple[Path, ...] = ()  # e.g. the WebUI's models/clip_vision
+    init_from: Path | None = None  # an IP-Adapter file to fine-tune; None: start from scratch
+    image_drop: float = 0.05  # share of samples trained without the image (zeroed embeds, the reference's uncond)
+    text_drop: float = 0.05  # ... with an empty caption
+    both_drop: float = 0.05  # ... with neither
+    cache_features: bool = True  # keep CLIP image features on disk (<output_dir>/.clip_cache)
+    resampler_dim: int | None = None  # plus only; None: 1280 for SDXL (the reference), else the context width
+    resampler_depth: int = 4
+    data_root: Path | None = None  # images of a JSON list dataset; None: the JSON file's folder
+    save_precision: Precision = Precision.FP16
+
+    def __post_init__(self):
+        for name in ("image_encoder", "init_from", "data_root"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        object.__setattr__(self, "encoder_folders", tuple(Path(f) for f in self.encoder_folders))
+        _coerce_enums(self)
+        drops = (self.image_drop, self.text_drop, self.both_drop)
+        _check(all(_is_num(d) and 0 <= d <= 1 for d in drops) and sum(drops) <= 1,
+               f"image/text/both drop rates must be in [0, 1] and sum to at most 1 (0.05 each is the reference); "
+               f"got {drops}")
+        _check(self.resampler_dim is None or (_is_int(self.resampler_dim) and 8 <= self.resampler_dim <= 8192),
+               f"resampler_dim must be an integer in 8..8192 or empty; got {self.resampler_dim!r}")
+        _check(_is_int(self.resampler_depth) and 1 <= self.resampler_depth <= 16,
+               f"resampler_depth must be an integer in 1..16; got {self.resampler_depth!r}")
 
 
 @dataclass(frozen=True)
@@ -187,6 +227,7 @@ class TrainConfig:
     min_image_size: int = 64  # images whose shorter side is smaller are reported by validation
     lora: LoraConfig = field(default_factory=LoraConfig)
     t2i: T2IConfig = field(default_factory=T2IConfig)
+    ip: IPAdapterConfig = field(default_factory=IPAdapterConfig)
 
     def __post_init__(self):
         object.__setattr__(self, "dataset_dir", Path(self.dataset_dir))
@@ -229,5 +270,5 @@ class TrainConfig:
 
 
 _ENUM_FIELDS = {"method": Method, "lr_schedule": LRSchedule, "optimizer": OptimizerKind, "precision": Precision,
-                "targets": LoraTargets, "save_precision": Precision,
+                "targets": LoraTargets, "save_precision": Precision, "projection": IPProjection,
                 "adapter_kind": T2IKind, "timesteps": TimestepSampling, "export_layout": T2ILayout}

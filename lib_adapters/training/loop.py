@@ -34,6 +34,7 @@ from .data import ImageRecord, tag_frequency
 from .errors import NonFiniteLossError
 from .latent_cache import LatentCache
 from .methods.base import ExportInfo, MethodBase, MethodBatch, TrainingMethod
+from .methods.ip_adapter import IPAdapterMethod
 from .methods.lora import LoraMethod
 from .objective import add_noise, diffusion_loss, min_snr_weights, sample_noise, training_target
 from .optim import build_optimizer, build_scheduler
@@ -80,7 +81,7 @@ class TrainResult:
 
 
 # Each method class reads its own dataset (``load_records``) and builds itself on a model (``from_config``).
-_METHODS: dict[Method, type[MethodBase]] = {Method.LORA: LoraMethod}
+_METHODS: dict[Method, type[MethodBase]] = {Method.LORA: LoraMethod, Method.IP_ADAPTER: IPAdapterMethod}
 
 
 def method_class(method: Method) -> type[MethodBase]:

@@ -1,0 +1,250 @@
+"""IP-Adapter training (plain and Plus, SD1.x/SD2.x and SDXL, ldm and diffusers UNets): the image projection and
+per-attn2 ``to_k_ip``/``to_v_ip``, everything else frozen.
+
+The recipe is the reference's (tencent-ailab ``tutorial_train.py`` / ``tutorial_train_plus.py``):
+``to_k_ip``/``to_v_ip`` start as copies of the site's ``to_k``/``to_v``; each sample is trained without
+its image (the reference's uncond: zero ``image_embeds``, or the encoder's output for an all-zero input
+for Plus), without its caption, or without both, at the configured rates, drawn from the run's seeded
+generator so that a resumed run draws the same. Image tokens reach the UNet through the panel's own
+``GenerationSession`` attn2 wrapper and ``image_attention``; only the unit below differs from the
+panel's: its keys and values are per batch row and keep their gradients. The UNet is never modified:
+``close()`` removes the wrappers, and the CLIP vision encoder is the run's own frozen copy.
+
+The exported file is the reference's flat safetensors layout (``image_proj.*``, ``ip_adapter.{1,3,5,...}``
+numbered as diffusers' ``attn_processors``), which our panel, diffusers and sd-webui-controlnet load.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ...arch import BaseArch
+from ...errors import FormatError, IncompatibleModelError, InputError
+from ...formats.ip import EncoderNeed, IPVariant, LoadedIPAdapter, load_ip_adapter
+from ...formats.t2i import load_strict
+from ...inference.ip import IPUnitRuntime
+from ...inference.session import GenerationSession
+from ...models.ip_adapter import IPAdapterModel, ProjectionConfig, ProjectionKind
+from ...unet.layout import IPSite
+from ..backends.base import TrainingBackend
+from ..config import IPAdapterConfig, IPProjection, Precision, TrainConfig
+from ..data import ImageRecord
+from ..ip_data import (ImageFeatures, encoder_width, load_json_records, load_training_encoder,
+                       reference_encoder)
+from .base import ExportInfo, MethodBase, MethodBatch
+from .ip_sites import ip_layout
+from .lora_file import atomic_write
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
+_KIND = {IPProjection.PLAIN: ProjectionKind.LINEAR, IPProjection.PLUS: ProjectionKind.RESAMPLER}
+_TOKENS = {IPProjection.PLAIN: 4, IPProjection.PLUS: 16}  # fixed by diffusers' and sd-webui-controlnet's loaders
+DIM_HEAD = 64  # Resampler heads are 64 wide (formats/ip.py reads heads back as to_q width / 64)
+
+
+@dataclass
+class TrainingIPUnit(IPUnitRuntime):
+    """The panel's IP unit with per-row tokens that keep their gradients; inactive (scale 0) between batches."""
+
+    tokens: torch.Tensor | None = None  # [rows, T, context]: this batch's projected image tokens
+
+    def scale_at(self, site: IPSite) -> float:
+        return 0.0 if self.tokens is None else 1.0
+
+    def key_value(self, site: IPSite, cond_mask: torch.Tensor | None, like: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.tokens is not None and self.tokens.shape[0] == like.shape[0], "one token set per batch row"
+        kv = self.adapter.model.site(site.number)
+        return kv.to_k_ip(self.tokens).to(like.dtype), kv.to_v_ip(self.tokens).to(like.dtype)
+
+    def release(self) -> None:  # the panel's release moves the model to the CPU; training keeps it in place
+        self.tokens = None
+
+
+@dataclass(frozen=True)
+class Drops:
+    """Which parts of one sample the reference's dropout removed."""
+
+    image: bool
+    text: bool
+
+
+def draw_drops(n: int, config: IPAdapterConfig, generator: torch.Generator) -> list[Drops]:
+    """One uniform draw per sample, split as the reference does: image only, text only, both, neither."""
+    u = torch.rand(n, generator=generator).tolist()
+    image_only, text_only = config.image_drop, config.image_drop + config.text_drop
+    both = text_only + config.both_drop
+    return [Drops(image=x < image_only or text_only <= x < both, text=image_only <= x < both) for x in u]
+
+
+def _projection_config(config: IPAdapterConfig, clip_dim: int, context_dim: int, sdxl: bool) -> ProjectionConfig:
+    kind = _KIND[config.projection]
+    if kind is ProjectionKind.LINEAR:
+        return ProjectionConfig(kind, clip_dim=clip_dim, context_dim=context_dim, num_tokens=_TOKENS[config.projection])
+    dim = config.resampler_dim or (1280 if sdxl and context_dim == 2048 else context_dim)
+    return ProjectionConfig(kind, clip_dim=clip_dim, context_dim=context_dim, num_tokens=_TOKENS[config.projection],
+                            resampler_dim=dim, resampler_depth=config.resampler_depth,
+                            resampler_heads=max(1, dim // DIM_HEAD))
+
+
+def new_adapter(projection: ProjectionConfig, sites: tuple[IPSite, ...], bound) -> IPAdapterModel:
+    """A fresh adapter: torch's default initialisation for the projection (the reference's), and each site's
+    ``to_k_ip``/``to_v_ip`` copied from its ``to_k``/``to_v``."""
+    model = IPAdapterModel(projection, {s.number: s.hidden for s in sites})
+    with torch.no_grad():
+        for site in sites:
+            attn = bound.module(site.path)
+            kv = model.site(site.number)
+            kv.to_k_ip.weight.copy_(attn.to_k.weight.detach().float())
+            kv.to_v_ip.weight.copy_(attn.to_v.weight.detach().float())
+    return model
+
+
+class IPAdapterMethod(MethodBase):
+    name = "ip_adapter"
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, backend: TrainingBackend) -> "IPAdapterMethod":
+        cache = config.output_dir / ".clip_cache" if config.ip.cache_features else None
+        return cls(backend, config.ip, cache)
+
+    @classmethod
+    def load_records(cls, config: TrainConfig) -> list[ImageRecord]:
+        """A ``.json`` dataset path is the reference's list; a folder is the usual image + caption folder."""
+        if config.dataset_dir.suffix.lower() == ".json":
+            return load_json_records(config.dataset_dir, config.ip.data_root, config.min_image_size)
+        return super().load_records(config)
+
+    def __init__(self, backend: TrainingBackend, config: IPAdapterConfig, feature_cache: Path | None = None):
+        self.backend, self.config = backend, config
+        self.bound = ip_layout(backend)
+        sites = self.bound.ip_sites()
+        context_dim = int(self.bound.module(sites[0].path).to_k.in_features)
+        start = self._load_start(config) if config.init_from is not None else None
+        need = start.encoder_need if start is not None else reference_encoder(config.projection, backend.arch)
+        self.encoder = load_training_encoder(config, need)
+        self.encoder.model.to(backend.device)
+        hidden_states = config.projection is IPProjection.PLUS
+        width = encoder_width(self.encoder, hidden_states)
+        if start is not None:
+            if width != start.projection.clip_dim:
+                raise IncompatibleModelError(
+                    f"{start.name} needs a {start.encoder_need.description} CLIP vision encoder, but "
+                    f"{self.encoder.name} gives width {width}; choose the encoder it was trained with")
+            start.check_compatible(self.bound, "IP-Adapter training")
+            self.projection, model = start.projection, start.model
+        else:
+            self.projection = _projection_config(config, width, context_dim, backend.arch is BaseArch.SDXL)
+            model = new_adapter(self.projection, sites, self.bound)
+        self.model = model.float().to(backend.device).requires_grad_(True).train()
+        self.features = ImageFeatures(self.encoder, hidden_states, feature_cache)
+        self.init_name = start.name if start is not None else ""
+        self._install(sites)
+        self._drops: tuple[MethodBatch, list[Drops]] | None = None
+
+    @staticmethod
+    def _load_start(config: IPAdapterConfig) -> LoadedIPAdapter:
+        start = load_ip_adapter(config.init_from)
+        wanted = {IPProjection.PLAIN: IPVariant.BASE, IPProjection.PLUS: IPVariant.PLUS}[config.projection]
+        if start.variant is not wanted:
+            raise InputError(f"{config.init_from.name} is a {start.variant.value} IP-Adapter; to fine-tune it choose "
+                             f"that projection (plain = base, plus = plus), or start from scratch")
+        return start
+
+    def _install(self, sites: tuple[IPSite, ...]) -> None:
+        adapter = LoadedIPAdapter("training", self.model, self.projection,
+                                  IPVariant.BASE if self.projection.kind is ProjectionKind.LINEAR else IPVariant.PLUS,
+                                  {s.number: s.hidden for s in sites})
+        empty = torch.zeros(1, 1, self.projection.context_dim)
+        self.unit = TrainingIPUnit("IP-Adapter training", adapter, empty, empty)
+        self.session = GenerationSession(self.backend.unet, bound=self.bound, ip_units=[self.unit])
+        self.session.install()
+
+    # -- per batch ------------------------------------------------------------------------------------
+    @property
+    def trains_text_encoder(self) -> bool:
+        return False
+
+    def drops(self, batch: MethodBatch) -> list[Drops]:
+        """Drawn once per batch (the loop asks for captions, then for the UNet context, of the same batch)."""
+        if self._drops is None or self._drops[0] is not batch:
+            self._drops = (batch, draw_drops(len(batch.records), self.config, batch.generator))
+        return self._drops[1]
+
+    def captions(self, batch: MethodBatch, captions: list[str]) -> list[str]:
+        return ["" if d.text else c for d, c in zip(self.drops(batch), captions)]
+
+    def image_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Projected tokens [B, T, context] of CLIP features (fp32 parameters; autocast applies if active)."""
+        return self.model.image_proj(features.to(self.backend.device))
+
+    @contextlib.contextmanager
+    def unet_context(self, batch: MethodBatch) -> Iterator[None]:
+        features = self.features.get([r.path for r in batch.records])
+        empty = self.features.empty()
+        features = torch.stack([empty if d.image else f for d, f in zip(self.drops(batch), features)])
+        self.unit.tokens = self.image_tokens(features)
+        try:
+            yield
+        finally:
+            self.unit.tokens = None
+
+    @contextlib.contextmanager
+    def tokens_active(self, tokens: torch.Tensor) -> Iterator[None]:
+        """Run the UNet with given tokens (evaluation and tests)."""
+        self.unit.tokens = tokens
+        try:
+            yield
+        finally:
+            self.unit.tokens = None
+
+    # -- weights --------------------------------------------------------------------------------------
+    def parameter_groups(self, learning_rate: float) -> list[dict]:
+        return [{"params": list(self.model.parameters()), "lr": learning_rate}]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_strict(self.model, state, "IP-Adapter training state")
+
+    def export(self, path: Path, info: ExportInfo, dtype: torch.dtype | None = None) -> Path:
+        dtype = dtype or _DTYPES[self.config.save_precision]
+        tensors = {k: v.to(dtype).contiguous() for k, v in self.trainable_state().items()}
+        metadata = self._metadata(info)
+        return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def _metadata(self, info: ExportInfo) -> dict[str, str]:
+        c, p = info.config, self.projection
+        settings = {"learning_rate": c.learning_rate, "batch_size": c.batch_size, "resolution": c.resolution,
+                    "drops": [self.config.image_drop, self.config.text_drop, self.config.both_drop]}
+        return {"format": "pt", "adapter_family": "ip-adapter", "ip_projection": self.config.projection.value,
+                "ip_num_tokens": str(p.num_tokens), "clip_vision_encoder": self.encoder.name,
+                "clip_vision_input": "hidden_states[-2]" if p.kind.uses_hidden_states else "image_embeds",
+                "clip_vision_width": str(p.clip_dim), "base_model": info.model.name,
+                "base_model_version": info.model.base_model_version, "output_name": c.output_name,
+                "steps": str(info.step), "num_images": str(info.num_images), "fine_tuned_from": self.init_name,
+                "training_settings": json.dumps(settings), "training_started_at": str(info.started_at),
+                "training_finished_at": str(time.time()), "session_id": info.session_id}
+
+    def load_trainable_file(self, path: Path) -> None:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:
+            raise FormatError(f"{path} is not a readable IP-Adapter file ({type(exc).__name__}: {exc})") from exc
+        load_strict(self.model, state, str(path))
+
+    def close(self) -> None:
+        self.session.restore()
+        self.encoder.model.to("cpu")
