@@ -12,7 +12,8 @@ the whole run, ``make_backend`` and ``training_model(backend)`` around the core'
   ``sampling_step``/``sampling_steps`` and ``time_start``) follows the run, and its Interrupt button
   (``shared.state.interrupted``) stops it with a checkpoint saved.
 * ``training_model`` unloads the built-in Lora extension's active networks first (their merged weights
-  are put back from the extension's own backups, so none is baked into the trained base), remembers
+  are put back from the extension's own backups, so none is baked into the trained base) and the
+  loaded hypernetworks (they act in every cross-attention), remembers
   every module's train/eval mode and every parameter's ``requires_grad``, and afterwards restores all
   of it, networks included, merged again exactly as before. The core's backend freezes the base and
   undoes its gradient checkpointing; the LoRA method removes its hooks.
@@ -100,9 +101,11 @@ class TrainingHost:
         unet = backend.unet
         forwards = [(m, m.__dict__.get("forward")) for m in unet.modules()]
         networks_state = unload_networks(model)
+        hypernetworks = _unload_hypernetworks()
         try:
             yield
         finally:
+            _restore_hypernetworks(hypernetworks)
             with torch.no_grad():
                 for module, forward in forwards:
                     if forward is None:
@@ -173,6 +176,24 @@ class TrainingHost:
             networks.list_available_networks()
 
 
+def _unload_hypernetworks():
+    """Loaded hypernetworks (``<hypernet:...>``) stay in ``shared.loaded_hypernetworks`` after a generation and
+    act in every cross-attention forward: take them out for the run, like the LoRAs."""
+    from modules import shared
+    loaded = getattr(shared, "loaded_hypernetworks", None)
+    if not loaded:
+        return None
+    saved = list(loaded)
+    loaded.clear()
+    return loaded, saved
+
+
+def _restore_hypernetworks(state) -> None:
+    if state is not None:
+        loaded, saved = state
+        loaded[:] = saved
+
+
 def _lora_extension():
     """The built-in Lora extension's ``networks`` module when it is loaded (it is a top-level module there)."""
     module = sys.modules.get("networks")
@@ -189,10 +210,12 @@ def unload_networks(model):
     """Take the active LoRAs out: ``loaded_networks`` emptied and every merged layer put back from the extension's
     backup, as the extension itself does when a prompt has no ``<lora:...>``. Returns what ``restore_networks`` needs."""
     networks = _lora_extension()
-    if networks is None or not networks.loaded_networks:
+    if networks is None:
         return None
     saved = list(networks.loaded_networks)
     merged = [m for m in _network_layers(model) if getattr(m, "network_current_names", ())]
+    if not saved and not merged:
+        return None
     log.info("adapters training: unloading %d active Lora network(s) for the run: %s", len(saved),
              ", ".join(getattr(n, "name", "?") for n in saved))
     networks.loaded_networks.clear()

@@ -401,7 +401,7 @@ class TrainingJobs:
             source = Path(result.output)
             atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))  # never a half-copied file in the list
             source.unlink()
-        elif result.checkpoints or job.checkpoint:
+        elif result.step > 0 and (result.checkpoints or job.checkpoint):  # step 0: an untrained (no-op) LoRA
             state = Path(result.checkpoints[-1] if result.checkpoints else job.checkpoint)
             tensors, metadata = load_lora(state.with_suffix(".safetensors"))
             dtype = _SAVE_DTYPES[config.lora.save_precision.value]

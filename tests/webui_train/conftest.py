@@ -36,4 +36,5 @@ def webui(tmp_path):
                               lora_dir=Path(shared.cmd_opts.lora_dir))
     finally:
         networks.uninstall()
+        shared.loaded_hypernetworks.clear()
         assert not call_queue.queue_lock.locked(), "a test left the queue lock held"

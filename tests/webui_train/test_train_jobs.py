@@ -148,16 +148,20 @@ def test_active_loras_are_unloaded_for_the_run_and_everything_is_restored_exactl
     assert not torch.equal(layer.weight, layer.network_weights_backup)
     before, output_before = model_snapshot(webui.model), unet_output(webui.model)
     seen = []
+    from modules import shared
+    hypernetwork = object()  # a loaded <hypernet:...> stays in this list and acts in every cross-attention
+    shared.loaded_hypernetworks[:] = [hypernetwork]
 
     def on_step(p):
         seen.append((list(webui.networks.loaded_networks), torch.equal(layer.weight, layer.network_weights_backup),
-                     layer.weight.requires_grad))
+                     layer.weight.requires_grad, list(shared.loaded_hypernetworks)))
 
     jobs = TrainingJobs(RecordingHost(on_step))
     jobs.start(request(webui, steps=3))
     assert jobs.wait(TIMEOUT).state is JobState.FINISHED
     # during the run: no network loaded, the base weights were the user's un-merged originals, frozen
-    assert seen == [([], True, False)] * 3
+    assert seen == [([], True, False, [])] * 3
+    assert shared.loaded_hypernetworks == [hypernetwork]
     after = model_snapshot(webui.model)
     assert list(webui.networks.loaded_networks) == [user]
     assert before["flags"] == after["flags"] and before["modes"] == after["modes"]
@@ -327,3 +331,17 @@ def test_sdxl_through_the_jobs_and_the_next_generation(webui):
     [net] = webui.networks.loaded_networks
     assert net.unmatched == {} and len(net.modules) == len(tensors) // 3
     assert np.abs(with_lora - generate("a red circle")).max() > 0.5
+
+
+def test_a_lora_still_merged_after_its_prompt_is_gone_is_not_trained_into_the_base(webui):
+    user_lora(webui)
+    generate("a blue square <lora:user:1>")
+    webui.networks.load_networks([])  # a prompt without <lora:...>: the layers un-merge lazily, at their next forward
+    layer = webui.model.network_layer_mapping["diffusion_model_input_blocks_1_1_transformer_blocks_0_attn1_to_q"]
+    assert not torch.equal(layer.weight, layer.network_weights_backup)
+    seen = []
+    jobs = TrainingJobs(RecordingHost(lambda p: seen.append(torch.equal(layer.weight, layer.network_weights_backup))))
+    jobs.start(request(webui, steps=2))
+    assert jobs.wait(TIMEOUT).state is JobState.FINISHED
+    assert seen == [True, True] and torch.equal(layer.weight, layer.network_weights_backup)
+    assert webui.networks.loaded_networks == []
