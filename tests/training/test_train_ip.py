@@ -1,9 +1,8 @@
-"""IP-Adapter training: the reference's initialisation and dropout, short runs (plain and Plus, SD1 and SDXL,
-ldm and diffusers backends) whose files load in our panel's loader and in diffusers with every key read,
-an untouched UNet after the run, fine-tuning, and bit-exact resume."""
+"""IP-Adapter training: the reference's initialisation and dropout, and short runs (plain and Plus, SD1 and SDXL,
+ldm and diffusers backends) that train both parts, export files our panel's loader reads with the reference's
+key numbering, and leave the UNet exactly as it was."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,9 @@ from safetensors import safe_open
 from train_helpers import make_shapes_dataset, tiny
 
 from fixtures.clip import save_clip_vision, tiny_clip_vision
-from lib_adapters.errors import IncompatibleModelError, InputError
 from lib_adapters.formats.ip import IPVariant, load_ip_adapter
-from lib_adapters.training.checkpoints import checkpoint_paths
 from lib_adapters.training.config import IPAdapterConfig, TrainConfig
-from lib_adapters.training.loop import TrainCallbacks, train
+from lib_adapters.training.loop import train
 from lib_adapters.training.methods.ip_adapter import IPAdapterMethod, draw_drops
 from lib_adapters.unet.layout import bind_layout
 
@@ -42,8 +39,9 @@ def _unet_snapshot(unet: torch.nn.Module) -> tuple[dict, list, list]:
 
 
 def _same_unet(unet: torch.nn.Module, snapshot: tuple[dict, list, list]) -> bool:
-    return _unet_snapshot(unet)[1:] == snapshot[1:] and all(
-        torch.equal(v, snapshot[0][k]) for k, v in unet.state_dict().items()) and len(unet.state_dict()) == len(snapshot[0])
+    state = unet.state_dict()
+    return (_unet_snapshot(unet)[1:] == snapshot[1:] and state.keys() == snapshot[0].keys()
+            and all(torch.equal(v, snapshot[0][k]) for k, v in state.items()))
 
 
 def test_dropout_splits_as_the_reference_and_repeats_from_the_generator():
@@ -53,7 +51,8 @@ def test_dropout_splits_as_the_reference_and_repeats_from_the_generator():
     text_only = sum(d.text and not d.image for d in drops) / len(drops)
     both = sum(d.image and d.text for d in drops) / len(drops)
     assert all(abs(rate - 0.05) < 0.006 for rate in (image_only, text_only, both)), (image_only, text_only, both)
-    assert draw_drops(50, config, torch.Generator().manual_seed(9)) == draw_drops(50, config, torch.Generator().manual_seed(9))
+    again = [draw_drops(50, config, torch.Generator().manual_seed(9)) for _ in range(2)]
+    assert again[0] == again[1]
     never = IPAdapterConfig(image_drop=0, text_drop=0, both_drop=0)
     assert not any(d.image or d.text for d in draw_drops(500, never, torch.Generator().manual_seed(1)))
 

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from ...arch import BaseArch
 from ...errors import FormatError, IncompatibleModelError, InputError
-from ...formats.ip import EncoderNeed, IPVariant, LoadedIPAdapter, load_ip_adapter
+from ...formats.ip import IPVariant, LoadedIPAdapter, load_ip_adapter
 from ...formats.t2i import load_strict
 from ...inference.ip import IPUnitRuntime
 from ...inference.session import GenerationSession

@@ -43,8 +43,7 @@ def diffusers_ip_sites(unet: nn.Module) -> tuple[IPSite, ...]:
     if not paths:
         raise IncompatibleModelError("this diffusers UNet has no cross-attention (attn2) layers for an IP-Adapter")
     parents = list(dict.fromkeys(p.split(".transformer_blocks.")[0] for p in paths))
-    call_order = ([p for p in parents if p.startswith("down_blocks")] + [p for p in parents if p.startswith("mid_block")]
-                  + [p for p in parents if p.startswith("up_blocks")])
+    call_order = [p for prefix in ("down_blocks", "mid_block", "up_blocks") for p in parents if p.startswith(prefix)]
     index = {p: n for n, p in enumerate(call_order)}
     return tuple(IPSite(number=2 * k + 1, path=path, block_index=index[path.split(".transformer_blocks.")[0]],
                         hidden=int(unet.get_submodule(path).to_k.out_features)) for k, path in enumerate(paths))
