@@ -22,39 +22,32 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a plain script from anywhere
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, whatever the working directory
+from common import (RESULTS, SD15_UNET, StepTimer, check, check_device_sampler, environment,  # noqa: E402
+                    load_avg as _load, log, params, rounded as _r, run_sampler, write_json)
 
-from lib_adapters.demo import SampleSpec, karras_free_sigmas, sample, synthetic_depth  # noqa: E402
+from lib_adapters.demo import SampleSpec, synthetic_depth  # noqa: E402
 from lib_adapters.formats.t2i import LoadedT2IAdapter, t2i_from_state_dict  # noqa: E402
 from lib_adapters.inference.session import GenerationSession  # noqa: E402
 from lib_adapters.inference.t2i import LATENT_SCALE, T2IUnitRuntime  # noqa: E402
 from lib_adapters.inference.units import AdapterUnit  # noqa: E402
 from lib_adapters.models.t2i_adapter import AdapterKind, FullAdapter, SpatialAdapterConfig  # noqa: E402
-from lib_adapters.tiny import TINY_SD1, build_tiny_unet, scaled_linear_alphas_cumprod  # noqa: E402
+from lib_adapters.tiny import TINY_SD1, build_tiny_unet  # noqa: E402
 
 GOAL = 1.02
-RESULTS = Path(__file__).resolve().parent / "results"
 
-# SD1.5's UNet (v1-inference.yaml) and its released full T2I-Adapters (depth, canny, sketch, ...).
-SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
-                 num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
-                 transformer_depth=1, context_dim=768, legacy=False)
+# SD1.5's released full T2I-Adapters (depth, canny, sketch, ...); the UNet config is in common.py.
 SD15_ADAPTER = SpatialAdapterConfig(kind=AdapterKind.FULL, in_channels=192, channels=(320, 640, 1280, 1280),
                                     num_res_blocks=2, unshuffle=8)
 TINY_ADAPTER = SpatialAdapterConfig(kind=AdapterKind.FULL, in_channels=192, channels=(32, 64, 128, 128),
@@ -72,30 +65,6 @@ FULL = Model("SD1.5 UNet + full T2I-Adapter (random weights)", SD15_UNET, SD15_A
 SMOKE = Model("tiny SD1-structured UNet + tiny full T2I-Adapter (random weights)", TINY_SD1, TINY_ADAPTER)
 
 
-# --- sampling ------------------------------------------------------------------------------------
-def sample_on_device(unet: torch.nn.Module, spec: SampleSpec, cond: torch.Tensor, uncond: torch.Tensor,
-                     session: GenerationSession | None, device: torch.device,
-                     autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """``lib_adapters.demo.sample`` on any device, optionally under autocast (checked equal on CPU)."""
-    timesteps, sigmas = karras_free_sigmas(scaled_linear_alphas_cumprod(), spec.steps)
-    timesteps = timesteps.to(device)
-    g = torch.Generator().manual_seed(spec.seed)
-    b, s = spec.batch_size, spec.latent_size
-    x = (torch.randn(b, 4, s, s, generator=g) * sigmas[0]).to(device)
-    context = torch.cat([cond.expand(b, -1, -1), uncond.expand(b, -1, -1)]).to(device)
-    autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
-    with torch.no_grad(), autocast:
-        for i in range(spec.steps):
-            if session is not None:
-                session.on_denoiser(b, b, i, spec.steps)
-            scaled = x / (sigmas[i] ** 2 + 1) ** 0.5
-            eps = unet(torch.cat([scaled, scaled]), timesteps[i].expand(2 * b), context=context).float()
-            eps_c, eps_u = eps.chunk(2)
-            eps = eps_u + spec.cfg_scale * (eps_c - eps_u)
-            x = x + eps * (sigmas[i + 1] - sigmas[i])
-    return x.cpu()
-
-
 # --- the bench -----------------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -105,28 +74,6 @@ class Run:
     passes: int  # adapter forward passes in this generation
     step_seconds: list[float]  # each UNet call (step 0 of a "with" run includes the adapter's pass)
     load: float  # 1-minute load average when the run ended (a noisy-neighbour indicator)
-
-
-def _load() -> float:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return -1.0
-
-
-class StepTimer:
-    """Calls the UNet and records each call's time; the same wrapper is used with and without the unit."""
-
-    def __init__(self, unet: torch.nn.Module, sync: Callable[[], None]):
-        self.unet, self.sync = unet, sync
-        self.seconds: list[float] = []
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        start = time.perf_counter()
-        out = self.unet(*args, **kwargs)
-        self.sync()
-        self.seconds.append(time.perf_counter() - start)
-        return out
 
 
 @dataclass
@@ -144,10 +91,7 @@ class Bench:
         return self.device.type == "cuda"
 
     def _sample(self, unet: StepTimer, session: GenerationSession | None) -> torch.Tensor:
-        if self.cuda:
-            return sample_on_device(unet, self.spec, self.cond, self.uncond, session, self.device,  # type: ignore[arg-type]
-                                    torch.float16)
-        return sample(unet, self.spec, self.cond, self.uncond, session)  # type: ignore[arg-type]
+        return run_sampler(unet, self.spec, self.cond, self.uncond, session, self.device)  # type: ignore[arg-type]
 
     def _sync(self) -> None:
         if self.cuda:
@@ -206,12 +150,6 @@ def build(model: Model, resolution: int, steps: int, device: torch.device) -> Be
 
 
 # --- measuring -----------------------------------------------------------------------------------
-def check(ok: bool, message: str) -> None:
-    """Like ``assert`` but survives ``python -O``: a broken build must not produce a number."""
-    if not ok:
-        raise SystemExit(f"CHECK FAILED: {message}")
-
-
 def measure(bench: Bench, repeats: int, log: Callable[[str], None]) -> dict:
     reference = bench.generate(None)
     log(f"warm-up without: {reference.seconds:.3f} s (load {reference.load})")
@@ -296,43 +234,7 @@ def noise_robust(pairs: list[tuple[Run, Run]], forward: list[float]) -> dict:
     }
 
 
-def _r(values: list[float]) -> list[float]:
-    return [round(v, 4) for v in values]
-
-
 # --- reporting -----------------------------------------------------------------------------------
-def environment(device: torch.device) -> dict:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    env = {"device": device.type, "torch": torch.__version__, "python": platform.python_version(), "code": code_version(),
-           "platform": platform.platform(),
-           "cpu": {"processor": platform.processor(), "model_name": cpu_model, "cpu_count": os.cpu_count(),
-                   "torch_threads": torch.get_num_threads()}}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
-
-
-def code_version() -> dict:
-    """The commit measured, and whether lib_adapters/ differed from it (the numbers belong to that code)."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return {"commit": git("rev-parse", "HEAD"), "lib_adapters_modified": bool(git("status", "--porcelain", "lib_adapters"))}
-
-
-def params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def table_row(result: dict) -> str:
     env, med = result["environment"], result["median_s"]
     where = env.get("gpu") or f"CPU {env['cpu']['model_name'] or env['cpu']['processor']} ({env['cpu']['cpu_count']} cores)"
@@ -383,27 +285,19 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.smoke else 10 if use_cuda else 3)
     check(resolution % LATENT_SCALE == 0 and resolution >= 64, "--resolution must be a multiple of 8, >= 64")
 
-    def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
     bench = build(model, resolution, steps, device)
     log(f"{model.label} on {device.type}: UNet {params(bench.unet) / 1e6:.1f}M, adapter "
         f"{params(bench.adapter.module) / 1e6:.1f}M parameters, {resolution}x{resolution}, {steps} steps, "
         f"{repeats} pairs, {torch.get_num_threads()} threads")
     if args.smoke and not use_cuda:  # the device sampler is what CUDA runs use: keep it equal to the demo's
-        ours = sample_on_device(bench.unet, bench.spec, bench.cond, bench.uncond, None, device, None)
-        check(torch.equal(ours, sample(bench.unet, bench.spec, bench.cond, bench.uncond)),
-              "sample_on_device drifted from lib_adapters.demo.sample")
+        check_device_sampler(bench.unet, bench.spec, bench.cond, bench.uncond)
     result = describe(model, bench, args.smoke, repeats)
     result.update(measure(bench, repeats, log))
     print(json.dumps(result, indent=2))
     print(table_row(result))
     out = args.out or (None if args.smoke else RESULTS / f"t2i_overhead_{device.type}.json")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
+        write_json(result, out)
         log(f"wrote {out}")
     log(f"ratio of medians {result['ratio_of_medians']:.4f}: {'pass' if result['pass'] else 'FAIL'} (goal <= {GOAL})")
     if not result["measurement_quiet"]:

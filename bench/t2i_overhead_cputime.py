@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, whatever the working directory
+from common import ROOT, SD15_UNET  # noqa: E402
 
 from lib_adapters.demo import SampleSpec, sample, synthetic_depth  # noqa: E402
 from lib_adapters.formats.t2i import t2i_from_state_dict  # noqa: E402
@@ -30,9 +30,6 @@ from lib_adapters.inference.t2i import T2IUnitRuntime  # noqa: E402
 from lib_adapters.inference.units import AdapterUnit  # noqa: E402
 from lib_adapters.models.t2i_adapter import AdapterKind, FullAdapter, SpatialAdapterConfig  # noqa: E402
 
-SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
-                 num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
-                 transformer_depth=1, context_dim=768, legacy=False)
 SD15_ADAPTER = SpatialAdapterConfig(kind=AdapterKind.FULL, in_channels=192, channels=(320, 640, 1280, 1280),
                                     num_res_blocks=2, unshuffle=8)
 
