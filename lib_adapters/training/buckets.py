@@ -70,14 +70,18 @@ def place(width: int, height: int, bucket: Bucket) -> Placement:
                      (resized[1] - bucket.height) // 2)
 
 
+def fit_to_bucket(im: Image.Image, placement: Placement) -> Image.Image:
+    """Resize and crop as ``placement`` says (also used for T2I conditions, which must match their image)."""
+    if im.size != placement.resized:
+        im = im.resize(placement.resized, Image.BICUBIC)
+    b = placement.bucket
+    return im.crop((placement.crop_left, placement.crop_top, placement.crop_left + b.width, placement.crop_top + b.height))
+
+
 def load_pixels(path, placement: Placement) -> torch.Tensor:
     """The image as a ``[3, H, W]`` float tensor in [-1, 1], fitted to its bucket."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != placement.resized:
-            im = im.resize(placement.resized, Image.BICUBIC)
-        b = placement.bucket
-        im = im.crop((placement.crop_left, placement.crop_top, placement.crop_left + b.width, placement.crop_top + b.height))
+        im = fit_to_bucket(im.convert("RGB"), placement)
         array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import FormatError, InputError, MissingFileError
-from .config import TrainConfig
+from .config import Method, TrainConfig
 from .methods.lora_file import atomic_write
 
 STATE_SUFFIX = ".state"
@@ -55,7 +55,17 @@ def resume_signature(config: TrainConfig) -> dict:
     return {"method": config.method.value, "seed": config.seed, "batch_size": config.batch_size,
             "grad_accumulation": config.grad_accumulation, "resolution": config.resolution,
             "buckets": config.buckets, "lora_rank": lora.rank, "lora_alpha": float(lora.alpha),
-            "lora_targets": lora.targets.value, "train_text_encoder": lora.train_text_encoder}
+            "lora_targets": lora.targets.value, "train_text_encoder": lora.train_text_encoder,
+            **_t2i_signature(config)}
+
+
+def _t2i_signature(config: TrainConfig) -> dict:
+    """The T2I-Adapter's shape and timestep sampling (only for T2I runs, so older LoRA checkpoints still match)."""
+    if config.method is not Method.T2I_ADAPTER:
+        return {}
+    t2i = config.t2i
+    return {"t2i_kind": t2i.adapter_kind.value, "t2i_condition_channels": t2i.condition_channels,
+            "t2i_res_blocks": t2i.res_blocks, "t2i_timesteps": t2i.timesteps.value}
 
 
 def check_signature(saved: dict, config: TrainConfig, path: Path) -> None:

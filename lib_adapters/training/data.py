@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
@@ -38,6 +39,11 @@ class ProblemKind(str, Enum):
     TOO_SMALL = "image too small"
     EMPTY_FOLDER = "empty folder"
     ZERO_REPEATS = "zero repeats"
+    MISSING_IMAGE = "missing image"  # listed in a meta file but not there
+    MISSING_CONDITION = "missing condition"
+    UNREADABLE_CONDITION = "unreadable condition"
+    CONDITION_MISMATCH = "condition does not fit the image"
+    PREPROCESSOR_FAILED = "preprocessor failed"
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class ImageRecord:
     width: int
     height: int
     folder: str  # the image's folder name (the root's own name for root images): kohya's tag-frequency key
+    condition: Path | None = None  # T2I-Adapter: the condition image of this sample
 
 
 class DatasetInvalidError(InputError):
@@ -127,15 +134,33 @@ def _read_size(image: Path) -> tuple[tuple[int, int] | None, DatasetProblem | No
         return None, DatasetProblem(image, ProblemKind.UNREADABLE_IMAGE, f"{type(exc).__name__}: {exc}")
 
 
-def scan_dataset(root: Path | str, min_size: int = 64) -> tuple[list[ImageRecord], list[DatasetProblem]]:
-    """Every usable image as a record, and every problem found; raises only if ``root`` is missing."""
+def read_record(image: Path, repeats: int, folder: str,
+                min_size: int) -> tuple[ImageRecord | None, list[DatasetProblem]]:
+    """One image with its caption as a record (None if unusable), and its problems."""
+    size, problem = _read_size(image)
+    caption, caption_problem = _read_caption(image)
+    problems = [p for p in (problem, caption_problem) if p is not None]
+    if size is not None and min(size) < min_size:
+        problems.append(DatasetProblem(image, ProblemKind.TOO_SMALL,
+                                       f"{size[0]}x{size[1]}, the shorter side must be at least {min_size}"))
+    elif size is not None and caption is not None:
+        return ImageRecord(image, caption, repeats, size[0], size[1], folder), problems
+    return None, problems
+
+
+def scan_dataset(root: Path | str, min_size: int = 64, exclude: Callable[[Path], bool] | None = None
+                 ) -> tuple[list[ImageRecord], list[DatasetProblem]]:
+    """Every usable image as a record, and every problem found; raises only if ``root`` is missing.
+
+    ``exclude`` skips images that are not training images (e.g. a T2I-Adapter's ``x.depth.png``)."""
     root = Path(root)
     if not root.is_dir():
         raise MissingFileError(f"the dataset folder {root} does not exist or is not a folder")
     records: list[ImageRecord] = []
     problems: list[DatasetProblem] = []
     for folder, repeats, name in _folders(root):
-        images = sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
+        images = sorted((p for p in folder.iterdir() if _is_image(p) and not (exclude and exclude(p))),
+                        key=lambda p: p.name)
         if not images:
             problems.append(DatasetProblem(folder, ProblemKind.EMPTY_FOLDER,
                                            f"no images ({', '.join(IMAGE_EXTENSIONS)}) in it"))
@@ -145,14 +170,10 @@ def scan_dataset(root: Path | str, min_size: int = 64) -> tuple[list[ImageRecord
                                            "the folder name starts with 0, so its images would never be used"))
             continue
         for image in images:
-            size, problem = _read_size(image)
-            caption, caption_problem = _read_caption(image)
-            problems.extend(p for p in (problem, caption_problem) if p is not None)
-            if size is not None and min(size) < min_size:
-                problems.append(DatasetProblem(image, ProblemKind.TOO_SMALL,
-                                               f"{size[0]}x{size[1]}, the shorter side must be at least {min_size}"))
-            elif size is not None and caption is not None:
-                records.append(ImageRecord(image, caption, repeats, size[0], size[1], name))
+            record, found = read_record(image, repeats, name, min_size)
+            problems.extend(found)
+            if record is not None:
+                records.append(record)
     return records, problems
 
 

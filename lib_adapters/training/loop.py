@@ -36,6 +36,7 @@ from .latent_cache import LatentCache
 from .methods.base import ExportInfo, MethodBase, MethodBatch, TrainingMethod
 from .methods.ip_adapter import IPAdapterMethod
 from .methods.lora import LoraMethod
+from .methods.t2i_adapter import T2IAdapterMethod
 from .objective import add_noise, diffusion_loss, min_snr_weights, sample_noise, training_target
 from .optim import build_optimizer, build_scheduler
 from .sampling import SampleRequest, Sampler, euler_sampler
@@ -81,7 +82,8 @@ class TrainResult:
 
 
 # Each method class reads its own dataset (``load_records``) and builds itself on a model (``from_config``).
-_METHODS: dict[Method, type[MethodBase]] = {Method.LORA: LoraMethod, Method.IP_ADAPTER: IPAdapterMethod}
+_METHODS: dict[Method, type[MethodBase]] = {Method.LORA: LoraMethod, Method.IP_ADAPTER: IPAdapterMethod,
+                                          Method.T2I_ADAPTER: T2IAdapterMethod}
 
 
 def method_class(method: Method) -> type[MethodBase]:

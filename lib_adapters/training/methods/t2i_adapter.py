@@ -1,0 +1,215 @@
+"""T2I-Adapter training: an adapter (full or light, SD1.x/2.x or SDXL) learns to steer a frozen UNet from a condition.
+
+Per micro-batch the conditions are fitted exactly as their images were (same bucket, resize and
+crop), run through the adapter with gradients, and the four feature maps are added to the UNet's
+``h`` at the sites the inference panel uses:
+
+* ldm/sgm UNets (the WebUI's model): forward wrappers (``unet.hooks.PatchSet``) on the sites of
+  ``unet.layout``'s table, adding ``inference.t2i.fit_feature(feature, h)`` as a panel unit does;
+* diffusers UNets: the UNet's own ``down_intrablock_additional_residuals`` input, which adds at the
+  same places (after the level's last block, before the skip is stored; after the middle block).
+
+The wrappers live only while ``backend.apply`` runs (``unet_context``), so the base UNet is never
+left changed. Files: TencentARC keys by default (our panel, sd-webui-controlnet, ComfyUI), or
+diffusers keys (``adapter.*``) with the ``T2IAdapter`` config in the metadata.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ...arch import BaseArch
+from ...errors import IncompatibleModelError
+from ...formats.reader import read_state_dict
+from ...formats.t2i import diffusers_config, load_t2i_adapter, t2i_from_state_dict, tencentarc_to_diffusers
+from ...inference.t2i import fit_feature
+from ...models.t2i_adapter import AdapterKind, SpatialAdapterConfig, build_adapter
+from ...unet.hooks import Forward, PatchSet
+from ...unet.layout import bind_layout
+from ..backends.base import TrainingBackend
+from ..conditions import load_condition, load_t2i_records
+from ..config import T2IConfig, T2IKind, T2ILayout, TimestepSampling, TrainConfig
+from ..data import ImageRecord
+from .base import ExportInfo, MethodBase, MethodBatch
+from .lora_file import _ARCHITECTURE, atomic_write
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_NUM_LEVELS = 4
+
+
+def cubic_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """``t = (1 - u**3) * T`` for ``u ~ U[0, 1)``: mostly high-noise steps (TencentARC's and diffusers' SDXL recipe)."""
+    u = torch.rand(n, generator=generator)
+    return ((1 - u**3) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
+def unet_feature_channels(unet: nn.Module) -> tuple[int, ...]:
+    """The width of ``h`` at the four injection sites (ldm/sgm layout table, or a diffusers UNet's config)."""
+    if hasattr(unet, "input_blocks"):
+        return bind_layout(unet).t2i_channels
+    widths = tuple(int(c) for c in unet.config.block_out_channels)
+    return (widths + (widths[-1],) * _NUM_LEVELS)[:_NUM_LEVELS]  # SDXL: 3 levels + the middle block
+
+
+def adapter_config(t2i: T2IConfig, arch: BaseArch, channels: tuple[int, ...]) -> SpatialAdapterConfig:
+    """The shape of a new adapter for this UNet (the released adapters' shapes at the UNet's widths)."""
+    unshuffle = 16 if arch is BaseArch.SDXL else 8
+    kind = AdapterKind.LIGHT if t2i.adapter_kind is T2IKind.LIGHT else AdapterKind.FULL
+    return SpatialAdapterConfig(kind=kind, in_channels=t2i.condition_channels * unshuffle**2, channels=channels,
+                                num_res_blocks=t2i.res_blocks, unshuffle=unshuffle, sdxl=arch is BaseArch.SDXL)
+
+
+def _check_fits(cfg: SpatialAdapterConfig, arch: BaseArch, channels: tuple[int, ...], name: str) -> None:
+    if cfg.sdxl != (arch is BaseArch.SDXL):
+        kind = "SDXL" if cfg.sdxl else "SD1.x/SD2.x"
+        raise IncompatibleModelError(f"{name} is an {kind} T2I-Adapter but the model is {arch.value}; "
+                                     f"start from an adapter made for {arch.value}, or from scratch")
+    if tuple(cfg.channels) != tuple(channels):
+        raise IncompatibleModelError(f"{name} produces features of widths {tuple(cfg.channels)} but this UNet needs "
+                                     f"{tuple(channels)}; start from a matching adapter, or from scratch")
+
+
+class T2IAdapterMethod(MethodBase):
+    name = "t2i_adapter"
+
+    def __init__(self, backend: TrainingBackend, config: T2IConfig):
+        self.backend, self.config = backend, config
+        channels = unet_feature_channels(backend.unet)
+        if config.init_from is not None:
+            loaded = load_t2i_adapter(config.init_from)
+            if not isinstance(loaded.config, SpatialAdapterConfig):
+                raise IncompatibleModelError(f"{config.init_from.name} is a style adapter; only full and light "
+                                             "T2I-Adapters can be trained")
+            _check_fits(loaded.config, backend.arch, channels, config.init_from.name)
+            self.adapter_config, self.adapter = loaded.config, loaded.module
+        else:
+            self.adapter_config = adapter_config(config, backend.arch, channels)
+            self.adapter = build_adapter(self.adapter_config)
+        self.adapter.to(backend.device, torch.float32).train().requires_grad_(True)
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, backend: TrainingBackend) -> "T2IAdapterMethod":
+        return cls(backend, config.t2i)
+
+    @classmethod
+    def load_records(cls, config: TrainConfig) -> list[ImageRecord]:
+        return load_t2i_records(config)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return False
+
+    # -- training ------------------------------------------------------------------------------------
+    def parameter_groups(self, learning_rate: float) -> list[dict]:
+        return [{"params": list(self.adapter.parameters()), "lr": learning_rate}]
+
+    def sample_timesteps(self, n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+        if self.config.timesteps is TimestepSampling.CUBIC:
+            return cubic_timesteps(n, num_train_timesteps, generator)
+        return super().sample_timesteps(n, num_train_timesteps, generator)
+
+    def conditions(self, batch: MethodBatch) -> torch.Tensor:
+        channels = self.adapter_config.image_channels
+        return torch.stack([load_condition(r.condition, p, channels) for r, p in zip(batch.records, batch.placements)])
+
+    @contextlib.contextmanager
+    def unet_context(self, batch: MethodBatch) -> Iterator[None]:
+        features = self.adapter(self.conditions(batch).to(batch.device))
+        with inject_features(self.backend.unet, features):
+            yield
+
+    # -- state and files ------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu().clone() for k, v in self.adapter.state_dict().items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.adapter.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+    def export(self, path: Path, info: ExportInfo, dtype: torch.dtype | None = None) -> Path:
+        dtype = dtype or _DTYPES[self.config.save_precision.value]
+        tensors = {k: v.to(dtype).contiguous() for k, v in self.trainable_state().items()}
+        if self.config.export_layout is T2ILayout.DIFFUSERS:
+            tensors = tencentarc_to_diffusers(tensors, self.adapter_config)
+        metadata = t2i_metadata(info, self.config, self.adapter_config)
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
+
+    def load_trainable_file(self, path: Path) -> None:
+        """Strict: the file must be an adapter of exactly this shape (either layout)."""
+        loaded = t2i_from_state_dict(read_state_dict(path), name=Path(path).name)
+        if loaded.config != self.adapter_config:
+            raise IncompatibleModelError(f"{Path(path).name} is a {loaded.config} adapter; this run trains "
+                                         f"{self.adapter_config}")
+        self.load_trainable_state(loaded.module.state_dict())
+
+    def close(self) -> None:
+        self.adapter.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def inject_features(unet: nn.Module, features: list[torch.Tensor]) -> Iterator[None]:
+    """Add ``features[level]`` at each T2I site of ``unet`` for the calls made inside the block."""
+    patches = PatchSet()
+    try:
+        if hasattr(unet, "input_blocks"):
+            bound = bind_layout(unet)
+            for level, site in enumerate(bound.layout.t2i_sites):
+                patches.wrap(bound.module(site.path), _site_wrapper(features[level]))
+        else:
+            patches.wrap(unet, _diffusers_wrapper(features))
+        yield
+    finally:
+        patches.restore()
+
+
+def _site_wrapper(feature: torch.Tensor):
+    def make(forward: Forward) -> Forward:
+        def site(*args: Any, **kwargs: Any) -> Any:
+            h = forward(*args, **kwargs)
+            return h + fit_feature(feature, h).to(h.dtype)
+        return site
+    return make
+
+
+def _diffusers_wrapper(features: list[torch.Tensor]):
+    def make(forward: Forward) -> Forward:
+        def unet_forward(*args: Any, **kwargs: Any) -> Any:
+            # diffusers pops the list as it goes: a fresh one per call
+            return forward(*args, down_intrablock_additional_residuals=list(features), **kwargs)
+        return unet_forward
+    return make
+
+
+def t2i_metadata(info: ExportInfo, t2i: T2IConfig, cfg: SpatialAdapterConfig) -> dict[str, str]:
+    """What the file says about itself: the adapter's diffusers config (to build ``T2IAdapter``), its condition,
+    its base model and how it was trained (``modelspec.*`` as in Stability's model spec)."""
+    c, model = info.config, info.model
+    return {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{_ARCHITECTURE[model.arch]}/t2i-adapter",
+        "modelspec.title": c.output_name,
+        "modelspec.resolution": f"{c.resolution}x{c.resolution}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(info.started_at or time.time())),
+        "t2i_adapter.layout": t2i.export_layout.value,
+        "t2i_adapter.diffusers_config": json.dumps(diffusers_config(cfg)),
+        "t2i_adapter.condition": t2i.condition,
+        "t2i_adapter.preprocessor": t2i.preprocessor or "",
+        "t2i_adapter.base_model": model.name,
+        "t2i_adapter.base_model_version": model.base_model_version,
+        "t2i_adapter.init_from": t2i.init_from.name if t2i.init_from is not None else "",
+        "t2i_adapter.steps": str(info.step),
+        "t2i_adapter.num_images": str(info.num_images),
+        "t2i_adapter.learning_rate": str(c.learning_rate),
+        "t2i_adapter.batch_size": str(c.batch_size),
+        "t2i_adapter.timesteps": t2i.timesteps.value,
+        "t2i_adapter.seed": str(c.seed),
+    }
