@@ -131,3 +131,20 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run_bit_for_bit(encoder, 
     a, b = load_file(str(straight.output)), load_file(str(second.output))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any((tmp_path / "b" / ".clip_cache").glob("*.clipfeat"))  # the resumed run read cached features
+
+
+def test_gradient_checkpointing_and_samples_change_nothing(encoder, tmp_path):
+    """Checkpointed blocks replay attn2 during backward, after the batch's context has closed: same numbers."""
+    make_shapes_dataset(tmp_path / "ds", "1_shapes", count=2)
+    files = []
+    for checkpointing in (False, True):
+        config = TrainConfig(tmp_path / "ds", tmp_path / f"out{checkpointing}", "ip", method="ip_adapter",
+                             resolution=64, steps=2, batch_size=2, learning_rate=1e-2, seed=0,
+                             gradient_checkpointing=checkpointing, sample_every=1, sample_prompts=("a shape",),
+                             sample_steps=2, ip=IPAdapterConfig(projection="plus", image_encoder=encoder,
+                                                                save_precision="fp32"))
+        result = train(config, tiny("sd1")[1])
+        files.append((result.losses, load_file(str(result.output))))
+        assert len(list((tmp_path / f"out{checkpointing}" / "ip-samples").glob("*.png"))) == 2
+    (losses_a, a), (losses_b, b) = files
+    assert losses_a == losses_b and all(torch.equal(a[k], b[k]) for k in a)

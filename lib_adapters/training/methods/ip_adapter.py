@@ -193,10 +193,20 @@ class IPAdapterMethod(MethodBase):
         features = self.features.get([r.path for r in batch.records])
         empty = self.features.empty()
         features = torch.stack([empty if d.image else f for d, f in zip(self.drops(batch), features)])
-        self.unit.tokens = self.image_tokens(features)
+        tokens = self.image_tokens(features)
+        self.unit.tokens = tokens
         try:
             yield
         finally:
+            if tokens.requires_grad:
+                # Gradient checkpointing replays the UNet's blocks during backward, after this context: the tokens
+                # must still be there then. Their gradient is complete only after the last replay, so drop them then.
+                tokens.register_hook(lambda grad: self._drop_tokens(tokens))
+            else:
+                self._drop_tokens(tokens)
+
+    def _drop_tokens(self, tokens: torch.Tensor) -> None:
+        if self.unit.tokens is tokens:
             self.unit.tokens = None
 
     @contextlib.contextmanager
