@@ -56,7 +56,7 @@ def resume_signature(config: TrainConfig) -> dict:
             "grad_accumulation": config.grad_accumulation, "resolution": config.resolution,
             "buckets": config.buckets, "lora_rank": lora.rank, "lora_alpha": float(lora.alpha),
             "lora_targets": lora.targets.value, "train_text_encoder": lora.train_text_encoder,
-            **_t2i_signature(config)}
+            **_t2i_signature(config), **_ip_signature(config)}
 
 
 def _t2i_signature(config: TrainConfig) -> dict:
@@ -66,6 +66,15 @@ def _t2i_signature(config: TrainConfig) -> dict:
     t2i = config.t2i
     return {"t2i_kind": t2i.adapter_kind.value, "t2i_condition_channels": t2i.condition_channels,
             "t2i_res_blocks": t2i.res_blocks, "t2i_timesteps": t2i.timesteps.value}
+
+
+def _ip_signature(config: TrainConfig) -> dict:
+    """The IP-Adapter's projection shape and dropout rates (the draws), only for IP runs."""
+    if config.method is not Method.IP_ADAPTER:
+        return {}
+    ip = config.ip
+    return {"ip_projection": ip.projection.value, "ip_resampler_dim": ip.resampler_dim,
+            "ip_resampler_depth": ip.resampler_depth, "ip_drops": [ip.image_drop, ip.text_drop, ip.both_drop]}
 
 
 def check_signature(saved: dict, config: TrainConfig, path: Path) -> None:

@@ -69,6 +69,9 @@ def scan_json_dataset(path: Path | str, data_root: Path | None = None, min_size:
             problems.append(problem)
             continue
         image = root / entry["image_file"]
+        if not image.is_file():
+            problems.append(DatasetProblem(image, ProblemKind.MISSING_IMAGE, f"listed in {path.name} but not there"))
+            continue
         size, problem = _read_size(image)
         if problem is not None:
             problems.append(problem)
@@ -142,15 +145,21 @@ class ImageFeatures:
         """The "no image" features the reference trains its dropout with: zero embeddings, or the hidden states
         of an all-zero (normalised) input."""
         if self._empty is None:
-            self._empty = self.encoder.encode_images([np.zeros((8, 8, 3), np.uint8)], CROP, self.hidden_states)[1][0]
+            size = self.encoder.shape.image_size
+            self._empty = (self._encode(torch.zeros(1, 3, size, size))[0] if self.hidden_states
+                           else torch.zeros(self.encoder.shape.projection_dim))
         return self._empty
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        device = next(self.encoder.model.parameters()).device
+        with torch.autocast(device.type, enabled=False):  # fp32 features whatever the run's precision (cache)
+            return self.encoder.encode(pixels, self.hidden_states)
 
     def get(self, paths: list[Path]) -> torch.Tensor:
         out: list[torch.Tensor | None] = [self._cached(p) for p in paths]
         missing = [i for i, t in enumerate(out) if t is None]
         if missing:
-            pixels = self.encoder.preprocess([_read_rgb(paths[i]) for i in missing], CROP)
-            encoded = self.encoder.encode(pixels, self.hidden_states)
+            encoded = self._encode(self.encoder.preprocess([_read_rgb(paths[i]) for i in missing], CROP))
             for i, features in zip(missing, encoded):
                 out[i] = features
                 self._store(paths[i], features)

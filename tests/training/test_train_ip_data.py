@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from train_helpers import make_shapes_dataset, shape_image, tiny
@@ -14,7 +15,7 @@ from fixtures.clip import save_clip_vision, tiny_clip_vision
 from lib_adapters.arch import BaseArch
 from lib_adapters.errors import InputError, MissingFileError
 from lib_adapters.formats.ip import EncoderNeed
-from lib_adapters.models.clip_vision import load_clip_vision
+from lib_adapters.models.clip_vision import CropMode, load_clip_vision
 from lib_adapters.training.config import IPAdapterConfig, IPProjection, TrainConfig
 from lib_adapters.training.data import DatasetInvalidError, ProblemKind
 from lib_adapters.training.ip_data import ImageFeatures, load_training_encoder, reference_encoder
@@ -62,11 +63,12 @@ def test_bad_entries_and_unreadable_images_are_listed_before_training(encoder, t
     with pytest.raises(DatasetInvalidError) as caught:
         train(_config(root / "data.json", tmp_path / "out", encoder), backend)
     problems = [(p.path.name, p.kind) for p in caught.value.problems]
-    assert problems == [("broken.png", ProblemKind.UNREADABLE_IMAGE), ("gone.png", ProblemKind.UNREADABLE_IMAGE),
+    assert problems == [("broken.png", ProblemKind.UNREADABLE_IMAGE), ("gone.png", ProblemKind.MISSING_IMAGE),
                         ("small.png", ProblemKind.TOO_SMALL), ("data.json", ProblemKind.MISSING_CAPTION),
                         ("data.json", ProblemKind.UNREADABLE_CAPTION)]
     message = str(caught.value)
     assert "broken.png: unreadable image" in message and "entry 4 (good.png) has no \"text\"" in message
+    assert "gone.png: missing image (listed in data.json but not there)" in message
     assert not (tmp_path / "out").exists()  # nothing was trained or written
 
     folder = make_shapes_dataset(tmp_path / "folder", "1_shapes", count=2)
@@ -99,6 +101,9 @@ def test_features_are_cached_per_encoder_and_file(encoder, tmp_path):
     assert (cache.hits, cache.misses) == (1, 1)  # the changed image is encoded again
     zero = ImageFeatures(clip, False).empty()
     assert zero.shape == (64,) and not zero.any()  # the reference's uncond for plain: zero image_embeds
+    image = np.zeros((40, 40, 3), np.uint8)
+    panel_uncond = clip.encode_images([image], CropMode.CENTER, hidden_states=True)[1][0]
+    assert torch.equal(ImageFeatures(clip, True).empty(), panel_uncond)  # plus: the panel's uncond, as the reference
 
 
 def test_the_encoder_is_found_as_the_panel_finds_it(tmp_path):
