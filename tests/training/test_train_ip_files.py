@@ -6,16 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from train_helpers import make_shapes_dataset, tiny
 
 from fixtures.clip import save_clip_vision, tiny_clip_vision
+from fixtures.ip import random_ip_state_dict
 from lib_adapters.errors import IncompatibleModelError, InputError
 from lib_adapters.training.checkpoints import checkpoint_paths
 from lib_adapters.training.config import IPAdapterConfig, TrainConfig
 from lib_adapters.training.loop import TrainCallbacks, train
 from lib_adapters.training.methods.base import ExportInfo
 from lib_adapters.training.methods.ip_adapter import IPAdapterMethod
+from lib_adapters.unet.layout import bind_layout
 
 pytest.importorskip("diffusers")
 from test_train_diffusers import _pair  # noqa: E402  (the stub model, its ldm backend, a diffusers twin)
@@ -102,6 +104,11 @@ def test_fine_tuning_starts_from_the_file_and_refuses_a_mismatch(encoder, tmp_pa
     _, xl = tiny("sdxl")
     with pytest.raises(IncompatibleModelError, match="attention sites"):
         IPAdapterMethod(xl, IPAdapterConfig(projection="plus", image_encoder=encoder, init_from=path))
+    nested = random_ip_state_dict(bind_layout(backend.unet), "full", 32)
+    full = tmp_path / "full.safetensors"
+    save_file({f"{part}.{k}": v for part, sd in nested.items() for k, v in sd.items()}, str(full))
+    with pytest.raises(InputError, match="full-face IP-Adapter; training supports plain and plus"):
+        IPAdapterMethod(backend, IPAdapterConfig(projection="plus", image_encoder=encoder, init_from=full))
 
 
 class _StopAt(TrainCallbacks):

@@ -156,6 +156,9 @@ class IPAdapterMethod(MethodBase):
     def _load_start(config: IPAdapterConfig) -> LoadedIPAdapter:
         start = load_ip_adapter(config.init_from)
         wanted = {IPProjection.PLAIN: IPVariant.BASE, IPProjection.PLUS: IPVariant.PLUS}[config.projection]
+        if start.variant is IPVariant.FULL_FACE:
+            raise InputError(f"{config.init_from.name} is a full-face IP-Adapter; training supports plain and plus "
+                             "adapters only. Fine-tune a plain or plus file, or start from scratch")
         if start.variant is not wanted:
             raise InputError(f"{config.init_from.name} is a {start.variant.value} IP-Adapter; to fine-tune it choose "
                              f"that projection (plain = base, plus = plus), or start from scratch")
