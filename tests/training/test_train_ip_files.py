@@ -54,10 +54,10 @@ def _perturbed_export(method: IPAdapterMethod, backend, path: Path, seed: int = 
     return method.export(path, ExportInfo(config, backend.model_info(), 1, 1), torch.float32)
 
 
-@pytest.mark.parametrize("projection", ["plain", "plus"])
-def test_diffusers_reads_every_key_and_computes_our_training_forward(projection, encoder, tmp_path):
+@pytest.mark.parametrize("arch,projection", [("sd1", "plain"), ("sd1", "plus"), ("sdxl", "plus")])
+def test_diffusers_reads_every_key_and_computes_our_training_forward(arch, projection, encoder, tmp_path):
     make_shapes_dataset(tmp_path / "ds", "1_shapes", count=2)
-    _, _, dif = _pair("sd1")
+    _, _, dif = _pair(arch)
     method = IPAdapterMethod(dif, IPAdapterConfig(projection=projection, image_encoder=encoder))
     path = _perturbed_export(method, dif, tmp_path / "ip.safetensors")
 
@@ -65,7 +65,7 @@ def test_diffusers_reads_every_key_and_computes_our_training_forward(projection,
     nested = {part: _Recording({k[len(part) + 1:]: v for k, v in flat.items() if k.startswith(part + ".")})
               for part in ("image_proj", "ip_adapter")}
     assert sum(map(len, nested.values())) == len(flat)
-    _, _, ref = _pair("sd1")  # the same tiny weights, a separate UNet for diffusers' processors
+    _, _, ref = _pair(arch)  # the same tiny weights, a separate UNet for diffusers' processors
     ref.unet._load_ip_adapter_weights([nested])
     assert nested["ip_adapter"].read == set(nested["ip_adapter"])  # zero unexpected keys (missing ones raise)
     assert nested["image_proj"].read == set(nested["image_proj"])
@@ -80,7 +80,8 @@ def test_diffusers_reads_every_key_and_computes_our_training_forward(projection,
             ours = dif.apply(x, t, cond)
         plain = dif.apply(x, t, cond)
         embeds = {"image_embeds": [features[:, None]]}  # [rows, 1 image, ...]
-        theirs = ref.unet(x, t, encoder_hidden_states=cond, added_cond_kwargs=embeds).sample
+        context = cond["crossattn"] if isinstance(cond, dict) else cond  # the tiny SDXL UNet takes no vector
+        theirs = ref.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=embeds).sample
     method.close()
     assert (ours - plain).abs().max() > 1e-2
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (ours - theirs).abs().max()
