@@ -1,0 +1,268 @@
+"""The "Train Adapter" tab: the Gradio 3.41 layout and its handlers over ``TrainingJobs``.
+
+Layout follows the WebUI's own Train tab: settings on the left (method, dataset, output name, the
+main knobs, the advanced ones in a closed accordion, then Train / Interrupt / Resume), outputs on
+the right (progress line, loss plot, sample gallery, log, result). Each method's knobs sit in their
+own groups, shown only while that method is selected.
+
+Progress: the Train and Resume buttons run ``adapters_train_start`` (javascript/adapters_train.js)
+first, which makes a ``task(...)`` id and, inside the WebUI, starts its progress bar on that id; the
+job manager registers the id with ``modules.progress``. The handlers are generators that poll the
+job's status and yield only what changed, so the tab follows a run with the queue enabled; the
+refresh button re-attaches after a page reload. The run itself lives in the job manager's thread,
+never in a gradio worker.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import time
+from dataclasses import replace
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+
+from modules.ui_components import FormRow, ToolButton
+
+from ..errors import AdapterError
+from .training_jobs import TrainingJobs
+from .training_view import (
+    METHODS, StatusView, all_fields, build_request, error_html, method_info, render_status,
+)
+
+log = logging.getLogger("adapters")
+
+TITLE = "Train Adapter"
+ELEM_PREFIX = "adapters_train"
+START_JS = "adapters_train_start"  # javascript/adapters_train.js
+
+
+def eid(name: str) -> str:
+    return f"{ELEM_PREFIX}_{name}"
+
+
+class TrainTab:
+    """The tab's widgets and handlers. ``jobs`` returns the process's job manager (created lazily by
+    the caller); ``poll_seconds`` is how often a following handler reads the status."""
+
+    def __init__(self, jobs: Callable[[], TrainingJobs], poll_seconds: float = 1.0) -> None:
+        self._jobs = jobs
+        self.poll_seconds = poll_seconds
+        self.inputs: dict[str, Any] = {}
+        self.method_groups: dict[str, list[Any]] = {}
+        self.outputs: list[Any] = []
+
+    # layout ------------------------------------------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(analytics_enabled=False) as blocks:
+            with gr.Row(equal_height=False):
+                with gr.Column(variant="compact", elem_id=eid("settings")):
+                    self._settings()
+                    buttons = self._buttons()
+                with gr.Column(elem_id=eid("output_column")):
+                    self._outputs()
+            self._wire(*buttons)
+        return blocks
+
+    def _settings(self) -> None:
+        i = self.inputs
+        with FormRow():
+            i["method"] = gr.Dropdown(label="Method", choices=[m.label for m in METHODS], value=METHODS[0].label,
+                                      elem_id=eid("method"))
+            i["output_name"] = gr.Textbox(label="Output name", placeholder="my_style", elem_id=eid("output_name"))
+        i["dataset_dir"] = gr.Textbox(label="Dataset folder",
+                                      placeholder="Folder of images with .txt/.caption files (kohya N_name folders repeat N times)",
+                                      elem_id=eid("dataset_dir"))
+        self._method_group("lora", self._lora_main)
+        with FormRow():
+            i["resolution"] = gr.Slider(label="Resolution", minimum=64, maximum=2048, step=64, value=512,
+                                        elem_id=eid("resolution"))
+            i["steps"] = gr.Number(label="Steps", value=1000, precision=0, elem_id=eid("steps"))
+        with FormRow():
+            i["batch_size"] = gr.Number(label="Batch size", value=1, precision=0, elem_id=eid("batch_size"))
+            i["grad_accumulation"] = gr.Number(label="Gradient accumulation", value=1, precision=0,
+                                               elem_id=eid("grad_accumulation"))
+            i["learning_rate"] = gr.Number(label="Learning rate", value=1e-4, elem_id=eid("learning_rate"))
+            i["precision"] = gr.Dropdown(label="Precision", choices=["auto", "fp32", "fp16", "bf16"], value="auto",
+                                         elem_id=eid("precision"))
+        with FormRow():
+            i["save_every"] = gr.Number(label="Save every N steps (0: at the end)", value=500, precision=0,
+                                        elem_id=eid("save_every"))
+            i["sample_every"] = gr.Number(label="Sample every N steps (0: off)", value=250, precision=0,
+                                          elem_id=eid("sample_every"))
+        i["sample_prompts"] = gr.Textbox(label="Sample prompts", lines=2, placeholder="One prompt per line",
+                                         elem_id=eid("sample_prompts"))
+        with gr.Accordion("Advanced", open=False, elem_id=eid("advanced")):
+            self._advanced()
+            self._method_group("lora", self._lora_advanced)
+
+    def _advanced(self) -> None:
+        i = self.inputs
+        with FormRow():
+            i["lr_schedule"] = gr.Dropdown(label="LR schedule", choices=["constant", "cosine", "linear"],
+                                           value="constant", elem_id=eid("lr_schedule"))
+            i["warmup_steps"] = gr.Number(label="Warmup steps", value=0, precision=0, elem_id=eid("warmup_steps"))
+            i["optimizer"] = gr.Dropdown(label="Optimizer", choices=["adamw", "adamw8bit"], value="adamw",
+                                         elem_id=eid("optimizer"))
+            i["seed"] = gr.Number(label="Seed", value=0, precision=0, elem_id=eid("seed"))
+        with FormRow():
+            i["min_snr_gamma"] = gr.Number(label="Min-SNR gamma (0: off, 5 usual)", value=0,
+                                           elem_id=eid("min_snr_gamma"))
+            i["noise_offset"] = gr.Number(label="Noise offset", value=0.0, elem_id=eid("noise_offset"))
+            i["sample_steps"] = gr.Number(label="Sampling steps of samples", value=20, precision=0,
+                                          elem_id=eid("sample_steps"))
+        with FormRow():
+            i["gradient_checkpointing"] = gr.Checkbox(label="Gradient checkpointing", value=False,
+                                                      elem_id=eid("gradient_checkpointing"))
+            i["cache_latents"] = gr.Checkbox(label="Cache latents", value=False, elem_id=eid("cache_latents"))
+            i["buckets"] = gr.Checkbox(label="Aspect-ratio buckets", value=True, elem_id=eid("buckets"))
+
+    def _method_group(self, key: str, build: Callable[[], None]) -> None:
+        visible = key == METHODS[0].key
+        with gr.Group(visible=visible, elem_id=eid(f"{key}_group{len(self.method_groups.get(key, []))}")) as group:
+            build()
+        self.method_groups.setdefault(key, []).append(group)
+
+    def _lora_main(self) -> None:
+        with FormRow():
+            self.inputs["rank"] = gr.Slider(label="LoRA rank", minimum=1, maximum=256, step=1, value=16,
+                                            elem_id=eid("rank"))
+            self.inputs["alpha"] = gr.Slider(label="LoRA alpha", minimum=1, maximum=256, step=1, value=16,
+                                             elem_id=eid("alpha"))
+
+    def _lora_advanced(self) -> None:
+        with FormRow():
+            self.inputs["lora_targets"] = gr.Dropdown(
+                label="LoRA layers", choices=["attention", "attention+ff", "attention+ff+conv"], value="attention",
+                elem_id=eid("lora_targets"))
+            self.inputs["train_text_encoder"] = gr.Checkbox(label="Train the text encoder too", value=False,
+                                                            elem_id=eid("train_text_encoder"))
+
+    def _buttons(self) -> tuple[Any, ...]:
+        with gr.Row(elem_id=eid("buttons")):
+            train = gr.Button("Train", variant="primary", elem_id=eid("start"))
+            interrupt = gr.Button("Interrupt", elem_id=eid("interrupt"))
+            resume = gr.Button("Resume", elem_id=eid("resume"))
+            follow = ToolButton("\U0001F504", elem_id=eid("refresh"))  # title set in javascript/adapters_train.js
+        return train, interrupt, resume, follow
+
+    def _outputs(self) -> None:
+        progress = gr.HTML(value="No training run yet.", elem_id=eid("progress"))
+        plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", x_title="step", y_title="loss",
+                           height=240, width=480, tooltip=["step", "loss"], elem_id=eid("loss_plot"),
+                           show_label=False)
+        gallery = gr.Gallery(label="Samples", show_label=False, columns=4, elem_id=eid("gallery"))
+        log_box = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, show_copy_button=True,
+                             elem_id=eid("log"))
+        result = gr.HTML(value="", elem_id=eid("result"))
+        self.outputs = [progress, plot, gallery, log_box, result]
+
+    def _wire(self, train: Any, interrupt: Any, resume: Any, follow: Any) -> None:
+        self.outputs += [train, interrupt, resume]
+        id_task = gr.Textbox(visible=False, elem_id=eid("id_task"))  # the JS puts the task id here
+        inputs = [id_task, self.inputs["method"]] + [self.inputs[name] for name in all_fields()]
+        common = dict(outputs=self.outputs, show_progress="hidden")
+        train.click(fn=self.start, _js=START_JS, inputs=inputs, **common)
+        resume.click(fn=self.resume, _js=START_JS, inputs=inputs, **common)
+        interrupt.click(fn=self.interrupt, inputs=[], **common)
+        follow.click(fn=self.follow, inputs=[], **common)
+        groups = [g for key in sorted(self.method_groups) for g in self.method_groups[key]]
+        self.inputs["method"].change(fn=self.method_changed, inputs=[self.inputs["method"]], outputs=groups,
+                                     show_progress="hidden")
+
+    # handlers ----------------------------------------------------------------------------------------------
+    def method_changed(self, method: str) -> list[dict]:
+        key = method_info(method).key
+        return [gr.update(visible=k == key) for k in sorted(self.method_groups) for _ in self.method_groups[k]]
+
+    def start(self, id_task: str, method: str, *values: Any) -> Iterator[tuple]:
+        yield from self._start(id_task, method, values, resume=False)
+
+    def resume(self, id_task: str, method: str, *values: Any) -> Iterator[tuple]:
+        yield from self._start(id_task, method, values, resume=True)
+
+    def interrupt(self) -> Iterator[tuple]:
+        try:
+            self._jobs().interrupt()
+        except AdapterError as exc:
+            yield self._error(str(exc))
+            return
+        yield from self.follow()
+
+    def follow(self, notes: tuple[str, ...] = ()) -> Iterator[tuple]:
+        """Yield the status until the run is no longer running (at once when none runs)."""
+        previous: StatusView | None = None
+        while True:
+            view = self._view(notes)
+            yield self.updates(view, previous)
+            if not view.running:
+                return
+            previous = view
+            time.sleep(self.poll_seconds)
+
+    def _start(self, id_task: str, method: str, values: tuple, *, resume: bool) -> Iterator[tuple]:
+        id_task = id_task if isinstance(id_task, str) and id_task.startswith("task(") else None
+        try:
+            request, notes = build_request(method, dict(zip(all_fields(), values)))
+            self._jobs().start(request, resume=resume, id_task=id_task)
+        except AdapterError as exc:
+            _release_task(id_task)
+            yield self._error(str(exc))
+            return
+        except Exception as exc:  # a bug must not take the tab down: show it, keep the traceback in the log
+            log.exception("Train Adapter: could not start the run")
+            _release_task(id_task)
+            yield self._error(f"{type(exc).__name__}: {exc}")
+            return
+        yield from self.follow(tuple(notes))
+
+    def _view(self, notes: tuple[str, ...] = ()) -> StatusView:
+        view = render_status(self._jobs().status())
+        if notes:
+            view = replace(view, result="".join(f"<p>{html.escape(n)}</p>" for n in notes) + view.result)
+        return view
+
+    def _error(self, message: str) -> tuple:
+        """Current status with ``message`` as the result: the run that is going on (if any) stays shown."""
+        try:
+            view = render_status(self._jobs().status())
+        except Exception:  # the error may come from building the job manager itself
+            log.exception("Train Adapter: no job status")
+            view = StatusView("", (), (), "", "", False, False)
+        return self.updates(replace(view, result=error_html(message)), None)
+
+    # rendering ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def updates(view: StatusView, previous: StatusView | None) -> tuple:
+        """Gradio updates for the outputs; fields equal to ``previous`` are left as they are."""
+        def changed(field: str) -> bool:
+            return previous is None or getattr(previous, field) != getattr(view, field)
+
+        def value(field: str, make: Callable[[], Any]) -> dict:
+            return gr.update(value=make()) if changed(field) else gr.update()
+
+        return (
+            value("progress", lambda: view.progress),
+            value("loss_points", lambda: loss_frame(view)),
+            value("samples", lambda: list(view.samples)),
+            value("log", lambda: view.log),
+            value("result", lambda: view.result),
+            gr.update(interactive=not view.running),
+            gr.update(interactive=view.running),
+            gr.update(interactive=view.resumable),
+        )
+
+
+def loss_frame(view: StatusView) -> Any:
+    """The LinePlot value: a DataFrame (pandas ships with gradio), or None to clear the plot."""
+    if not view.loss_points:
+        return None
+    import pandas as pd
+    return pd.DataFrame(list(view.loss_points), columns=["step", "loss", "series"])
+
+
+def _release_task(id_task: str | None) -> None:
+    """A run that did not start must not leave the WebUI's progress bar waiting for it."""
+    if id_task:
+        from modules import progress
+        progress.finish_task(id_task)

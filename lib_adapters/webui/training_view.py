@@ -1,0 +1,239 @@
+"""What the "Train Adapter" tab shows, as plain data: the request built from the widgets' values and
+the rendering of a ``JobStatus`` (progress line, loss curve, samples, log, result message).
+
+No gradio here, so the handlers' logic is testable on its own; ``training_tab`` turns a
+``StatusView`` into gradio updates.
+"""
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import InputError
+from .training_jobs import JobState, JobStatus, TrainRequest
+
+# The knobs every method shares, in the order the tab passes them to its handlers. Each method adds
+# its own (METHOD_FIELDS); only the selected method's knobs go into the request, so a hidden group
+# of another method never sends fields that method does not take.
+COMMON_FIELDS: tuple[str, ...] = (
+    "dataset_dir", "output_name", "resolution", "steps", "batch_size", "grad_accumulation", "learning_rate",
+    "precision", "save_every", "sample_every", "sample_prompts", "lr_schedule", "warmup_steps", "optimizer", "seed",
+    "min_snr_gamma", "noise_offset", "sample_steps", "gradient_checkpointing", "cache_latents", "buckets",
+)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One trainable method as the tab offers it."""
+
+    key: str  # TrainRequest.method
+    label: str  # shown in the dropdown
+    fields: tuple[str, ...]  # method-specific TrainRequest fields (their widgets live in the method's groups)
+    usage: str  # how to use the result; {name} is the output file's stem
+
+
+METHODS: tuple[MethodInfo, ...] = (
+    MethodInfo("lora", "LoRA", ("rank", "alpha", "lora_targets", "train_text_encoder"),
+               "use <code>&lt;lora:{name}:1&gt;</code> in your prompt"),
+)
+
+INT_FIELDS = frozenset({"resolution", "steps", "batch_size", "grad_accumulation", "save_every", "sample_every",
+                        "warmup_steps", "seed", "sample_steps", "rank"})
+FLOAT_FIELDS = frozenset({"learning_rate", "noise_offset", "alpha"})
+LOSS_PLOT_POINTS = 300  # longer curves are averaged into this many points: the plot stays light to send
+SMOOTHING = 0.9  # EMA factor of the "smoothed" curve
+
+
+def method_info(key_or_label: str) -> MethodInfo:
+    for info in METHODS:
+        if key_or_label in (info.key, info.label):
+            return info
+    raise InputError(f"unknown training method {key_or_label!r}; choose one of {', '.join(m.label for m in METHODS)}")
+
+
+def all_fields() -> tuple[str, ...]:
+    """Every field the tab has a widget for: common ones, then each method's, in METHODS order."""
+    return COMMON_FIELDS + tuple(name for info in METHODS for name in info.fields)
+
+
+# request ---------------------------------------------------------------------------------------------------
+
+
+def _number(name: str, value: Any, kind: type) -> Any:
+    """Widget numbers arrive as float (sliders, numbers) or str; the config wants exact ints/floats."""
+    if isinstance(value, str):
+        value = value.strip()
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name.replace('_', ' ')} must be a number; got {value!r}") from None
+    if kind is int:
+        if not math.isfinite(number) or number != round(number):
+            raise InputError(f"{name.replace('_', ' ')} must be a whole number; got {value!r}")
+        return int(round(number))
+    return number
+
+
+def _clean(name: str, value: Any) -> Any:
+    if name in INT_FIELDS:
+        return _number(name, value, int)
+    if name in FLOAT_FIELDS:
+        return _number(name, value, float)
+    if name == "min_snr_gamma":  # 0 or empty turns it off
+        gamma = _number(name, value or 0, float)
+        return gamma if gamma > 0 else None
+    if name == "sample_prompts":
+        text = value if isinstance(value, str) else "\n".join(value or ())
+        return tuple(line.strip() for line in text.splitlines() if line.strip())
+    if name in ("dataset_dir", "output_name"):
+        return (value or "").strip()
+    return value
+
+
+def build_request(method: str, values: Mapping[str, Any]) -> tuple[TrainRequest, list[str]]:
+    """The request for ``method`` (key or label) from the widgets' ``values`` by field name, and notes
+    on adjustments made (shown to the user). ``InputError`` names the first bad value."""
+    info = method_info(method)
+    data: dict[str, Any] = {"method": info.key}
+    for name in COMMON_FIELDS + info.fields:
+        data[name] = _clean(name, values[name])
+    notes = []
+    if not data["dataset_dir"]:
+        raise InputError("choose a dataset folder: a folder of images with .txt or .caption files beside them")
+    if not data["output_name"]:
+        raise InputError("choose an output name: the file name (without extension) the result is saved as")
+    if data["sample_every"] > 0 and not data["sample_prompts"]:
+        # Samples need a prompt; an empty prompt box means "no samples" rather than a refused run.
+        data["sample_every"] = 0
+        notes.append("No sample prompt given: sample images are off.")
+    return TrainRequest.from_dict(data), notes
+
+
+# status ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusView:
+    """Everything the tab's outputs show for one status; equal fields need not be sent again."""
+
+    progress: str  # HTML: step, loss, speed, ETA
+    loss_points: tuple[tuple[int, float, str], ...]  # (step, loss, series) for the plot
+    samples: tuple[str, ...]  # newest first
+    log: str
+    result: str  # HTML
+    running: bool
+    resumable: bool
+
+
+def format_duration(seconds: float | None) -> str:
+    """Like the WebUI's progress bar: ``45s``, ``03:07``, ``01:02:03``."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = max(0, int(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    if seconds >= 60:
+        return f"{seconds // 60:02d}:{seconds % 60:02d}"
+    return f"{seconds}s"
+
+
+def smoothed(losses: list[float], factor: float = SMOOTHING) -> list[float]:
+    """Bias-corrected exponential moving average (as TensorBoard draws it), skipping non-finite values."""
+    out, avg, weight = [], 0.0, 0.0
+    for loss in losses:
+        if math.isfinite(loss):
+            avg = factor * avg + (1 - factor) * loss
+            weight = factor * weight + (1 - factor)
+        out.append(avg / weight if weight else float("nan"))
+    return out
+
+
+def loss_points(losses: list[float], max_points: int = LOSS_PLOT_POINTS) -> tuple[tuple[int, float, str], ...]:
+    """Raw and smoothed loss by step (step 1 = the first loss); long runs averaged into ``max_points``."""
+    if not losses:
+        return ()
+    stride = max(1, math.ceil(len(losses) / max_points))
+    points: list[tuple[int, float, str]] = []
+    for series, values in (("loss", losses), ("smoothed", smoothed(losses))):
+        for start in range(0, len(values), stride):
+            chunk = [v for v in values[start:start + stride] if math.isfinite(v)]
+            if chunk:
+                points.append((min(start + stride, len(values)), sum(chunk) / len(chunk), series))
+    return tuple(points)
+
+
+def _progress_line(status: JobStatus) -> str:
+    if status.state is JobState.IDLE:
+        return "No training run yet."
+    parts = [f"<b>{html.escape(status.state.value.capitalize())}</b>",
+             f"step {status.step} / {status.total}"]
+    if status.losses:
+        recent = [v for v in status.losses[-20:] if math.isfinite(v)]
+        parts.append(f"loss {status.losses[-1]:.4f}" + (f" (avg {sum(recent) / len(recent):.4f})" if recent else ""))
+    if status.lr is not None:
+        parts.append(f"lr {status.lr:.2e}")
+    per_step = _seconds_per_step(status)
+    if per_step is not None:
+        parts.append(f"{per_step:.2f} s/step")
+    parts.append(f"elapsed {format_duration(status.elapsed)}")
+    if status.state is JobState.RUNNING:
+        parts.append(f"ETA {format_duration(status.eta)}")
+    return " · ".join(parts)
+
+
+def _seconds_per_step(status: JobStatus) -> float | None:
+    """The loop's own rate (without start-up time, right after a resume) from the job's ETA, while running."""
+    if status.state is JobState.RUNNING and status.eta is not None and status.total > status.step > 0:
+        return status.eta / (status.total - status.step)
+    return None
+
+
+def _code(path: str) -> str:
+    return f"<code>{html.escape(path)}</code>"
+
+
+def result_message(status: JobStatus) -> str:
+    """The outcome in words: the file, how to use it, or what went wrong and what to do."""
+    usage = ""
+    if status.output:
+        name = Path(status.output).stem
+        try:
+            usage = method_info(status.method or "").usage.format(name=html.escape(name))
+        except InputError:
+            usage = ""
+    if status.state is JobState.FINISHED:
+        saved = f"Saved {_code(status.output)}" if status.output else "Finished"
+        return f"<p>{saved}; {usage}.</p>" if usage else f"<p>{saved}.</p>"
+    if status.state is JobState.INTERRUPTED:
+        lines = [f"Interrupted at step {status.step} / {status.total}."]
+        if status.output:
+            lines.append(f"Saved {_code(status.output)}" + (f"; {usage}." if usage else "."))
+        if status.checkpoint:
+            lines.append(f"Checkpoint {_code(status.checkpoint)}: press Resume to continue.")
+        return "<p>" + "<br>".join(lines) + "</p>"
+    if status.state is JobState.FAILED:
+        text = f"<div class='error'>{html.escape(status.error or 'training failed')}</div>"
+        if status.checkpoint:
+            text += f"<p>Last good checkpoint {_code(status.checkpoint)}.</p>"
+        return text
+    return ""
+
+
+def render_status(status: JobStatus) -> StatusView:
+    running = status.state is JobState.RUNNING
+    return StatusView(
+        progress=_progress_line(status),
+        loss_points=loss_points(list(status.losses)),
+        samples=tuple(reversed(status.samples)),
+        log="\n".join(status.log),
+        result=result_message(status),
+        running=running,
+        resumable=not running and bool(status.checkpoint),
+    )
+
+
+def error_html(message: str) -> str:
+    return f"<div class='error'>{html.escape(message)}</div>"

@@ -1,0 +1,221 @@
+"""The "Train Adapter" tab's handlers without a browser: the request built from the widgets' values,
+a status rendered to the outputs, the Train/Resume/Interrupt/follow handlers over a scripted job
+manager, and the WebUI entry point (scripts/adapters_train.py)."""
+from __future__ import annotations
+
+import math
+
+import gradio as gr
+import pytest
+
+from lib_adapters.errors import InputError
+from lib_adapters.webui.training_jobs import JobRunningError, JobState, JobStatus, TrainRequest
+from lib_adapters.webui.training_tab import TrainTab
+from lib_adapters.webui.training_view import (
+    all_fields, build_request, format_duration, loss_points, render_status, smoothed,
+)
+
+
+def _widget_defaults(tab: TrainTab) -> dict:
+    return {name: tab.inputs[name].value for name in all_fields()}
+
+
+@pytest.fixture(scope="module")
+def built_tab():
+    tab = TrainTab(lambda: None)
+    tab.build()
+    return tab
+
+
+class ScriptedJobs:
+    """A job manager whose status moves one step per ``status()`` call through ``statuses``."""
+
+    def __init__(self, statuses=(), start_error: Exception | None = None):
+        self.statuses = list(statuses) or [JobStatus()]
+        self.start_error = start_error
+        self.started: list[tuple[TrainRequest, bool, str | None]] = []
+        self.interrupts = 0
+
+    def start(self, request, *, resume=False, id_task=None):
+        if self.start_error is not None:
+            raise self.start_error
+        self.started.append((request, resume, id_task))
+        return self.statuses[0]
+
+    def status(self):
+        return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+
+    def interrupt(self):
+        self.interrupts += 1
+        return self.statuses[0]
+
+
+def _running(step, total=10, **kw):
+    return JobStatus(state=JobState.RUNNING, job_id="j", method="lora", output_name="shapes", step=step, total=total,
+                     losses=[0.5 - 0.01 * i for i in range(step)], lr=1e-4, elapsed=2.0 * step + 5, eta=3.0 * (total - step),
+                     **kw)
+
+
+# request -------------------------------------------------------------------------------------------------------
+
+
+def test_request_from_the_widgets_default_values(built_tab):
+    values = {**_widget_defaults(built_tab), "dataset_dir": "  /data/shapes ", "output_name": "shapes ",
+              "sample_prompts": "a red circle\n\n  a blue square  \n", "steps": 300.0, "rank": 8.0, "alpha": 4.0,
+              "min_snr_gamma": 5, "lr_schedule": "cosine", "train_text_encoder": True}
+    request, notes = build_request("LoRA", values)
+    assert notes == []
+    assert request == TrainRequest(
+        dataset_dir="/data/shapes", output_name="shapes", method="lora", resolution=512, steps=300, batch_size=1,
+        grad_accumulation=1, learning_rate=1e-4, lr_schedule="cosine", warmup_steps=0, optimizer="adamw",
+        precision="auto", seed=0, save_every=500, sample_every=250, sample_prompts=("a red circle", "a blue square"),
+        sample_steps=20, rank=8, alpha=4.0, lora_targets="attention", train_text_encoder=True, min_snr_gamma=5.0,
+        noise_offset=0.0, gradient_checkpointing=False, cache_latents=False, buckets=True)
+    assert type(request.steps) is int and type(request.rank) is int and type(request.alpha) is float
+    # the request is one the core accepts
+    config = request.to_config("/tmp/out", device="cpu")
+    assert config.lora.rank == 8 and config.lora.scale == 0.5 and config.min_snr_gamma == 5.0
+
+
+def test_request_adjustments_and_refusals(built_tab):
+    base = {**_widget_defaults(built_tab), "dataset_dir": "/d", "output_name": "o"}
+    request, notes = build_request("lora", {**base, "sample_every": 100, "sample_prompts": "  \n"})
+    assert request.sample_every == 0 and request.min_snr_gamma is None and notes == [
+        "No sample prompt given: sample images are off."]
+    with pytest.raises(InputError, match="dataset folder"):
+        build_request("LoRA", {**base, "dataset_dir": "   "})
+    with pytest.raises(InputError, match="output name"):
+        build_request("LoRA", {**base, "output_name": ""})
+    with pytest.raises(InputError, match="steps must be a whole number; got 10.5"):
+        build_request("LoRA", {**base, "steps": 10.5})
+    with pytest.raises(InputError, match="learning rate must be a number"):
+        build_request("LoRA", {**base, "learning_rate": None})
+    with pytest.raises(InputError, match="unknown training method 'DreamBooth'"):
+        build_request("DreamBooth", base)
+
+
+# status rendering ------------------------------------------------------------------------------------------------
+
+
+def test_running_status_rendered():
+    view = render_status(_running(4, samples=["/s/a.png", "/s/b.png"], log=["one", "two"]))
+    assert view.progress == ("<b>Running</b> · step 4 / 10 · loss 0.4700 (avg 0.4850) · lr 1.00e-04 · 3.00 s/step"
+                             " · elapsed 13s · ETA 18s")
+    assert view.samples == ("/s/b.png", "/s/a.png")  # newest first
+    assert view.log == "one\ntwo"
+    assert view.result == "" and view.running and not view.resumable
+    raw = [(s, v) for s, v, k in view.loss_points if k == "loss"]
+    assert raw == [(1, 0.5), (2, 0.49), (3, 0.48), (4, 0.47)]
+    smooth = [v for _, v, k in view.loss_points if k == "smoothed"]
+    weights = [0.9 ** 3, 0.9 ** 2, 0.9, 1.0]  # bias-corrected EMA: a weighted mean of the losses so far
+    expected = sum(w * v for w, (_, v) in zip(weights, raw)) / sum(weights)
+    assert smooth[0] == pytest.approx(0.5) and smooth[-1] == pytest.approx(expected) and expected == pytest.approx(0.48369, abs=1e-5)
+
+
+def test_finished_interrupted_failed_messages():
+    done = JobStatus(state=JobState.FINISHED, method="lora", step=10, total=10, elapsed=75,
+                     output="/m/Lora/my<style>.safetensors", checkpoint="/w/c.state")
+    view = render_status(done)
+    assert view.result == ("<p>Saved <code>/m/Lora/my&lt;style&gt;.safetensors</code>; use "
+                           "<code>&lt;lora:my&lt;style&gt;:1&gt;</code> in your prompt.</p>")
+    assert view.progress.startswith("<b>Finished</b> · step 10 / 10") and "ETA" not in view.progress
+    assert "elapsed 01:15" in view.progress and not view.running and view.resumable
+
+    stopped = render_status(JobStatus(state=JobState.INTERRUPTED, method="lora", step=3, total=10,
+                                      output="/m/Lora/x.safetensors", checkpoint="/w/x-step000003.state"))
+    assert stopped.result == ("<p>Interrupted at step 3 / 10.<br>Saved <code>/m/Lora/x.safetensors</code>; use "
+                              "<code>&lt;lora:x:1&gt;</code> in your prompt.<br>Checkpoint "
+                              "<code>/w/x-step000003.state</code>: press Resume to continue.</p>")
+
+    failed = render_status(JobStatus(state=JobState.FAILED, method="lora", step=5, total=10, losses=[0.3, math.nan],
+                                     error="loss is nan: try bf16 or a lower learning rate", checkpoint="/w/c.state"))
+    assert failed.result == ("<div class='error'>loss is nan: try bf16 or a lower learning rate</div>"
+                             "<p>Last good checkpoint <code>/w/c.state</code>.</p>")
+    assert "loss nan (avg 0.3000)" in failed.progress
+    assert render_status(JobStatus()).progress == "No training run yet."
+
+
+def test_loss_curve_is_averaged_for_long_runs():
+    losses = [float(i % 10) for i in range(1000)]
+    points = loss_points(losses, max_points=100)
+    raw = [(s, v) for s, v, k in points if k == "loss"]
+    assert len(raw) == 100 and raw[0] == (10, 4.5) and raw[-1] == (1000, 4.5)
+    assert smoothed([1.0, math.inf, 3.0], 0.5)[1] == 1.0  # non-finite values do not poison the curve
+    assert [format_duration(s) for s in (None, 9.7, 187, 3723)] == ["-", "9s", "03:07", "01:02:03"]
+
+
+# handlers --------------------------------------------------------------------------------------------------------
+
+
+def _args(tab: TrainTab, **changes):
+    values = {**_widget_defaults(tab), "dataset_dir": "/d", "output_name": "shapes", "sample_every": 0, **changes}
+    return [values[name] for name in all_fields()]
+
+
+def test_train_follows_the_run_and_sends_only_what_changed(built_tab):
+    finished = JobStatus(state=JobState.FINISHED, method="lora", output_name="shapes", step=10, total=10,
+                         losses=[0.5] * 10, output="/m/shapes.safetensors", log=["done"])
+    jobs = ScriptedJobs([_running(2), _running(2), _running(5), finished])
+    tab = TrainTab(lambda: jobs, poll_seconds=0)
+    tab.inputs, tab.method_groups = built_tab.inputs, built_tab.method_groups
+    outputs = list(tab.start("task(abc)", "LoRA", *_args(built_tab)))
+
+    request, resume, id_task = jobs.started[0]
+    assert (request.output_name, request.dataset_dir, resume, id_task) == ("shapes", "/d", False, "task(abc)")
+    assert len(outputs) == 4
+    first, same, later, last = outputs
+    assert "step 2 / 10" in first[0]["value"] and first[1]["value"].shape == (4, 3)
+    assert all("value" not in u for u in same[:5])  # nothing changed: nothing sent
+    assert "step 5 / 10" in later[0]["value"] and later[1]["value"].shape == (10, 3)
+    assert "&lt;lora:shapes:1&gt;" in last[4]["value"] and last[3]["value"] == "done"
+    # buttons: Train off / Interrupt on while running; at the end Train on, Interrupt off
+    assert [u["interactive"] for u in first[5:]] == [False, True, False]
+    assert [u["interactive"] for u in last[5:]] == [True, False, False]
+
+
+def test_errors_are_shown_in_the_tab_not_raised(built_tab):
+    from modules import progress
+    busy = _running(3)
+    jobs = ScriptedJobs([busy], start_error=JobRunningError("a training job is already running"))
+    tab = TrainTab(lambda: jobs, poll_seconds=0)
+    (out,) = list(tab.start("task(busy)", "LoRA", *_args(built_tab)))
+    assert out[4]["value"] == "<div class='error'>a training job is already running</div>"
+    assert "step 3 / 10" in out[0]["value"]  # the run that goes on stays shown
+    assert "task(busy)" in progress.finished_tasks  # the WebUI's progress bar for the refused id stops
+
+    (out,) = list(tab.start("", "LoRA", *_args(built_tab, steps=2.5)))
+    assert "steps must be a whole number" in out[4]["value"] and jobs.started == []
+
+    jobs.start_error = RuntimeError("boom")
+    (out,) = list(tab.resume("task(x)", "LoRA", *_args(built_tab)))
+    assert out[4]["value"] == "<div class='error'>RuntimeError: boom</div>"
+
+
+def test_resume_interrupt_and_method_switch(built_tab):
+    stopped = JobStatus(state=JobState.INTERRUPTED, method="lora", step=4, total=10, checkpoint="/w/c.state")
+    jobs = ScriptedJobs([_running(4), stopped])
+    tab = TrainTab(lambda: jobs, poll_seconds=0)
+    outputs = list(tab.resume("not a task id", "LoRA", *_args(built_tab)))
+    assert jobs.started[0][1:] == (True, None)
+    assert "press Resume" in outputs[-1][4]["value"] and outputs[-1][7]["interactive"] is True
+
+    jobs.statuses = [_running(5), stopped]
+    outputs = list(tab.interrupt())
+    assert jobs.interrupts == 1 and "Interrupted" in outputs[-1][0]["value"]
+    assert built_tab.method_changed("LoRA") == [gr.update(visible=True)] * len(built_tab.method_groups["lora"])
+
+
+def test_entry_point_registers_callbacks_and_creates_jobs_lazily(tmp_path):
+    import driver
+    from modules import script_callbacks
+    from webui_tab.host import load_entry_point
+
+    driver.reset_webui(tmp_path)
+    module = load_entry_point()
+    assert module._jobs is None  # nothing created at import
+    ((blocks, title, elem_id),) = script_callbacks.ui_tabs_callback()
+    assert (title, elem_id) == ("Train Adapter", "adapters_train") and isinstance(blocks, gr.Blocks)
+    assert module._jobs is None
+    jobs = module.jobs()
+    assert jobs is module.jobs() and jobs.status().state is JobState.IDLE
+    script_callbacks.script_unloaded_callback()  # nothing runs: returns at once
