@@ -3,7 +3,7 @@
 ``register_api(app, jobs)`` is called from ``script_callbacks.on_app_started`` (scripts/adapters_train.py)::
 
     POST /adapters/v1/train            body: a TrainRequest as JSON -> 200 status | 422 bad field | 400 bad dataset,
-                                       no model, nothing to resume | 409 a job is running
+                                       no model, a named file not found, nothing to resume | 409 a job is running
     GET  /adapters/v1/train            -> the current (or last) job's status
     POST /adapters/v1/train/interrupt  -> status (the run stops before its next step and saves a checkpoint)
     POST /adapters/v1/train/resume     same body as start: continues from the newest checkpoint of output_name
@@ -27,7 +27,8 @@ from .training_jobs import JobRunningError, JobState, TrainingJobs, TrainRequest
 PREFIX = "/adapters/v1/train"
 
 _TYPES = {"an integer": int, "a number": float, "true or false": bool, "a string": str,
-          "a list of strings": List[str], "a number or null": Optional[float]}
+          "a list of strings": List[str], "a number or null": Optional[float], "an integer or null": Optional[int],
+          "a string or null": Optional[str]}
 
 
 def _request_model() -> type[BaseModel]:
@@ -64,7 +65,8 @@ class TrainStatusModel(BaseModel):
     eta: Optional[float] = Field(title="seconds left (while running)")
     samples: List[str] = Field(title="sample image paths, newest last")
     log: List[str]
-    output: Optional[str] = Field(title="the LoRA file in the Lora dir (finished or interrupted)")
+    output: Optional[str] = Field(title="the published file (finished or interrupted): in the Lora dir for a LoRA, "
+                                        "in models/adapters for a T2I- or IP-Adapter")
     checkpoint: Optional[str] = Field(title="the newest resumable checkpoint (.state)")
     error: Optional[str]
 
@@ -108,7 +110,9 @@ def _start(jobs: TrainingJobs, body, resume: bool) -> dict:
         raise HTTPException(status_code=400, detail=str(exc)) from None
 
 
-_BODY_DOC = "A training request: dataset_dir and output_name, plus any settings to change from their defaults."
+_BODY_DOC = ("A training request: dataset_dir and output_name, plus any settings to change from their defaults; "
+             "method is lora, t2i_adapter or ip_adapter, and only that method's own fields (rank/alpha/lora_targets/"
+             "train_text_encoder, t2i_*, ip_*) may be set.")
 
 
 def register_api(app, jobs: TrainingJobs) -> None:
@@ -130,7 +134,7 @@ def register_api(app, jobs: TrainingJobs) -> None:
         return jobs.status().to_dict()
 
     def interrupt():
-        """Stop the running job before its next step; it saves a checkpoint and its LoRA lands in the Lora dir."""
+        """Stop the running job before its next step; it saves a checkpoint and its file is published as at the end."""
         return jobs.interrupt().to_dict()
 
     common = dict(dependencies=dependencies, response_model=TrainStatusModel, tags=["adapters"])

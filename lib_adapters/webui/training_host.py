@@ -1,9 +1,16 @@
-"""The WebUI side of a training run: where files go, the model, the queue lock, progress and the Lora list.
+"""The WebUI side of a training run: where files go, the model, the queue lock, progress and the model lists.
 
-``TrainingJobs`` (training_jobs.py) calls, in this order: ``check_ready``/``work_dir``/``device`` while
-validating; ``queue_task(id_task)`` when it accepts a run; then, in its thread, ``exclusive(...)`` for
-the whole run, ``make_backend`` and ``training_model(backend)`` around the core's ``train()``,
-``report``/``interrupted`` per step, and ``refresh_networks`` after the LoRA is in ``output_dir``.
+``TrainingJobs`` (training_jobs.py) calls, in this order: ``check_ready``/``work_dir``/``device``/
+``places``/``check_files`` while validating; ``queue_task(id_task)`` when it accepts a run; then, in its
+thread, ``exclusive(...)`` for the whole run, ``make_backend`` and ``training_model(backend)`` around
+the core's ``train()``, ``report``/``interrupted`` per step, and ``refresh_networks`` after the file is
+in ``output_dir``.
+
+* Folders are the ones the file's users read: the WebUI's Lora dir for a LoRA; for T2I- and
+  IP-Adapters the Adapters panel's own folder (models/adapters, the first folder its catalog lists),
+  with the panel's CLIP vision folders (models/clip_vision) for IP's encoder, the panel's annotator
+  folder for T2I's preprocessor weights, and the panel's catalog to resolve a file to fine-tune
+  given by its listed name. ``refresh_networks`` re-scans the Lora list or the panel's catalog.
 
 * ``exclusive`` holds ``modules.call_queue.queue_lock`` (the lock every generation takes, UI and API),
   so no generation runs meanwhile and one that waits runs right after; it brackets the run with
@@ -28,9 +35,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, MissingFileError, UnsupportedModelError
+from ..arch import detect_unet_arch
+from ..catalog import EncoderCatalog, ModelCatalog
+from ..errors import InputError, MissingFileError
 from ..training.backends.ldm import LdmBackend
+from ..training.config import Method, TrainConfig
+from ..training.ip_data import reference_encoder
 from ..training.loop import Progress
+from .training_request import FilePlaces
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +61,10 @@ class TrainingHost:
 
     # -- folders ---------------------------------------------------------------------------------------------------
     def output_dir(self, method: str = "lora") -> Path:
-        """Where the finished file goes: for LoRA the WebUI's Lora dir (``--lora-dir``, default models/Lora)."""
-        if str(method).lower() != "lora":
-            raise UnsupportedModelError(f"training method {method!r} is not supported yet; use lora")
+        """Where the finished file goes: for LoRA the WebUI's Lora dir (``--lora-dir``, default models/Lora); for
+        adapters the panel's own folder (models/adapters), whose catalog lists the file by its name."""
+        if _method(method) is not Method.LORA:
+            return _panel_settings().model_dirs[0]
         if self._lora_dir is not None:
             return self._lora_dir
         from modules import shared
@@ -60,6 +73,24 @@ class TrainingHost:
             from modules import paths_internal
             lora_dir = os.path.join(paths_internal.models_path, "Lora")
         return Path(lora_dir)
+
+    def list_name(self, method: str = "lora") -> str:
+        """How the log names the list the published file appears in."""
+        return "the Lora list" if _method(method) is Method.LORA else "the Adapters panel's model list"
+
+    def places(self, method: str = "lora") -> FilePlaces:
+        """The panel's folders for the files a request names (catalog names, encoders, preprocessor weights)."""
+        cfg = _panel_settings()
+        catalog = ModelCatalog(cfg.model_dirs, cfg.shared_model_dirs)  # a fresh scan: exactly what is there now
+        return FilePlaces(catalog.resolve, tuple(cfg.encoder_dirs), cfg.annotator_dir)
+
+    def check_files(self, config: TrainConfig) -> None:
+        """Files the run will look up by itself, found now (``MissingFileError`` before anything starts): the
+        CLIP vision encoder of a new IP-Adapter, as the panel will look it up for the trained file."""
+        ip = config.ip
+        if config.method is Method.IP_ADAPTER and ip.image_encoder is None and ip.init_from is None:
+            need = reference_encoder(ip.projection, detect_unet_arch(self._sd_model().model.diffusion_model))
+            EncoderCatalog(list(ip.encoder_folders)).find(need.hidden_states, need.width, need.description)
 
     def work_dir(self, method: str = "lora") -> Path:
         """Checkpoints, samples and the latent cache: ``<outputs>/adapters-training`` (never scanned as models)."""
@@ -168,12 +199,29 @@ class TrainingHost:
         from modules import shared
         return bool(shared.state.interrupted)
 
-    # -- the Lora list ------------------------------------------------------------------------------------------------
+    # -- the lists ----------------------------------------------------------------------------------------------------
     def refresh_networks(self, method: str = "lora") -> None:
-        """Re-scan the Lora dir so ``<lora:name:1>`` works in the very next generation."""
+        """Re-scan the Lora dir so ``<lora:name:1>`` works in the very next generation; for an adapter, the
+        panel's catalog (its model dropdowns and name resolution) so a unit can select the file by its name."""
+        if _method(method) is not Method.LORA:
+            from . import panel  # the WebUI's gradio and scripts modules: only here, when an adapter was trained
+            panel.resources().model_choices(refresh=True)
+            return
         networks = _lora_extension()
         if networks is not None:
             networks.list_available_networks()
+
+
+def _method(method: str) -> Method:
+    try:
+        return Method(str(method).lower())
+    except ValueError:
+        raise InputError(f"method must be one of {', '.join(m.value for m in Method)}; got {method!r}") from None
+
+
+def _panel_settings():
+    from . import settings
+    return settings.current()
 
 
 def _unload_hypernetworks():

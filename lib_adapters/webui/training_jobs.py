@@ -1,16 +1,18 @@
 """Training jobs in the WebUI process: one background run at a time, its status, interrupt and resume.
 
-``TrainRequest`` is what the tab, the web API and scripts pass in (plain JSON-able fields, validated
-with messages that name the field); ``TrainingJobs`` validates a request completely (settings, every
-dataset file, the checkpoint to resume) before anything starts, then trains in a background thread
-through a ``TrainingHost`` (``training_host.py``: the WebUI glue: queue lock, shared.state progress,
-Lora unload/restore, Lora dir and list refresh). ``status()`` is a frozen ``JobStatus`` snapshot that
-the tab polls and the API returns as JSON.
+``TrainRequest`` (``training_request.py``) is what the tab, the web API and scripts pass in;
+``TrainingJobs`` validates a request completely (settings, the files it names, every dataset file, the
+checkpoint to resume) before anything starts, then trains in a background thread through a
+``TrainingHost`` (``training_host.py``: the WebUI glue: queue lock, shared.state progress, Lora
+unload/restore, the output folders and their lists). ``status()`` is a frozen ``JobStatus`` snapshot
+that the tab polls and the API returns as JSON.
 
-Where files go (LoRA): the finished file, and on interrupt the newest checkpoint's weights, land in
-the WebUI's Lora dir as ``<output_name>.safetensors``; checkpoints (``.state`` + weights, for resume)
-and sample images stay in the host's work dir (``outputs/adapters-training``), so the Lora list only
-ever shows finished or interrupted LoRAs.
+Where files go: the finished file, and on interrupt the newest checkpoint's weights, land as
+``<output_name>.safetensors`` in the WebUI's Lora dir (LoRA) or in the Adapters panel's own folder,
+models/adapters (T2I- and IP-Adapters), and that list is refreshed before the queue lock is released,
+so the very next generation can use it. Checkpoints (``.state`` + weights, for resume), sample images
+and caches stay in the host's work dir (``outputs/adapters-training``), so the lists only ever show
+finished or interrupted runs.
 """
 from __future__ import annotations
 
@@ -21,25 +23,31 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import AdapterError, InputError, MissingFileError
+from ..preprocess.registry import get_preprocessor
 from ..training.checkpoints import check_signature, checkpoint_dir, latest_checkpoint, read_state
-from ..training.config import LoraConfig, TrainConfig
-from ..training.data import load_records
+from ..training.conditions import load_t2i_records
+from ..training.config import Method, TrainConfig
+from ..training.data import DatasetInvalidError, ProblemKind
 from ..training.errors import NonFiniteLossError
-from ..training.loop import Progress, TrainCallbacks, train
+from ..training.loop import Progress, TrainCallbacks, method_class, train
 from ..training.methods.lora_file import atomic_write, load_lora, save_lora
 from .training_host import TrainingHost
+from .training_request import FilePlaces, TrainRequest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JobState", "TrainRequest", "JobStatus", "TrainingJobs", "TrainingHost", "JobRunningError"]
+__all__ = ["JobState", "TrainRequest", "FilePlaces", "JobStatus", "TrainingJobs", "TrainingHost", "JobRunningError",
+           "validate_dataset"]
 
 LOG_LINES = 200
 _SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,131 +63,6 @@ class JobState(str, Enum):
 
 class JobRunningError(InputError):
     """A job is already running (the API answers 409)."""
-
-
-# -- the request ----------------------------------------------------------------------------------------
-_INT, _FLOAT, _BOOL, _STR, _STRS, _OPT_FLOAT = ("an integer", "a number", "true or false", "a string",
-                                                "a list of strings", "a number or null")
-
-
-@dataclass(frozen=True)
-class TrainRequest:
-    """One run's settings as a UI or API client gives them. ``to_config`` turns them into the core's config."""
-
-    dataset_dir: str
-    output_name: str
-    method: str = "lora"
-    resolution: int = 512
-    steps: int = 1000
-    batch_size: int = 1
-    grad_accumulation: int = 1
-    learning_rate: float = 1e-4
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    optimizer: str = "adamw"
-    precision: str = "auto"  # bf16 on CUDA hosts (fp16 where bf16 is unsupported), fp32 on CPU
-    seed: int = 0
-    save_every: int = 500
-    sample_every: int = 0
-    sample_prompts: tuple[str, ...] = ()
-    sample_steps: int = 20
-    rank: int = 16
-    alpha: float = 16.0
-    lora_targets: str = "attention"
-    train_text_encoder: bool = False
-    min_snr_gamma: Optional[float] = None
-    noise_offset: float = 0.0
-    gradient_checkpointing: bool = False
-    cache_latents: bool = False
-    buckets: bool = True
-
-    @classmethod
-    def field_kinds(cls) -> dict[str, str]:
-        """Field name -> the JSON kind it takes (for messages and the API schema)."""
-        kinds = {}
-        for f in fields(cls):
-            kinds[f.name] = {"int": _INT, "float": _FLOAT, "bool": _BOOL, "str": _STR, "tuple[str, ...]": _STRS,
-                             "Optional[float]": _OPT_FLOAT}[str(f.type)]
-        return kinds
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainRequest":
-        """Build from JSON-like data; ``InputError`` naming unknown or missing fields and wrong types."""
-        if not isinstance(data, dict):
-            raise InputError(f"a training request must be a JSON object; got {type(data).__name__}")
-        kinds = cls.field_kinds()
-        unknown = sorted(k for k in data if k not in kinds)
-        if unknown:
-            raise InputError(f"unknown field(s) {', '.join(map(repr, unknown))}; the fields are: {', '.join(kinds)}")
-        missing = [k for k in ("dataset_dir", "output_name") if data.get(k) in (None, "")]
-        if missing:
-            raise InputError(f"missing required field(s): {', '.join(missing)}")
-        values, wrong = {}, []
-        for name, value in data.items():
-            kind = kinds[name]
-            ok, converted = _convert(kind, value)
-            if not ok:
-                wrong.append(f"{name} must be {kind}, got {value!r}")
-            values[name] = converted
-        if wrong:
-            raise InputError("wrong type: " + "; ".join(wrong))
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["sample_prompts"] = list(self.sample_prompts)
-        return out
-
-    def resolved_precision(self, device: torch.device | str | None = None) -> str:
-        """"auto" -> bf16 on a CUDA device (fp16 if the GPU has no bf16), fp32 elsewhere."""
-        if str(self.precision).lower() != "auto":
-            return str(self.precision).lower()
-        device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-    def to_config(self, output_dir: Path, *, device: torch.device | str | None = None) -> TrainConfig:
-        """The validated core config (``InputError`` naming the field on a bad value)."""
-        lora = LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.lora_targets,
-                          train_text_encoder=self.train_text_encoder)
-        return TrainConfig(
-            dataset_dir=Path(self.dataset_dir).expanduser(), output_dir=Path(output_dir), output_name=self.output_name,
-            method=self.method, resolution=self.resolution, steps=self.steps, batch_size=self.batch_size,
-            grad_accumulation=self.grad_accumulation, learning_rate=self.learning_rate, lr_schedule=self.lr_schedule,
-            warmup_steps=self.warmup_steps, optimizer=self.optimizer, precision=self.resolved_precision(device),
-            seed=self.seed, save_every=self.save_every, sample_every=self.sample_every,
-            sample_prompts=tuple(self.sample_prompts), sample_seed=self.seed, sample_steps=self.sample_steps,
-            min_snr_gamma=self.min_snr_gamma, noise_offset=self.noise_offset,
-            gradient_checkpointing=self.gradient_checkpointing, buckets=self.buckets,
-            cache_latents=self.cache_latents, lora=lora)
-
-
-def _convert(kind: str, value):
-    """(ok, value) for one JSON value of ``kind``; no silent float->int or str->number coercion."""
-    is_bool = isinstance(value, bool)
-    if kind == _INT:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        return isinstance(value, int) and not is_bool, value
-    if kind == _FLOAT:
-        return isinstance(value, (int, float)) and not is_bool, float(value) if not is_bool and isinstance(
-            value, (int, float)) else value
-    if kind == _OPT_FLOAT:
-        if value is None:
-            return True, None
-        return _convert(_FLOAT, value)
-    if kind == _BOOL:
-        return is_bool, value
-    if kind == _STR:
-        return isinstance(value, str), value
-    if kind == _STRS:
-        if isinstance(value, str):  # one prompt per line, as a textbox gives them
-            value = [line.strip() for line in value.splitlines() if line.strip()]
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-        return ok, tuple(value) if ok else value
-    return False, value
 
 
 # -- the status -------------------------------------------------------------------------------------------
@@ -288,8 +171,10 @@ class TrainingJobs:
         with self._lock:
             self._check_idle()
             self.host.check_ready(request.method)
-            config = request.to_config(self.host.work_dir(request.method), device=self.host.device())
-            load_records(config.dataset_dir, config.min_image_size)
+            config = request.to_config(self.host.work_dir(request.method), device=self.host.device(),
+                                       places=self.host.places(request.method))
+            validate_dataset(config)
+            self.host.check_files(config)
             resume_from = None
             if resume:
                 resume_from = latest_checkpoint(config)
@@ -370,7 +255,8 @@ class TrainingJobs:
                     job.step = result.step
                 published = self._publish(job, result)
                 state = JobState.INTERRUPTED if result.interrupted else JobState.FINISHED
-                where = f"{published} is in the Lora list" if published else "nothing was exported"
+                where = (f"{published} is in {self.host.list_name(job.request.method)}" if published
+                         else "nothing was exported")
                 self._log(job, f"{'interrupted' if result.interrupted else 'finished'} at step {result.step}; {where}")
         except NonFiniteLossError as exc:
             error = str(exc)
@@ -393,27 +279,60 @@ class TrainingJobs:
             job.done.set()
 
     def _publish(self, job: _Job, result) -> Path | None:
-        """Put the run's LoRA into the Lora dir (the final file, or the newest checkpoint's weights on interrupt)
-        and refresh the WebUI's Lora list."""
+        """Put the run's file into its list's folder (the final file, or the newest checkpoint's weights on
+        interrupt, in the save precision) and refresh that list (Lora list, or the Adapters panel's models)."""
         config = job.config
         target = self.host.output_dir(job.request.method) / f"{config.output_name}.safetensors"
         if result.output is not None:
             source = Path(result.output)
             atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))  # never a half-copied file in the list
             source.unlink()
-        elif result.step > 0 and (result.checkpoints or job.checkpoint):  # step 0: an untrained (no-op) LoRA
+        elif result.step > 0 and (result.checkpoints or job.checkpoint):  # step 0: an untrained (no-op) file
             state = Path(result.checkpoints[-1] if result.checkpoints else job.checkpoint)
-            tensors, metadata = load_lora(state.with_suffix(".safetensors"))
-            dtype = _SAVE_DTYPES[config.lora.save_precision.value]
-            tensors = {k: (v.float() if k.endswith(".alpha") else v.to(dtype)) for k, v in tensors.items()}
-            metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
-            save_lora(target, tensors, metadata)
+            _publish_checkpoint(config, state.with_suffix(".safetensors"), target)
         else:
             return None
         with self._lock:
             job.output = str(target)
         self.host.refresh_networks(job.request.method)
         return target
+
+
+def validate_dataset(config: TrainConfig) -> None:
+    """Every dataset file checked before anything starts (``DatasetInvalidError`` lists them all). A T2I run
+    with a preprocessor is checked without making its missing conditions: that is slow work, done by the run."""
+    if config.method is Method.T2I_ADAPTER and config.t2i.preprocessor:
+        get_preprocessor(config.t2i.preprocessor)  # InputError naming the valid ones
+        try:
+            load_t2i_records(replace(config, t2i=replace(config.t2i, preprocessor=None)))
+        except DatasetInvalidError as exc:
+            problems = [p for p in exc.problems if p.kind is not ProblemKind.MISSING_CONDITION]
+            if problems:
+                root = config.dataset_dir if config.dataset_dir.is_dir() else config.dataset_dir.parent
+                raise DatasetInvalidError(root, problems) from None
+        return
+    method_class(config.method).load_records(config)
+
+
+def _save_dtype(config: TrainConfig) -> torch.dtype:
+    part = {Method.LORA: config.lora, Method.T2I_ADAPTER: config.t2i, Method.IP_ADAPTER: config.ip}[config.method]
+    return _SAVE_DTYPES[part.save_precision.value]
+
+
+def _publish_checkpoint(config: TrainConfig, weights: Path, target: Path) -> None:
+    """A checkpoint's fp32 weights (the method's own file layout) as the published file, in the save precision."""
+    dtype = _save_dtype(config)
+    if config.method is Method.LORA:
+        tensors, metadata = load_lora(weights)
+        tensors = {k: (v.float() if k.endswith(".alpha") else v.to(dtype)) for k, v in tensors.items()}
+        metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
+        save_lora(target, tensors, metadata)
+        return
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata))
 
 
 def _set_aside_old_checkpoints(config: TrainConfig) -> None:
