@@ -31,6 +31,7 @@ from .checkpoints import (Snapshot, capture_rng, check_signature, checkpoint_dir
                           read_state, restore_rng, resume_signature, write_state)
 from .config import Method, Precision, TrainConfig
 from .data import ImageRecord, tag_frequency
+from .distributed import Shard
 from .errors import NonFiniteLossError
 from .latent_cache import LatentCache
 from .methods.base import ExportInfo, MethodBase, MethodBatch, TrainingMethod
@@ -124,8 +125,9 @@ class Trainer:
     """One run's state. Use ``train()``; this class exists so each piece stays small."""
 
     def __init__(self, config: TrainConfig, backend: TrainingBackend, callbacks: TrainCallbacks | None = None,
-                 sampler: Sampler | None = None):
+                 sampler: Sampler | None = None, shard: Shard | None = None):
         self.config, self.backend = config, backend
+        self.shard = shard or Shard()  # this process's part of a multi-process run (see distributed.py)
         self.callbacks = callbacks or TrainCallbacks()
         self.sampler = sampler or euler_sampler
         self.records: list[ImageRecord] = method_class(config.method).load_records(config)
@@ -215,17 +217,27 @@ class Trainer:
         return MethodBatch([self.records[i] for i in indices], [self.plan.placements[i] for i in indices],
                            self.generator, self.backend.device)
 
-    def _loss(self, indices: tuple[int, ...]) -> torch.Tensor:
+    def _loss(self, indices: tuple[int, ...]) -> torch.Tensor | None:
+        """Mean loss of this process's rows of the global batch ``indices`` (all of them in a single process);
+        None when it has no rows. Noise and timesteps are drawn for the whole global batch on every process,
+        so the generators stay in step and each row gets what a single process would give it."""
         config, backend = self.config, self.backend
-        batch = self._method_batch(indices)
-        latents = self._latents(indices)
+        rows = self.shard.rows(len(indices))
+        local = indices[rows]
+        batch = self._method_batch(local)
+        latents = self._latents(local) if local else None
         alphas = backend.alphas_cumprod
-        noise = sample_noise(tuple(latents.shape), self.generator, config.noise_offset).to(latents.device)
-        timesteps = self.method.sample_timesteps(latents.shape[0], len(alphas), self.generator)
+        bucket = self.plan.placements[indices[0]].bucket  # latents are 4 x H/8 x W/8 in every SD family
+        shape = (len(indices), *(latents.shape[1:] if latents is not None else (4, bucket.height // 8, bucket.width // 8)))
+        noise = sample_noise(tuple(shape), self.generator, config.noise_offset)[rows]
+        timesteps = self.method.sample_timesteps(len(indices), len(alphas), self.generator)[rows]
+        if latents is None:
+            return None
+        noise = noise.to(latents.device)
         noisy = add_noise(latents, noise, timesteps, alphas)
         with _autocast(config, backend.device):
             captions = self.method.captions(batch, [r.caption for r in batch.records])
-            cond = backend.encode_prompts(captions, self._sizes(indices), grad=self.method.trains_text_encoder)
+            cond = backend.encode_prompts(captions, self._sizes(local), grad=self.method.trains_text_encoder)
             with self.method.unet_context(batch):
                 prediction = backend.apply(noisy, timesteps.to(latents.device), cond)
         target = training_target(backend.parameterization, latents, noise, timesteps, alphas)
@@ -237,13 +249,18 @@ class Trainer:
         accumulation = self.config.grad_accumulation
         total = 0.0
         for _ in range(accumulation):
-            loss = self._loss(self._next_batch().records)
-            value = float(loss.detach())
+            indices = self._next_batch().records
+            loss = self._loss(indices)
+            share = self.shard.share(len(indices))  # 1.0 in a single process
+            # the global batch's loss, the same number on every process (so all stop together on NaN)
+            value = self.shard.sum(float(loss.detach()) * share if loss is not None else 0.0, self.backend.device)
             if not math.isfinite(value):
                 self._fail(value)
-            scaled = loss / accumulation
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            if loss is not None:
+                scaled = (loss * share if self.shard.distributed else loss) / accumulation
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += value / accumulation
+        self.shard.reduce_gradients(self.params)  # summed before unscaling and clipping: the global gradient
         self._updating = True
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -275,11 +292,12 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         weights, state_path = checkpoint_paths(self.config, self.step)
-        self.method.export(weights, self._export_info(), torch.float32)
-        epoch, batch_index, rng = self._boundary
-        snapshot = Snapshot(self.step, epoch, batch_index, self.optimizer.state_dict(), self.scheduler.state_dict(),
-                            self.scaler.state_dict() if self.scaler else None, rng, resume_signature(self.config))
-        write_state(state_path, snapshot)
+        if self.shard.is_main:  # one writer; every process holds the same weights and optimizer state
+            self.method.export(weights, self._export_info(), torch.float32)
+            epoch, batch_index, rng = self._boundary
+            snapshot = Snapshot(self.step, epoch, batch_index, self.optimizer.state_dict(), self.scheduler.state_dict(),
+                                self.scaler.state_dict() if self.scaler else None, rng, resume_signature(self.config))
+            write_state(state_path, snapshot)
         self.checkpoints.append(state_path)
         self.last_checkpoint = state_path
         self.callbacks.on_checkpoint(self.step, state_path)
@@ -315,10 +333,12 @@ class Trainer:
                 self._report(losses[-1], start, first_step)
                 if config.save_every and self.step % config.save_every == 0 and self.step < config.steps:
                     self.save_checkpoint()
-                if config.sample_every and self.step % config.sample_every == 0:
+                if config.sample_every and self.step % config.sample_every == 0 and self.shard.is_main:
                     self.sample()
             self.save_checkpoint()
-            output = self.method.export(config.output_dir / f"{config.output_name}.safetensors", self._export_info())
+            output = config.output_dir / f"{config.output_name}.safetensors"
+            if self.shard.is_main:
+                output = self.method.export(output, self._export_info())
             return TrainResult(output, self.step, losses, self.checkpoints, False, time.perf_counter() - start)
         except BaseException:
             if first_step is not None and not self._failed and not self._updating and self.step > first_step:
@@ -340,16 +360,18 @@ class Trainer:
 
 
 def train(config: TrainConfig, backend: TrainingBackend, *, callbacks: TrainCallbacks | None = None,
-          resume_from: Path | None = None, sampler: Sampler | None = None) -> TrainResult:
-    """Run (or, with ``resume_from`` = a checkpoint's ``.state`` file, continue) one training run."""
-    return Trainer(config, backend, callbacks, sampler).run(resume_from)
+          resume_from: Path | None = None, sampler: Sampler | None = None, shard: Shard | None = None) -> TrainResult:
+    """Run (or, with ``resume_from`` = a checkpoint's ``.state`` file, continue) one training run; ``shard``: this
+    process's place in a multi-process run (``distributed.shard_from_environment``)."""
+    return Trainer(config, backend, callbacks, sampler, shard).run(resume_from)
 
 
 def resume(config: TrainConfig, backend: TrainingBackend, path: Path | None = None, *,
-           callbacks: TrainCallbacks | None = None, sampler: Sampler | None = None) -> TrainResult:
+           callbacks: TrainCallbacks | None = None, sampler: Sampler | None = None,
+           shard: Shard | None = None) -> TrainResult:
     """Continue from ``path`` (a ``.state`` file), or from the newest checkpoint of ``config``'s output name."""
     path = Path(path) if path is not None else latest_checkpoint(config)
     if path is None:
         raise MissingFileError(f"there is no checkpoint of {config.output_name!r} in {checkpoint_dir(config)} to resume; "
                                "start a new run instead")
-    return train(config, backend, callbacks=callbacks, resume_from=path, sampler=sampler)
+    return train(config, backend, callbacks=callbacks, resume_from=path, sampler=sampler, shard=shard)
