@@ -32,5 +32,16 @@ function adapters_train_start() {
         });
     }
 
+    // Show the log's newest line when new lines arrive (gradio 3.41 textboxes do not autoscroll).
+    var lastLog = "";
+    function scrollLog() {
+        var app = typeof gradioApp === "function" ? gradioApp() : document;
+        var box = app.querySelector("#adapters_train_log textarea");
+        if (!box || box.value === lastLog) return;
+        lastLog = box.value;
+        box.scrollTop = box.scrollHeight;
+    }
+
     if (typeof onUiLoaded === "function") onUiLoaded(addTitles);
+    if (typeof onAfterUiUpdate === "function") onAfterUiUpdate(scrollLog);
 })();

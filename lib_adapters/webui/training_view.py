@@ -231,7 +231,8 @@ def render_status(status: JobStatus) -> StatusView:
         log="\n".join(status.log),
         result=result_message(status),
         running=running,
-        resumable=not running and bool(status.checkpoint),
+        # a finished run has nothing left to resume; an interrupted or failed one continues from its checkpoint
+        resumable=status.state in (JobState.INTERRUPTED, JobState.FAILED) and bool(status.checkpoint),
     )
 
 

@@ -119,7 +119,7 @@ def test_finished_interrupted_failed_messages():
     assert view.result == ("<p>Saved <code>/m/Lora/my&lt;style&gt;.safetensors</code>; use "
                            "<code>&lt;lora:my&lt;style&gt;:1&gt;</code> in your prompt.</p>")
     assert view.progress.startswith("<b>Finished</b> · step 10 / 10") and "ETA" not in view.progress
-    assert "elapsed 01:15" in view.progress and not view.running and view.resumable
+    assert "elapsed 01:15" in view.progress and not view.running and not view.resumable
 
     stopped = render_status(JobStatus(state=JobState.INTERRUPTED, method="lora", step=3, total=10,
                                       output="/m/Lora/x.safetensors", checkpoint="/w/x-step000003.state"))

@@ -1,5 +1,6 @@
 """The "Train Adapter" tab driven in headless Chromium against the stub WebUI host page (host.py):
-it renders, a run starts from the filled-in form, progress advances (step text, loss plot, log),
+it renders, a bad dataset is reported in the tab, a run starts from the filled-in form, progress
+advances (step text, loss plot, log, a sample image in the gallery),
 Interrupt stops it with a checkpoint and the LoRA published, and the files are on disk.
 
 Needs the ``playwright`` package and a system Chromium at /usr/bin/chromium (never a downloaded
@@ -85,7 +86,10 @@ def test_train_then_interrupt_in_the_browser(host, page, tmp_path):
     _fill(page, "dataset_dir", str(dataset), "textarea")
     _fill(page, "steps", "400")
     _fill(page, "resolution", "64", "input[type=number]")
-    _fill(page, "sample_every", "0")
+    _fill(page, "sample_every", "2")
+    _fill(page, "sample_prompts", "a red circle", "textarea")
+    page.click("#adapters_train_advanced .label-wrap")  # open the accordion
+    _fill(page, "sample_steps", "2")
     page.click("#adapters_train_start")
 
     # progress advances: step text, a loss curve drawn, the log filled, Interrupt enabled
@@ -94,6 +98,7 @@ def test_train_then_interrupt_in_the_browser(host, page, tmp_path):
     assert "ETA" in _progress(page) and "loss" in _progress(page)
     page.wait_for_selector("#adapters_train_loss_plot .vega-embed canvas")  # vega drew the curve
     page.wait_for_function("() => document.querySelector('#adapters_train_log textarea').value.includes('starting')")
+    page.wait_for_selector("#adapters_train_gallery img")  # the sample made at step 2
     assert page.locator("#adapters_train_start").is_disabled()
     running = host.module.jobs().status()
     assert running.state is JobState.RUNNING and running.step >= 2
@@ -105,6 +110,8 @@ def test_train_then_interrupt_in_the_browser(host, page, tmp_path):
 
     status = host.module.jobs().status()
     assert status.state is JobState.INTERRUPTED and 2 <= status.step < 400
+    assert status.samples and all(Path(p).is_file() for p in status.samples)
+    assert page.locator("#adapters_train_gallery img").count() >= 1
     assert f"Interrupted at step {status.step} / 400" in result
     assert status.checkpoint and Path(status.checkpoint).is_file() and status.checkpoint in result
     assert status.output and Path(status.output).is_file() and Path(status.output).name == "tab_lora.safetensors"
