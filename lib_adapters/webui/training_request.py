@@ -243,9 +243,9 @@ def _check_method_fields(values: dict) -> None:
     foreign = [name for name, value in values.items()
                if _OWNER.get(name, method) != method and value != defaults[name]]
     if foreign:
-        owners = sorted({_METHOD_LABELS[_OWNER[n]] for n in foreign})
-        raise InputError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} {' and '.join(owners)} "
-                         f"setting(s), but this request trains {method}; remove them, or set method accordingly")
+        named = ", ".join(f"{n} ({_METHOD_LABELS[_OWNER[n]]})" for n in sorted(foreign))
+        raise InputError(f"method {method} does not take {named}; remove {'it' if len(foreign) == 1 else 'them'}, "
+                         "or set method to the one the field names belong to (fields are prefixed t2i_ and ip_)")
 
 
 def _method_config(cls, label: str, spec: dict[str, tuple[str, object]]):

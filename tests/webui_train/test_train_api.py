@@ -83,6 +83,63 @@ def test_malformed_requests_get_a_clear_422(webui, api, payload, status, words):
     assert jobs.status().state.value == "idle"
 
 
+BAD_ADAPTER_FIELDS = [
+    ({"method": "t2i_adapter", "t2i_condition_channels": 2},
+     "t2i_condition_channels: condition channels must be 1 (edges, sketches) or 3 (RGB maps); got 2"),
+    ({"method": "t2i_adapter", "t2i_condition": "depth map"},
+     "t2i_condition: the condition name is used in file names"),
+    ({"method": "t2i_adapter", "t2i_adapter_kind": "style"}, "t2i_adapter_kind: adapter_kind must be one of full, light"),
+    ({"method": "t2i_adapter", "t2i_num_res_blocks": 1.5}, "t2i_num_res_blocks must be an integer or null, got 1.5"),
+    ({"method": "ip_adapter", "ip_projection": "faceid"}, "ip_projection: projection must be one of plain, plus"),
+    ({"method": "ip_adapter", "ip_resampler_depth": 0}, "ip_resampler_depth: resampler_depth must be an integer in 1..16"),
+    ({"method": "ip_adapter", "ip_image_drop": 0.6, "ip_text_drop": 0.6},
+     "IP-Adapter settings: image/text/both drop rates must be in [0, 1] and sum to at most 1"),
+    ({"method": "ip_adapter", "save_precision": "int8"}, "save_precision: save_precision must be one of fp32, fp16"),
+    ({"method": "t2i_adapter", "rank": 4}, "method t2i_adapter does not take rank (LoRA); remove it"),
+    ({"ip_projection": "plus", "t2i_condition": "canny"},
+     "method lora does not take ip_projection (IP-Adapter), t2i_condition (T2I-Adapter); remove them"),
+    ({"method": "controlnet"}, "method must be one of lora, t2i_adapter, ip_adapter; got 'controlnet'"),
+]
+
+
+@pytest.mark.parametrize("fields, words", BAD_ADAPTER_FIELDS, ids=[str(i) for i in range(len(BAD_ADAPTER_FIELDS))])
+def test_a_bad_method_field_gets_a_422_naming_it(webui, api, fields, words):
+    client, jobs = api
+    response = client.post(PREFIX, json={"dataset_dir": str(webui.dataset), "output_name": "x", **fields})
+    assert response.status_code == 422 and words in response.json()["detail"], response.text
+    assert jobs.status().state.value == "idle"
+
+
+def test_t2i_and_ip_jobs_start_and_report_through_the_api(webui, api):
+    from fixtures.clip import save_clip_vision, tiny_clip_vision
+    client, jobs = api
+    encoder = save_clip_vision(tiny_clip_vision(), webui.root / "models" / "clip_vision")
+    adapters = webui.root / "models" / "adapters"
+    ip = dict(body(webui, "ip_api", method="ip_adapter", ip_image_encoder=encoder.name, ip_projection="plain"),
+              rank=16, alpha=16.0)  # another method's knobs at their defaults are accepted (a tab sends them all)
+    started = client.post(PREFIX, json=ip)
+    assert started.status_code == 200, started.text
+    assert started.json()["method"] == "ip_adapter" and started.json()["total"] == 4
+    done = wait_done(client, jobs)
+    assert done["state"] == "finished" and done["step"] == 4 and len(done["losses"]) == 4, done["error"]
+    assert done["output"] == str(adapters / "ip_api.safetensors")
+
+    for image in (webui.dataset / "2_shapes").glob("*.png"):
+        (image.with_name(f"{image.stem}.sketch.png")).write_bytes(image.read_bytes())
+    t2i = {k: v for k, v in body(webui, "t2i_api", method="t2i_adapter").items() if k not in ("rank", "alpha")}
+    t2i.update(t2i_condition="sketch", t2i_condition_channels=1, t2i_export_layout="diffusers")
+    started = client.post(PREFIX, json=t2i)
+    assert started.status_code == 200, started.text
+    done = wait_done(client, jobs)
+    assert done["state"] == "finished" and done["method"] == "t2i_adapter", done["error"]
+    assert done["output"] == str(adapters / "t2i_api.safetensors")
+    assert sorted(p.name for p in adapters.iterdir()) == ["ip_api.safetensors", "t2i_api.safetensors"]
+
+    missing = client.post(PREFIX, json=dict(ip, output_name="again", ip_image_encoder="nope.safetensors"))
+    assert missing.status_code == 400 and "ip_image_encoder: no CLIP vision encoder 'nope.safetensors'" in \
+        missing.json()["detail"]
+
+
 def test_impossible_requests_get_a_clear_400_and_non_objects_a_422(webui, api, tmp_path):
     client, jobs = api
     missing = client.post(PREFIX, json=body(webui, dataset_dir=str(tmp_path / "nowhere")))
@@ -109,5 +166,6 @@ def test_the_routes_use_the_webuis_api_auth_and_are_documented(webui, monkeypatc
     assert client.get(PREFIX, auth=("bob", "pw")).json()["state"] == "idle"
     schema = client.get("/openapi.json").json()
     start = schema["paths"][PREFIX]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert {"dataset_dir", "output_name", "steps", "rank"} <= set(start["properties"])
+    assert {"dataset_dir", "output_name", "steps", "rank", "t2i_condition", "ip_projection"} <= set(start["properties"])
+    assert start["properties"]["t2i_num_res_blocks"]["type"] == "integer"
     assert set(schema["paths"]) == {PREFIX, f"{PREFIX}/interrupt", f"{PREFIX}/resume"}
