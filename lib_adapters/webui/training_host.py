@@ -204,8 +204,11 @@ class TrainingHost:
         """Re-scan the Lora dir so ``<lora:name:1>`` works in the very next generation; for an adapter, the
         panel's catalog (its model dropdowns and name resolution) so a unit can select the file by its name."""
         if _method(method) is not Method.LORA:
-            from . import panel  # the WebUI's gradio and scripts modules: only here, when an adapter was trained
-            panel.resources().model_choices(refresh=True)
+            try:
+                from . import panel  # the WebUI's gradio and scripts modules: only here, when an adapter was trained
+                panel.resources().model_choices(refresh=True)
+            except Exception:  # noqa: BLE001  (the file is published; the catalog also re-scans on an unknown name)
+                log.warning("adapters training: could not refresh the Adapters panel's model list", exc_info=True)
             return
         networks = _lora_extension()
         if networks is not None:
