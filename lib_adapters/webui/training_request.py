@@ -204,7 +204,7 @@ class TrainRequest:
             "t2i_adapter_kind": ("adapter_kind", self.t2i_adapter_kind), "t2i_condition": ("condition", self.t2i_condition),
             "t2i_condition_channels": ("condition_channels", self.t2i_condition_channels),
             "t2i_num_res_blocks": ("num_res_blocks", self.t2i_num_res_blocks),
-            "t2i_preprocessor": ("preprocessor", (self.t2i_preprocessor or "").strip() or None),
+            "t2i_preprocessor": ("preprocessor", _preprocessor(self.t2i_preprocessor)),
             "t2i_init_from": ("init_from", init), "t2i_timesteps": ("timesteps", self.t2i_timesteps),
             "t2i_export_layout": ("export_layout", self.t2i_export_layout),
             "save_precision": ("save_precision", self.save_precision),
@@ -225,6 +225,12 @@ class TrainRequest:
             "ip_data_root": ("data_root", Path(self.ip_data_root).expanduser() if self.ip_data_root else None),
             "save_precision": ("save_precision", self.save_precision),
             "": ("encoder_folders", places.encoder_dirs if places is not None else ())})
+
+
+def _preprocessor(value: str | None) -> str | None:
+    """"" and the panel's "none" both mean no preprocessor: "none" would make each condition a copy of its image."""
+    name = (value or "").strip()
+    return None if name.lower() in ("", "none") else name
 
 
 def _method(value: str) -> Method:

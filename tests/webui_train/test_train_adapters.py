@@ -170,6 +170,8 @@ def test_t2i_datasets_are_checked_file_by_file_before_anything_starts(webui, pan
         assert f"2_shapes/{name}" in message
     assert jobs.status().state is JobState.IDLE and not webui.queue_lock.locked()
     assert "task(t2i-bad)" not in webui.progress.pending_tasks
+    with pytest.raises(DatasetInvalidError, match="3 problem"):  # the panel's "none" is no preprocessor
+        jobs.start(request(webui, "nope", "t2i_adapter", t2i_condition="depth", t2i_preprocessor="None"))
     with pytest.raises(InputError, match="Unknown preprocessor 'depht'"):
         jobs.start(request(webui, "nope", "t2i_adapter", t2i_condition="depth", t2i_preprocessor="depht"))
 
@@ -202,3 +204,19 @@ def test_fine_tuning_starts_from_a_file_named_as_the_panel_lists_it(webui, panel
     with pytest.raises(MissingFileError, match="ViT-H/14 .image embeddings of width 1024. CLIP vision encoder and none"):
         jobs.start(request(webui, "x", "ip_adapter", dataset_dir=plain))
     assert jobs.status().state is JobState.FINISHED and jobs.status().output_name == "tuned"
+
+
+def test_an_sdxl_t2i_run_drives_the_next_sdxl_generation(webui, panel):
+    add_conditions(panel.images)
+    model = driver.load_tiny_model("sdxl")
+    before = model_snapshot(model)
+    final = run(TrainingJobs(TrainingHost()), request(webui, "xl_depth", "t2i_adapter", t2i_condition="depth",
+                                                      steps=2))
+    assert final.state is JobState.FINISHED, final.error
+    loaded = load_t2i_adapter(final.output)
+    assert loaded.config.sdxl and loaded.config.unshuffle == 16
+    after = model_snapshot(model)
+    assert before["forwards"] == after["forwards"]
+    assert all(torch.equal(before["state"][k], after["state"][k]) for k in before["state"])
+    with Image.open(panel.images[0].with_name("0.depth.png")) as im:
+        assert_used_by_the_next_generation(panel, "xl_depth", np.asarray(im.convert("RGB")))
