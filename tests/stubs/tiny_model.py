@@ -33,8 +33,6 @@ import contextlib
 import hashlib
 import io
 import os
-import re
-import zlib
 
 import torch
 from torch import nn
@@ -44,44 +42,12 @@ with contextlib.redirect_stdout(io.StringIO()):  # ldm prints about xformers on 
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
     from ldm.modules.diffusionmodules.util import timestep_embedding
     from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-VOCAB_SIZE = 1000
-BOS_ID, EOS_ID = 998, 999
-MAX_LENGTH = 77
+# The tokenizer and text encoder are the core's (lib_adapters/tiny_diffusers.py), shared with the headless trainer.
+from lib_adapters.tiny_diffusers import (BOS_ID, EOS_ID, MAX_LENGTH, VOCAB_SIZE,  # noqa: E402,F401
+                                         WordHashTokenizer, tiny_clip_text_model as _clip)
+
 CHUNK_LENGTH = 75
-
-
-class WordHashTokenizer:
-    """A deterministic tokenizer with a small HF-like surface: words/punctuation -> crc32 -> 1..996."""
-
-    bos_token_id, eos_token_id, pad_token_id = BOS_ID, EOS_ID, EOS_ID
-    model_max_length = MAX_LENGTH
-
-    def encode_words(self, text: str) -> list[int]:
-        return [1 + zlib.crc32(w.encode("utf8")) % (BOS_ID - 2) for w in re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())]
-
-    def __call__(self, text, truncation: bool = False, max_length: int | None = None, padding=False,
-                 add_special_tokens: bool = True, return_tensors: str | None = None, **_):
-        texts = [text] if isinstance(text, str) else list(text)
-        ids = [[BOS_ID, *self.encode_words(t), EOS_ID] if add_special_tokens else self.encode_words(t) for t in texts]
-        if truncation and max_length:
-            ids = [x[: max_length - 1] + [EOS_ID] if add_special_tokens and len(x) > max_length else x[:max_length] for x in ids]
-        if padding == "max_length" and max_length:
-            ids = [x + [self.pad_token_id] * (max_length - len(x)) for x in ids]
-        if return_tensors == "pt":
-            return {"input_ids": torch.tensor(ids)}
-        return {"input_ids": ids if not isinstance(text, str) else ids[0]}
-
-
-def _clip(hidden: int, projection: int | None = None) -> nn.Module:
-    config = CLIPTextConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=BOS_ID,
-                            eos_token_id=EOS_ID, pad_token_id=EOS_ID, projection_dim=projection or hidden)
-    model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
-    final_norm = model.text_model.final_layer_norm
-    nn.init.normal_(final_norm.bias, std=0.1)  # a zero-mean output would make WebUI emphasis divide by 0
-    return model.eval()
 
 
 class TinyFrozenCLIPEmbedder(nn.Module):

@@ -1,0 +1,175 @@
+"""The command-line trainer: ``python -m lib_adapters.training --dataset DIR --output-dir DIR --name NAME [...]``.
+
+It runs the same core as the WebUI tab (``loop.train``/``loop.resume``) over a backend built by
+``loading.py``; options are generated from the config dataclasses (``cli_args.py``). Launched by
+``accelerate launch`` or ``torchrun`` it trains data-parallel (``distributed.py``): every process takes
+its rows of each global batch and only the first one prints and writes.
+
+Exit codes: 0 done; 1 training stopped (non-finite loss: the message names the kept checkpoint);
+2 bad input (the message says what to fix; no traceback); 130 interrupted by Ctrl-C after saving a
+checkpoint (``--resume`` continues it). A second Ctrl-C stops at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import AdapterError, InputError
+from .checkpoints import latest_checkpoint
+from .config import TrainConfig
+from .distributed import Shard, close, shard_from_environment
+from .errors import TrainingError
+from .loading import ModelSource, base_dtype, load_backend
+from .loop import Progress, TrainCallbacks, TrainResult, method_class, resume, train
+
+EXIT_OK, EXIT_TRAINING, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class ConsoleCallbacks(TrainCallbacks):
+    """Progress lines on the main process; Ctrl-C (SIGINT) asks for a save-and-stop at the next step."""
+
+    def __init__(self, shard: Shard, device: torch.device, log_every: int = 1, out=None):
+        self.shard, self.device, self.log_every = shard, device, max(1, log_every)
+        self.out = out or sys.stdout
+        self.stop_requested = False
+
+    def request_stop(self, *_):
+        if self.stop_requested:  # the second Ctrl-C: stop now (the loop still saves if it can)
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.say("\nCtrl-C: saving a checkpoint at the end of this step (press again to stop at once)")
+
+    def say(self, text: str) -> None:
+        if self.shard.is_main:
+            print(text, file=self.out, flush=True)
+
+    def interrupted(self) -> bool:
+        return self.shard.any(self.stop_requested, self.device)  # every process stops at the same step
+
+    def on_progress(self, p: Progress) -> None:
+        if p.step % self.log_every == 0 or p.step == p.total:
+            self.say(f"step {p.step}/{p.total}  loss {p.loss:.4f}  lr {p.lr:.2e}  epoch {p.epoch}  "
+                     f"elapsed {_clock(p.elapsed)}  ETA {_clock(p.eta)}")
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.say(f"checkpoint at step {step}: {path}")
+
+    def on_sample(self, step: int, images, paths: list[Path]) -> None:
+        self.say(f"samples at step {step}: {', '.join(str(p) for p in paths)}")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    config: TrainConfig
+    source: ModelSource
+    resume: str | None  # None: a new run; "latest": the newest checkpoint of the name; else a .state path
+    device: str = "auto"
+    log_every: int = 1
+
+
+def pick_device(name: str, shard: Shard) -> torch.device:
+    if shard.distributed or name == "auto":
+        return shard.device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _report(result: TrainResult, request: RunRequest, say) -> None:
+    losses = result.losses
+    if losses:
+        k = max(1, len(losses) // 10)
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        say(f"loss: mean of the first {k} step(s) {first:.4f} -> last {k} step(s) {last:.4f}"
+            f" ({len(losses)} steps in {_clock(result.seconds)})")
+    if result.interrupted:
+        say(f"interrupted at step {result.step}; checkpoint {result.checkpoints[-1] if result.checkpoints else '-'}; "
+            f"continue with the same options and --resume")
+        return
+    model = "the built-in tiny model" if request.source.checkpoint is None else request.source.checkpoint
+    say(f"done: {result.output} (trained on {model}); copy it into the WebUI's models/Lora folder and use "
+        f"<lora:{request.config.output_name}:1> in a prompt")
+
+
+def run(request: RunRequest, shard: Shard | None = None, out=None) -> int:
+    """Train as ``request`` says; returns the exit code. ``AdapterError``s propagate to ``main``."""
+    shard = shard or Shard()
+    config = request.config
+    method_class(config.method).load_records(config)  # bad datasets fail here, before minutes of model loading
+    if request.resume not in (None, "latest") and not Path(request.resume).is_file():
+        raise InputError(f"the checkpoint {request.resume} to resume does not exist; pass a .state file from "
+                         f"{config.output_dir}/{config.output_name}-checkpoints, or --resume alone for the newest")
+    if request.resume == "latest" and latest_checkpoint(config) is None:
+        raise InputError(f"there is no checkpoint of {config.output_name!r} in {config.output_dir} to resume; "
+                         "start without --resume")
+    device = pick_device(request.device, shard)
+    callbacks = ConsoleCallbacks(shard, device, request.log_every, out)
+    started = time.perf_counter()
+    backend = load_backend(request.source, device, base_dtype(config.precision, device))
+    where = "the built-in tiny model" if request.source.checkpoint is None else str(request.source.checkpoint)
+    callbacks.say(f"loaded {where} ({backend.arch.value}, {backend.parameterization.value}-prediction) on {device} "
+                  f"in {time.perf_counter() - started:.1f}s" + (f"; {shard.world_size} processes" if shard.distributed else ""))
+    previous = signal.signal(signal.SIGINT, callbacks.request_stop) if _main_thread() else None
+    try:
+        if request.resume is None:
+            result = train(config, backend, callbacks=callbacks, shard=shard)
+        else:
+            path = None if request.resume == "latest" else Path(request.resume)
+            result = resume(config, backend, path, callbacks=callbacks, shard=shard)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    _report(result, request, callbacks.say)
+    return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def main(argv: list[str] | None = None, out=None) -> int:
+    """Parse ``argv`` and train; user errors are printed as one message, never a traceback."""
+    from .cli_args import build_parser, config_from_args
+
+    args = build_parser().parse_args(argv)
+    shard = Shard()
+    try:
+        config = config_from_args(args)
+        source = ModelSource(args.checkpoint, args.tokenizer, args.prediction_type)
+        shard = shard_from_environment()
+        return run(RunRequest(config, source, args.resume, args.device, args.log_every), shard, out)
+    except TrainingError as exc:
+        _error(exc, shard)
+        return EXIT_TRAINING
+    except AdapterError as exc:
+        _error(exc, shard)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        _error("stopped by a second Ctrl-C; the newest checkpoint is in the -checkpoints folder", shard)
+        return EXIT_INTERRUPTED
+    finally:
+        with contextlib.suppress(Exception):
+            close(shard)
+
+
+def _error(message, shard: Shard) -> None:
+    if shard.is_main:
+        print(f"error: {message}", file=sys.stderr, flush=True)

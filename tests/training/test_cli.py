@@ -1,0 +1,123 @@
+"""The command-line trainer on the built-in tiny model: a run whose LoRA the WebUI's Lora extension maps key for key,
+a Ctrl-C that saves and a ``--resume`` that ends where an uninterrupted run ends, bad inputs as one message and an
+exit code, and options generated from the config dataclasses."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import make_shapes_dataset
+
+pytest.importorskip("diffusers")
+
+from lib_adapters.training import cli  # noqa: E402
+from lib_adapters.training.cli_args import build_parser, config_from_args  # noqa: E402
+from lib_adapters.training.config import LoraTargets, Precision  # noqa: E402
+from lib_adapters.training.methods.lora_file import load_lora  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ["--resolution", "64", "--batch-size", "2", "--lora-rank", "4", "--learning-rate", "1e-3", "--seed", "3",
+        "--device", "cpu"]
+
+
+def _run(tmp_path: Path, *extra: str, name: str = "cli") -> tuple[int, str]:
+    out = io.StringIO()
+    code = cli.main(["--dataset", str(tmp_path / "ds"), "--output-dir", str(tmp_path / "out"), "--name", name,
+                     *BASE, *extra], out=out)
+    return code, out.getvalue()
+
+
+def test_a_run_on_the_tiny_model_writes_a_lora_the_webui_maps_key_for_key(tmp_path):
+    from tiny_model import build_tiny_sd_model
+    from webui_lora import accepts_lora, match_keys
+
+    make_shapes_dataset(tmp_path / "ds", "2_shapes")
+    code, text = _run(tmp_path, "--steps", "4", "--lora-targets", "attention+ff")
+    assert code == cli.EXIT_OK, text
+    output = tmp_path / "out" / "cli.safetensors"
+    assert f"done: {output}" in text and "built-in tiny model" in text and "<lora:cli:1>" in text
+    assert [line.split()[1] for line in text.splitlines() if line.startswith("step ")] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "ETA" in text and "loss: mean of the first" in text
+    tensors, metadata = load_lora(output)
+    assert metadata["ss_steps"] == "4" and metadata["ss_network_dim"] == "4" and metadata["ss_base_model_version"] == "sd_v1"
+    # the tiny model's diffusers UNet has SD1.x's structure: every key lands on the stub WebUI's ldm model
+    matched, failed = match_keys(tensors, build_tiny_sd_model("sd1"))
+    assert failed == {} and len(matched) == len([k for k in tensors if k.endswith(".lora_down.weight")]) > 30
+    assert all(accepts_lora(e) for e in matched.values())
+    assert any(float(t.abs().max()) > 0 for k, t in tensors.items() if k.endswith("lora_up.weight"))
+
+
+def test_ctrl_c_saves_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
+    make_shapes_dataset(tmp_path / "ds", "2_shapes")
+    code, _ = _run(tmp_path, "--steps", "4", name="full")
+    assert code == cli.EXIT_OK
+    original = cli.ConsoleCallbacks.on_progress
+
+    def press_ctrl_c_after_step_2(self, progress):  # what SIGINT's handler does, at a known step
+        original(self, progress)
+        if progress.step == 2:
+            self.request_stop()
+
+    monkeypatch.setattr(cli.ConsoleCallbacks, "on_progress", press_ctrl_c_after_step_2)
+    code, text = _run(tmp_path, "--steps", "4", name="cut")
+    assert code == cli.EXIT_INTERRUPTED and "interrupted at step 2" in text and "--resume" in text
+    assert not (tmp_path / "out" / "cut.safetensors").exists()
+    assert (tmp_path / "out" / "cut-checkpoints" / "cut-step000002.state").is_file()
+    monkeypatch.setattr(cli.ConsoleCallbacks, "on_progress", original)
+    code, text = _run(tmp_path, "--steps", "4", "--resume", name="cut")
+    assert code == cli.EXIT_OK and text.count("step ") >= 2 and "step 3/4" in text and "step 1/4" not in text
+    full, _ = load_lora(tmp_path / "out" / "full.safetensors")
+    cut, _ = load_lora(tmp_path / "out" / "cut.safetensors")
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_bad_inputs_exit_with_a_message_and_no_traceback(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "a.png").write_bytes(b"not an image")
+    (tmp_path / "ds" / "a.txt").write_text("x")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "lib_adapters.training", "--dataset", str(tmp_path / "ds"),
+                           "--output-dir", str(tmp_path / "out"), "--name", "bad"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == cli.EXIT_INPUT
+    assert proc.stderr.startswith("error: ") and "a.png" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    for argv, words in ((["--lora-rank", "0"], "LoRA rank"), (["--resume"], "no checkpoint"),
+                        (["--resume", str(tmp_path / "nope.state")], "does not exist"),
+                        (["--checkpoint", str(tmp_path / "missing")], "does not exist")):
+        make_shapes_dataset(tmp_path / "good", "1_x", count=1)
+        err = io.StringIO()
+        sys_stderr, sys.stderr = sys.stderr, err
+        try:
+            code = cli.main(["--dataset", str(tmp_path / "good"), "--output-dir", str(tmp_path / "o2"), "--name", "n",
+                             *argv])
+        finally:
+            sys.stderr = sys_stderr
+        assert code == cli.EXIT_INPUT and words in err.getvalue(), (argv, err.getvalue())
+
+
+def test_every_config_field_is_an_option_and_json_config_loses_to_flags(tmp_path):
+    from dataclasses import fields
+
+    from lib_adapters.training.config import IPAdapterConfig, LoraConfig, T2IConfig, TrainConfig
+
+    parser = build_parser()
+    dests = {a.dest for a in parser._actions}
+    for prefix, cls in (("", TrainConfig), ("lora_", LoraConfig), ("t2i_", T2IConfig), ("ip_", IPAdapterConfig)):
+        assert {f"{prefix}{f.name}" for f in fields(cls) if f.name not in ("lora", "t2i", "ip")} <= dests, cls
+    (tmp_path / "c.json").write_text('{"dataset_dir": "d", "output_dir": "o", "output_name": "n", "steps": 7, '
+                                     '"lora": {"rank": 16, "targets": "attention+ff"}, "sample_prompts": ["a", "b"]}')
+    args = parser.parse_args(["--config", str(tmp_path / "c.json"), "--lora-rank", "2", "--precision", "bf16",
+                              "--no-buckets", "--max-grad-norm", "none", "--min-snr-gamma", "5"])
+    config = config_from_args(args)
+    assert (config.steps, config.lora.rank, config.lora.targets) == (7, 2, LoraTargets.ATTENTION_FF)
+    assert config.precision is Precision.BF16 and config.buckets is False and config.max_grad_norm is None
+    assert config.min_snr_gamma == 5.0 and config.sample_prompts == ("a", "b") and config.output_name == "n"
+    (tmp_path / "bad.json").write_text('{"stepz": 1}')
+    with pytest.raises(Exception, match="unknown setting.*stepz"):
+        config_from_args(parser.parse_args(["--config", str(tmp_path / "bad.json")]))
