@@ -201,7 +201,8 @@ class TrainRequest:
         if init is not None:
             init = places.adapter(init, "t2i_init_from") if places is not None else Path(init).expanduser()
         return _method_config(T2IConfig, "T2I-Adapter", {
-            "t2i_adapter_kind": ("adapter_kind", self.t2i_adapter_kind), "t2i_condition": ("condition", self.t2i_condition),
+            "t2i_adapter_kind": ("adapter_kind", self.t2i_adapter_kind),
+            "t2i_condition": ("condition", self.t2i_condition),
             "t2i_condition_channels": ("condition_channels", self.t2i_condition_channels),
             "t2i_num_res_blocks": ("num_res_blocks", self.t2i_num_res_blocks),
             "t2i_preprocessor": ("preprocessor", _preprocessor(self.t2i_preprocessor)),

@@ -201,7 +201,7 @@ def test_fine_tuning_starts_from_a_file_named_as_the_panel_lists_it(webui, panel
     with pytest.raises(MissingFileError, match=r"ip_image_encoder: no CLIP vision encoder 'vit-h'.*clip_vision_tiny"):
         jobs.start(request(webui, "x", "ip_adapter", dataset_dir=plain, ip_image_encoder="vit-h"))
     # no encoder named: the released adapters' one (ViT-H/14 for SD1.5 plain) is looked up as the panel does
-    with pytest.raises(MissingFileError, match="ViT-H/14 .image embeddings of width 1024. CLIP vision encoder and none"):
+    with pytest.raises(MissingFileError, match="ViT-H/14 .image embeddings of width 1024. CLIP vision encoder and no"):
         jobs.start(request(webui, "x", "ip_adapter", dataset_dir=plain))
     assert jobs.status().state is JobState.FINISHED and jobs.status().output_name == "tuned"
 
