@@ -151,7 +151,8 @@ class TrainTab:
         plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", x_title="step", y_title="loss",
                            height=240, width=480, tooltip=["step", "loss"], elem_id=eid("loss_plot"),
                            show_label=False)
-        gallery = gr.Gallery(label="Samples", show_label=False, columns=4, elem_id=eid("gallery"))
+        gallery = gr.Gallery(label="Samples", show_label=False, columns=4, visible=False,  # shown once there are samples
+                             elem_id=eid("gallery"))
         log_box = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, show_copy_button=True,
                              elem_id=eid("log"))
         result = gr.HTML(value="", elem_id=eid("result"))
@@ -244,7 +245,7 @@ class TrainTab:
         return (
             value("progress", lambda: view.progress),
             value("loss_points", lambda: loss_frame(view)),
-            value("samples", lambda: list(view.samples)),
+            gr.update(value=list(view.samples), visible=bool(view.samples)) if changed("samples") else gr.update(),
             value("log", lambda: view.log),
             value("result", lambda: view.result),
             gr.update(interactive=not view.running),

@@ -165,6 +165,7 @@ def test_train_follows_the_run_and_sends_only_what_changed(built_tab):
     assert len(outputs) == 4
     first, same, later, last = outputs
     assert "step 2 / 10" in first[0]["value"] and first[1]["value"].shape == (4, 3)
+    assert first[2] == gr.update(value=[], visible=False)  # no samples yet: the gallery stays hidden
     assert all("value" not in u for u in same[:5])  # nothing changed: nothing sent
     assert "step 5 / 10" in later[0]["value"] and later[1]["value"].shape == (10, 3)
     assert "&lt;lora:shapes:1&gt;" in last[4]["value"] and last[3]["value"] == "done"
