@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -138,6 +139,7 @@ def _tokenizer(tokenizer_dir: Path | None, pad_token: str | None):
     from transformers import CLIPTokenizer
 
     kw = {"pad_token": pad_token} if pad_token else {}
+    kw["model_max_length"] = 77  # every SD text encoder reads 77 tokens; bare vocab folders do not say so
     where = str(tokenizer_dir) if tokenizer_dir is not None else _TOKENIZER_REPO
     try:
         return CLIPTokenizer.from_pretrained(where, local_files_only=True, **kw)
@@ -160,10 +162,12 @@ def load_single_file(path: Path, dtype: torch.dtype = torch.float32, tokenizer_d
     state = read_checkpoint(path)
     family = detect_family(state)
     original = original_config(path, family)
-    unet_config = utils.create_unet_diffusers_config_from_ldm(original, state, image_size=512)
+    with warnings.catch_warnings():  # image_size (not used for training) is deprecated in diffusers >= 0.28
+        warnings.simplefilter("ignore", FutureWarning)
+        unet_config = utils.create_unet_diffusers_config_from_ldm(original, state, image_size=512)
+        vae_config = utils.create_vae_diffusers_config_from_ldm(original, state, image_size=512)
     unet = UNet2DConditionModel(**unet_config)
     _load_strict(unet, utils.convert_ldm_unet_checkpoint(state, unet_config), "UNet", path)
-    vae_config = utils.create_vae_diffusers_config_from_ldm(original, state, image_size=512)
     vae = AutoencoderKL(**vae_config)
     _load_strict(vae, utils.convert_ldm_vae_checkpoint(state, vae_config), "VAE", path)
     encoders = [_text_encoder(state, prefix, layout, path, utils) for prefix, layout in _FAMILIES[family][1]]
