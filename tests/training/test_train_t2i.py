@@ -201,7 +201,8 @@ def test_missing_conditions_are_made_once_and_weights_needing_preprocessors_say_
     config = _config(tmp_path, "out")
     records = load_t2i_records(config)
     made = root / CACHE_FOLDER / "canny" / "2_shapes" / "0.canny.png"
-    assert [r.condition for r in records] == [made, root / "2_shapes" / "1.canny.png", root / "2_shapes" / "2.canny.png"]
+    folder = root / "2_shapes"
+    assert [r.condition for r in records] == [made, folder / "1.canny.png", folder / "2.canny.png"]
     assert Image.open(made).size == (64, 64)
     stamp = made.stat().st_mtime_ns
     load_t2i_records(config)

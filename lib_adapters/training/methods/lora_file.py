@@ -28,8 +28,8 @@ from ..backends.base import Parameterization
 from ..config import LoraConfig
 from .base import ExportInfo
 
-_ARCHITECTURE = {BaseArch.SD1: "stable-diffusion-v1", BaseArch.SD2: "stable-diffusion-v2-512",
-                 BaseArch.SDXL: "stable-diffusion-xl-v1-base"}
+MODELSPEC_ARCHITECTURE = {BaseArch.SD1: "stable-diffusion-v1", BaseArch.SD2: "stable-diffusion-v2-512",
+                          BaseArch.SDXL: "stable-diffusion-xl-v1-base"}
 
 
 def _payload_sha256(data: bytes) -> str:
@@ -87,7 +87,7 @@ def kohya_metadata(info: ExportInfo, lora: LoraConfig, trains_text_encoder: bool
         "ss_min_snr_gamma": str(c.min_snr_gamma) if c.min_snr_gamma else "None",
         "ss_tag_frequency": json.dumps(info.tag_frequency, ensure_ascii=False),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{_ARCHITECTURE[model.arch]}/lora",
+        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURE[model.arch]}/lora",
         "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if model.arch is BaseArch.SDXL
                                      else "diffusers"),
         "modelspec.title": c.output_name,

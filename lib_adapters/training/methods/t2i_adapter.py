@@ -39,7 +39,7 @@ from ..conditions import load_condition, load_t2i_records
 from ..config import T2IConfig, T2IKind, T2ILayout, TimestepSampling, TrainConfig
 from ..data import ImageRecord
 from .base import ExportInfo, MethodBase, MethodBatch
-from .lora_file import _ARCHITECTURE, atomic_write
+from .lora_file import MODELSPEC_ARCHITECTURE, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def t2i_metadata(info: ExportInfo, t2i: T2IConfig, cfg: SpatialAdapterConfig) ->
     c, model = info.config, info.model
     return {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{_ARCHITECTURE[model.arch]}/t2i-adapter",
+        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURE[model.arch]}/t2i-adapter",
         "modelspec.title": c.output_name,
         "modelspec.resolution": f"{c.resolution}x{c.resolution}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(info.started_at or time.time())),
