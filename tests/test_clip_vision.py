@@ -53,6 +53,19 @@ def test_uncond_follows_the_reference(tmp_path):
     assert torch.equal(uncond_hidden, encoder.encode(torch.zeros(1, 3, 32, 32), hidden_states=True))
 
 
+def test_no_image_hidden_states_are_computed_once_per_encoder(tmp_path):
+    path = save_clip_vision(tiny_clip_vision(), tmp_path / "enc.safetensors")
+    encoder = load_clip_vision(path)
+    calls = []
+    encoder.model.register_forward_hook(lambda m, i, o: calls.append(1))
+    _, first = encoder.encode_images([_image(seed=1)], CropMode.CENTER, hidden_states=True)
+    first.add_(1.0)  # a caller altering its copy must not alter the cache
+    _, second = encoder.encode_images([_image(seed=2)], CropMode.CENTER, hidden_states=True)
+    assert len(calls) == 3  # two images, one "no image"
+    size = encoder.shape.image_size
+    assert torch.equal(second, encoder.encode(torch.zeros(1, 3, size, size), hidden_states=True))
+
+
 def test_catalog_picks_the_encoder_by_width(tmp_path):
     small = save_clip_vision(tiny_clip_vision(hidden=96, projection=64), tmp_path, "a")
     wide = save_clip_vision(tiny_clip_vision(hidden=128, projection=80), tmp_path, "b")

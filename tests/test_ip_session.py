@@ -81,6 +81,31 @@ def test_wrapper_calls_the_current_attention_implementation(sd1, monkeypatch):
     assert len(calls) == 32  # 16 transformer blocks x (attn1 + attn2): every text attention went through it
 
 
+def test_image_branch_reuses_the_text_attention_query(sd1, monkeypatch):
+    """to_q runs once per attn2 call (the text attention's), not twice."""
+    unet, bound = sd1
+    site = bound.module(bound.ip_sites()[0].path)
+    calls = []
+    original = site.to_q.forward
+    monkeypatch.setattr(site.to_q, "forward", lambda x: calls.append(1) or original(x))
+    _run(unet, [_runtime(bound, 32)])
+    assert len(calls) == 1
+
+
+def test_attention_that_does_not_call_to_q_on_x_gets_the_same_result(sd1, monkeypatch):
+    """If the current attention hands to_q another tensor (here a copy of x), the query is not caught and is
+    recomputed: the output equals the caught-query path (which the parity tests hold to diffusers)."""
+    from ldm.modules.attention import CrossAttention
+
+    unet, bound = sd1
+    reused = _run(unet, [_runtime(bound, 32, variant="plus")])
+    original = CrossAttention.forward
+    monkeypatch.setattr(CrossAttention, "forward", lambda self, x, *a, **k: original(self, x.clone(), *a, **k))
+    recomputed = _run(unet, [_runtime(bound, 32, variant="plus")])
+    assert torch.allclose(recomputed, reused, atol=1e-6)
+    assert not torch.equal(_run(unet), reused)
+
+
 def test_uncond_rows_use_uncond_tokens(sd1):
     unet, bound = sd1
     both = _run(unet, [_runtime(bound, 32)], rows=(1, 1))

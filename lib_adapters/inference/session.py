@@ -17,7 +17,7 @@ from torch import nn
 
 from ..unet.hooks import Forward, PatchSet
 from ..unet.layout import BoundLayout, IPSite, bind_layout
-from .ip import IPUnitRuntime, image_attention
+from .ip import IPUnitRuntime, capture_query, image_attention
 from .schedule import in_window
 from .t2i import StyleUnitRuntime, T2IUnitRuntime, fit_feature
 
@@ -121,15 +121,17 @@ class GenerationSession:
             def attn2(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
                 if self.style_units and "context" in kwargs and kwargs["context"] is not None:
                     kwargs["context"] = self._with_style_tokens(kwargs["context"])
-                out = forward(x, *args, **kwargs)  # the text attention, as the WebUI computes it
                 units = [(u, u.scale_at(site)) for u in self.ip_units if in_window(self._progress, u.start, u.end)]
                 units = [(u, s) for u, s in units if s != 0.0]
                 if not units:
-                    return out
+                    return forward(x, *args, **kwargs)  # the text attention, as the WebUI computes it
+                with capture_query(attn, x) as captured:
+                    out = forward(x, *args, **kwargs)
                 call = self._call
                 cond_mask = call.cond_mask if call is not None else None
                 latent_hw = call.latent_hw if call is not None else None
-                return out + image_attention(attn, x, units, site, cond_mask, latent_hw).to(out.dtype)
+                added = image_attention(attn, x, units, site, cond_mask, latent_hw, query=captured.get("q"))
+                return out + added.to(out.dtype)
 
             return attn2
 

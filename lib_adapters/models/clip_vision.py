@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -81,6 +81,7 @@ class ClipVisionEncoder:
     name: str
     shape: EncoderShape
     model: torch.nn.Module  # transformers CLIPVisionModelWithProjection, fp32, eval
+    _empty_hidden: dict = field(default_factory=dict, repr=False, compare=False)  # device -> cached "no image"
 
     def preprocess(self, images: Sequence[np.ndarray], crop: CropMode) -> torch.Tensor:
         size = self.shape.image_size
@@ -97,6 +98,17 @@ class ClipVisionEncoder:
             out = self.model(pixel_values=pixels.to(device), output_hidden_states=hidden_states)
         return (out.hidden_states[-2] if hidden_states else out.image_embeds).float().cpu()
 
+    def empty_hidden_states(self) -> torch.Tensor:
+        """The penultimate hidden states of the all-zero input (the reference's "no image" for Plus models).
+        The same for every job with these weights, so it is computed once per device (a ViT-H pass costs as
+        much as several UNet steps on a CPU); the cached copy is cloned so callers cannot alter it."""
+        device = next(self.model.parameters()).device
+        cache = self._empty_hidden
+        if device not in cache:
+            size = self.shape.image_size
+            cache[device] = self.encode(torch.zeros(1, 3, size, size), hidden_states=True)
+        return cache[device].clone()
+
     def last_hidden_state(self, images: Sequence[np.ndarray], crop: CropMode) -> torch.Tensor:
         """The final layer's hidden states [N, T, H]: what the style T2I-Adapter reads."""
         device = next(self.model.parameters()).device
@@ -110,8 +122,7 @@ class ClipVisionEncoder:
         after normalisation through the encoder for hidden states, zero embeddings otherwise."""
         cond = self.encode(self.preprocess(images, crop), hidden_states)
         if hidden_states:
-            size = self.shape.image_size
-            uncond = self.encode(torch.zeros(1, 3, size, size), hidden_states=True)
+            uncond = self.empty_hidden_states()
         else:
             uncond = torch.zeros_like(cond[:1])
         return cond, uncond

@@ -31,7 +31,7 @@ from ...arch import BaseArch
 from ...errors import FormatError, IncompatibleModelError, InputError
 from ...formats.ip import IPVariant, LoadedIPAdapter, load_ip_adapter
 from ...formats.t2i import load_strict
-from ...inference.ip import IPUnitRuntime
+from ...inference.ip import IPUnitRuntime, fold_key_value
 from ...inference.session import GenerationSession
 from ...models.ip_adapter import IPAdapterModel, ProjectionConfig, ProjectionKind
 from ...unet.layout import IPSite
@@ -61,11 +61,12 @@ class TrainingIPUnit(IPUnitRuntime):
     def scale_at(self, site: IPSite) -> float:
         return 0.0 if self.tokens is None else 1.0
 
-    def key_value(self, site: IPSite, cond_mask: torch.Tensor | None, like: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def key_value(self, site: IPSite, cond_mask: torch.Tensor | None, like: torch.Tensor, heads: int,
+                  out_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.tokens is not None and self.tokens.shape[0] == like.shape[0], "one token set per batch row"
         kv = self.adapter.model.site(site.number)
-        return kv.to_k_ip(self.tokens).to(like.dtype), kv.to_v_ip(self.tokens).to(like.dtype)
+        k, v = fold_key_value(kv.to_k_ip(self.tokens), kv.to_v_ip(self.tokens), heads, out_weight)
+        return k.to(like.dtype), v.to(like.dtype)
 
     def release(self) -> None:  # the panel's release moves the model to the CPU; training keeps it in place
         self.tokens = None
