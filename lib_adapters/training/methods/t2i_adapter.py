@@ -152,7 +152,8 @@ class T2IAdapterMethod(MethodBase):
         self.load_trainable_state(loaded.module.state_dict())
 
     def close(self) -> None:
-        self.adapter.requires_grad_(False)
+        """Hooks only live inside ``unet_context``; free the adapter's GPU memory for the next generation."""
+        self.adapter.requires_grad_(False).to("cpu")
 
 
 @contextlib.contextmanager
