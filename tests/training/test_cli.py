@@ -121,3 +121,23 @@ def test_every_config_field_is_an_option_and_json_config_loses_to_flags(tmp_path
     (tmp_path / "bad.json").write_text('{"stepz": 1}')
     with pytest.raises(Exception, match="unknown setting.*stepz"):
         config_from_args(parser.parse_args(["--config", str(tmp_path / "bad.json")]))
+
+
+def test_a_non_finite_loss_exits_1_naming_the_kept_checkpoint(tmp_path, monkeypatch, capsys):
+    from lib_adapters.training import loop
+
+    make_shapes_dataset(tmp_path / "ds", "2_shapes")
+    real, calls = loop.diffusion_loss, []
+
+    def nan_from_the_third_batch(prediction, target, weights=None):
+        calls.append(1)
+        loss = real(prediction, target, weights)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(loop, "diffusion_loss", nan_from_the_third_batch)
+    code, text = _run(tmp_path, "--steps", "4", "--save-every", "1", name="nan")
+    err = capsys.readouterr().err
+    kept = tmp_path / "out" / "nan-checkpoints" / "nan-step000002.state"
+    assert code == cli.EXIT_TRAINING and err.startswith("error: the loss became nan at step 3")
+    assert f"{kept} is kept unchanged" in err and "lower learning rate" in err and "Traceback" not in err
+    assert kept.is_file() and not (tmp_path / "out" / "nan.safetensors").exists()
