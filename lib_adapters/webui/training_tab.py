@@ -9,8 +9,8 @@ Progress: the Train and Resume buttons run ``adapters_train_start`` (javascript/
 first, which makes a ``task(...)`` id and, inside the WebUI, starts its progress bar on that id; the
 job manager registers the id with ``modules.progress``. The handlers are generators that poll the
 job's status and yield only what changed, so the tab follows a run with the queue enabled; the
-refresh button re-attaches after a page reload. The run itself lives in the job manager's thread,
-never in a gradio worker.
+page's load event and the refresh button re-attach to a run after a page reload. The run itself
+lives in the job manager's thread, never in a gradio worker.
 """
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ class TrainTab:
                 with gr.Column(elem_id=eid("output_column")):
                     self._outputs()
             self._wire(*buttons)
+            # A page opened (or reloaded) while a run goes on shows and follows it.
+            blocks.load(fn=self.follow, outputs=self.outputs, show_progress="hidden")
         return blocks
 
     def _settings(self) -> None:
@@ -70,9 +72,9 @@ class TrainTab:
             i["method"] = gr.Dropdown(label="Method", choices=[m.label for m in METHODS], value=METHODS[0].label,
                                       elem_id=eid("method"))
             i["output_name"] = gr.Textbox(label="Output name", placeholder="my_style", elem_id=eid("output_name"))
-        i["dataset_dir"] = gr.Textbox(label="Dataset folder",
-                                      placeholder="Folder of images with .txt/.caption files (kohya N_name folders repeat N times)",
-                                      elem_id=eid("dataset_dir"))
+        i["dataset_dir"] = gr.Textbox(
+            label="Dataset folder", elem_id=eid("dataset_dir"),
+            placeholder="Folder of images with .txt/.caption files (kohya N_name folders repeat N times)")
         self._method_group("lora", self._lora_main)
         with FormRow():
             i["resolution"] = gr.Slider(label="Resolution", minimum=64, maximum=2048, step=64, value=512,
@@ -111,6 +113,8 @@ class TrainTab:
             i["noise_offset"] = gr.Number(label="Noise offset", value=0.0, elem_id=eid("noise_offset"))
             i["sample_steps"] = gr.Number(label="Sampling steps of samples", value=20, precision=0,
                                           elem_id=eid("sample_steps"))
+            i["save_precision"] = gr.Dropdown(label="Saved file precision", choices=["fp16", "bf16", "fp32"],
+                                              value="fp16", elem_id=eid("save_precision"))
         with FormRow():
             i["gradient_checkpointing"] = gr.Checkbox(label="Gradient checkpointing", value=False,
                                                       elem_id=eid("gradient_checkpointing"))
@@ -151,8 +155,8 @@ class TrainTab:
         plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", x_title="step", y_title="loss",
                            height=240, width=480, tooltip=["step", "loss"], elem_id=eid("loss_plot"),
                            show_label=False)
-        gallery = gr.Gallery(label="Samples", show_label=False, columns=4, visible=False,  # shown once there are samples
-                             elem_id=eid("gallery"))
+        # hidden until there are samples
+        gallery = gr.Gallery(label="Samples", show_label=False, columns=4, visible=False, elem_id=eid("gallery"))
         log_box = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, show_copy_button=True,
                              elem_id=eid("log"))
         result = gr.HTML(value="", elem_id=eid("result"))

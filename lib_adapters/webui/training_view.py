@@ -22,6 +22,7 @@ COMMON_FIELDS: tuple[str, ...] = (
     "dataset_dir", "output_name", "resolution", "steps", "batch_size", "grad_accumulation", "learning_rate",
     "precision", "save_every", "sample_every", "sample_prompts", "lr_schedule", "warmup_steps", "optimizer", "seed",
     "min_snr_gamma", "noise_offset", "sample_steps", "gradient_checkpointing", "cache_latents", "buckets",
+    "save_precision",
 )
 
 

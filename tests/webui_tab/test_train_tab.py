@@ -52,8 +52,8 @@ class ScriptedJobs:
 
 def _running(step, total=10, **kw):
     return JobStatus(state=JobState.RUNNING, job_id="j", method="lora", output_name="shapes", step=step, total=total,
-                     losses=[0.5 - 0.01 * i for i in range(step)], lr=1e-4, elapsed=2.0 * step + 5, eta=3.0 * (total - step),
-                     **kw)
+                     losses=[0.5 - 0.01 * i for i in range(step)], lr=1e-4, elapsed=2.0 * step + 5,
+                     eta=3.0 * (total - step), **kw)
 
 
 # request -------------------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def _running(step, total=10, **kw):
 def test_request_from_the_widgets_default_values(built_tab):
     values = {**_widget_defaults(built_tab), "dataset_dir": "  /data/shapes ", "output_name": "shapes ",
               "sample_prompts": "a red circle\n\n  a blue square  \n", "steps": 300.0, "rank": 8.0, "alpha": 4.0,
-              "min_snr_gamma": 5, "lr_schedule": "cosine", "train_text_encoder": True}
+              "min_snr_gamma": 5, "lr_schedule": "cosine", "train_text_encoder": True, "save_precision": "fp16"}
     request, notes = build_request("LoRA", values)
     assert notes == []
     assert request == TrainRequest(
@@ -70,7 +70,7 @@ def test_request_from_the_widgets_default_values(built_tab):
         grad_accumulation=1, learning_rate=1e-4, lr_schedule="cosine", warmup_steps=0, optimizer="adamw",
         precision="auto", seed=0, save_every=500, sample_every=250, sample_prompts=("a red circle", "a blue square"),
         sample_steps=20, rank=8, alpha=4.0, lora_targets="attention", train_text_encoder=True, min_snr_gamma=5.0,
-        noise_offset=0.0, gradient_checkpointing=False, cache_latents=False, buckets=True)
+        noise_offset=0.0, gradient_checkpointing=False, cache_latents=False, buckets=True, save_precision="fp16")
     assert type(request.steps) is int and type(request.rank) is int and type(request.alpha) is float
     # the request is one the core accepts
     config = request.to_config("/tmp/out", device="cpu")
@@ -109,7 +109,8 @@ def test_running_status_rendered():
     smooth = [v for _, v, k in view.loss_points if k == "smoothed"]
     weights = [0.9 ** 3, 0.9 ** 2, 0.9, 1.0]  # bias-corrected EMA: a weighted mean of the losses so far
     expected = sum(w * v for w, (_, v) in zip(weights, raw)) / sum(weights)
-    assert smooth[0] == pytest.approx(0.5) and smooth[-1] == pytest.approx(expected) and expected == pytest.approx(0.48369, abs=1e-5)
+    assert smooth[0] == pytest.approx(0.5) and smooth[-1] == pytest.approx(expected)
+    assert expected == pytest.approx(0.48369, abs=1e-5)
 
 
 def test_finished_interrupted_failed_messages():

@@ -38,6 +38,9 @@ def _fill(page, elem_id: str, value: str, kind: str = "input") -> None:
     box.press("Tab")  # gradio 3 commits numbers and slider boxes on blur
 
 
+PROGRESS_JS = "document.querySelector('#adapters_train_progress .prose').innerText"
+
+
 def _progress(page) -> str:
     return page.locator("#adapters_train_progress").last.inner_text()  # gradio 3 puts the id on the block and the HTML
 
@@ -94,7 +97,7 @@ def test_train_then_interrupt_in_the_browser(host, page, tmp_path):
 
     # progress advances: step text, a loss curve drawn, the log filled, Interrupt enabled
     page.wait_for_function(
-        "() => /step ([2-9]|\\d\\d+) \\/ 400/.test(document.querySelector('#adapters_train_progress .prose').innerText)")
+        "() => /step ([2-9]|\\d\\d+) \\/ 400/.test(" + PROGRESS_JS + ")")
     assert "ETA" in _progress(page) and "loss" in _progress(page)
     page.wait_for_selector("#adapters_train_loss_plot .vega-embed canvas")  # vega drew the curve
     page.wait_for_function("() => document.querySelector('#adapters_train_log textarea').value.includes('starting')")
@@ -103,8 +106,15 @@ def test_train_then_interrupt_in_the_browser(host, page, tmp_path):
     running = host.module.jobs().status()
     assert running.state is JobState.RUNNING and running.step >= 2
 
+    # a reloaded page shows the run that goes on (the tab's load event follows it)
+    page.reload()
+    page.wait_for_selector("#adapters_train_start")
+    page.add_script_tag(path=str(JAVASCRIPT))
+    page.wait_for_function("() => " + PROGRESS_JS + ".includes('Running')")
+    assert page.locator("#adapters_train_start").is_disabled()
+
     page.click("#adapters_train_interrupt")
-    page.wait_for_function("() => document.querySelector('#adapters_train_progress .prose').innerText.includes('Interrupted')")
+    page.wait_for_function("() => " + PROGRESS_JS + ".includes('Interrupted')")
     page.wait_for_selector("#adapters_train_result code")
     result = page.locator("#adapters_train_result").last.inner_text()
 
