@@ -130,6 +130,9 @@ def test_train_then_interrupt_in_the_browser(host, page, tmp_path):
     assert not page.locator("#adapters_train_resume").is_disabled()
     # the button's JS made a task id and the run was registered under it for the WebUI's progress bar
     assert any(t and t.startswith("task(") for t in progress.finished_tasks)
+    # on_app_started registered the training API over the same jobs
+    api = page.request.get(host.url.rstrip("/") + "/adapters/v1/train").json()
+    assert (api["state"], api["step"], api["checkpoint"]) == ("interrupted", status.step, status.checkpoint)
     assert errors == []
 
     shot = os.environ.get("ADAPTERS_TAB_SCREENSHOT")
