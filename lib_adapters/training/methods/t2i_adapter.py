@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,8 +39,6 @@ from ..config import T2IConfig, T2IKind, T2ILayout, TimestepSampling, TrainConfi
 from ..data import ImageRecord
 from .base import ExportInfo, MethodBase, MethodBatch
 from .lora_file import MODELSPEC_ARCHITECTURE, atomic_write
-
-log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _NUM_LEVELS = 4
