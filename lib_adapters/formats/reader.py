@@ -104,7 +104,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def _torch_load():
+def torch_load():
     """torch's own loader. Inside the WebUI ``torch.load`` is ``modules.safe.load``, which rejects the
     ``.format_version`` entry current torch writes and returns None instead of raising; with
     ``weights_only=True`` torch's restricted unpickler already refuses code, so use the original
@@ -115,7 +115,7 @@ def _torch_load():
 
 def _read_pickle(path: Path) -> object:
     try:
-        loaded = _torch_load()(str(path), map_location="cpu", weights_only=True)
+        loaded = torch_load()(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise FormatError(
             f"{path.name}: the file contains Python objects other than weights, which are not loaded "

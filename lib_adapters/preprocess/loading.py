@@ -49,10 +49,10 @@ def require_files(spec: DetectorSpec, weights_dir: Optional[Path], preprocessor:
 
 def load_checkpoint(path: Path) -> Any:
     """``torch.load`` restricted to tensors and plain containers; FormatError if that fails."""
-    import torch
+    from ..formats.reader import torch_load
 
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch_load()(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt zip, truncated file, or a pickle with code in it
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FormatError(

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import FormatError, InputError, MissingFileError
+from ..formats.reader import torch_load
 from .config import Method, TrainConfig
 from .methods.lora_file import atomic_write
 
@@ -143,7 +144,7 @@ def read_state(path: Path) -> Snapshot:
     if not path.with_suffix(".safetensors").is_file():
         raise MissingFileError(f"the checkpoint {path} has no weights file {path.with_suffix('.safetensors').name}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch_load()(path, map_location="cpu", weights_only=True)  # not the WebUI's safe.load
     except Exception as exc:
         raise FormatError(f"{path} is not a readable training state ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict) or data.get("format") != 1:

@@ -182,3 +182,20 @@ def test_fp16_needs_a_gpu(tmp_path):
     make_shapes_dataset(tmp_path / "ds", "1_shapes", count=1)
     with pytest.raises(InputError, match="fp16 mixed precision needs a CUDA GPU"):
         train(_config(tmp_path, "f", precision="fp16"), tiny("sd1")[1])
+
+
+def test_checkpoints_resume_under_the_webui_safe_unpickler(tmp_path, monkeypatch):
+    """Inside the WebUI torch.load is modules.safe.load, which rejects the zip entries current torch writes and
+    returns None (seen in the real WebUI: Resume failed). Training states are read with torch's own loader."""
+    import sys
+    from types import SimpleNamespace
+
+    from lib_adapters.training.checkpoints import read_state
+
+    make_shapes_dataset(tmp_path / "ds", "1_shapes", count=2)
+    config = _config(tmp_path, "a", steps=1)
+    train(config, tiny("sd1")[1])
+    state_path = checkpoint_paths(config, 1)[1]
+    monkeypatch.setitem(sys.modules, "modules.safe", SimpleNamespace(unsafe_torch_load=torch.load))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: None)  # what safe.load returns for these files
+    assert read_state(state_path).step == 1
