@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None, out=None) -> int:
         _error(exc, shard)
         return EXIT_INPUT
     except KeyboardInterrupt:
-        _error("stopped by a second Ctrl-C; the newest checkpoint is in the -checkpoints folder", shard)
+        _error("stopped by Ctrl-C; checkpoints saved so far are in <output-dir>/<name>-checkpoints (--resume continues)",
+               shard)
         return EXIT_INTERRUPTED
     finally:
         with contextlib.suppress(Exception):
