@@ -3,7 +3,9 @@
 Layout follows the WebUI's own Train tab: settings on the left (method, dataset, output name, the
 main knobs, the advanced ones in a closed accordion, then Train / Interrupt / Resume), outputs on
 the right (progress line, loss plot, sample gallery, log, result). Each method's knobs sit in their
-own groups, shown only while that method is selected.
+own groups (training_knobs.py: main ones, and rarely changed ones inside Advanced), shown only while
+that method is selected; selecting a method also sets its dataset hint and its usual learning rate and
+sample interval (training_view.METHODS).
 
 Progress: the Train and Resume buttons run ``adapters_train_start`` (javascript/adapters_train.js)
 first, which makes a ``task(...)`` id and, inside the WebUI, starts its progress bar on that id; the
@@ -26,19 +28,16 @@ from modules.ui_components import FormRow, ToolButton
 
 from ..errors import AdapterError
 from .training_jobs import TrainingJobs
+from .training_knobs import ADVANCED, ELEM_PREFIX, MAIN, eid
 from .training_view import (
-    METHODS, StatusView, all_fields, build_request, error_html, method_info, render_status,
+    DEFAULTED_FIELDS, METHODS, StatusView, all_fields, build_request, error_html, method_info, render_status,
 )
 
 log = logging.getLogger("adapters")
 
 TITLE = "Train Adapter"
-ELEM_PREFIX = "adapters_train"
 START_JS = "adapters_train_start"  # javascript/adapters_train.js
-
-
-def eid(name: str) -> str:
-    return f"{ELEM_PREFIX}_{name}"
+__all__ = ["ELEM_PREFIX", "TITLE", "TrainTab", "eid"]
 
 
 class TrainTab:
@@ -72,10 +71,11 @@ class TrainTab:
             i["method"] = gr.Dropdown(label="Method", choices=[m.label for m in METHODS], value=METHODS[0].label,
                                       elem_id=eid("method"))
             i["output_name"] = gr.Textbox(label="Output name", placeholder="my_style", elem_id=eid("output_name"))
-        i["dataset_dir"] = gr.Textbox(
-            label="Dataset folder", elem_id=eid("dataset_dir"),
-            placeholder="Folder of images with .txt/.caption files (kohya N_name folders repeat N times)")
-        self._method_group("lora", self._lora_main)
+        first = METHODS[0]
+        i["dataset_dir"] = gr.Textbox(label=first.dataset_label, placeholder=first.dataset_hint,
+                                      elem_id=eid("dataset_dir"))
+        for info in METHODS:
+            self._method_group(info.key, MAIN[info.key])
         with FormRow():
             i["resolution"] = gr.Slider(label="Resolution", minimum=64, maximum=2048, step=64, value=512,
                                         elem_id=eid("resolution"))
@@ -84,19 +84,22 @@ class TrainTab:
             i["batch_size"] = gr.Number(label="Batch size", value=1, precision=0, elem_id=eid("batch_size"))
             i["grad_accumulation"] = gr.Number(label="Gradient accumulation", value=1, precision=0,
                                                elem_id=eid("grad_accumulation"))
-            i["learning_rate"] = gr.Number(label="Learning rate", value=1e-4, elem_id=eid("learning_rate"))
+            i["learning_rate"] = gr.Number(label="Learning rate", value=METHODS[0].defaults["learning_rate"],
+                                           elem_id=eid("learning_rate"))
             i["precision"] = gr.Dropdown(label="Precision", choices=["auto", "fp32", "fp16", "bf16"], value="auto",
                                          elem_id=eid("precision"))
         with FormRow():
             i["save_every"] = gr.Number(label="Save every N steps (0: at the end)", value=500, precision=0,
                                         elem_id=eid("save_every"))
-            i["sample_every"] = gr.Number(label="Sample every N steps (0: off)", value=250, precision=0,
+            i["sample_every"] = gr.Number(label="Sample every N steps (0: off)", precision=0,
+                                          value=METHODS[0].defaults["sample_every"],
                                           elem_id=eid("sample_every"))
         i["sample_prompts"] = gr.Textbox(label="Sample prompts", lines=2, placeholder="One prompt per line",
                                          elem_id=eid("sample_prompts"))
         with gr.Accordion("Advanced", open=False, elem_id=eid("advanced")):
             self._advanced()
-            self._method_group("lora", self._lora_advanced)
+            for info in METHODS:
+                self._method_group(info.key, ADVANCED[info.key])
 
     def _advanced(self) -> None:
         i = self.inputs
@@ -121,26 +124,11 @@ class TrainTab:
             i["cache_latents"] = gr.Checkbox(label="Cache latents", value=False, elem_id=eid("cache_latents"))
             i["buckets"] = gr.Checkbox(label="Aspect-ratio buckets", value=True, elem_id=eid("buckets"))
 
-    def _method_group(self, key: str, build: Callable[[], None]) -> None:
+    def _method_group(self, key: str, build: Callable[[dict[str, Any]], None]) -> None:
         visible = key == METHODS[0].key
         with gr.Group(visible=visible, elem_id=eid(f"{key}_group{len(self.method_groups.get(key, []))}")) as group:
-            build()
+            build(self.inputs)
         self.method_groups.setdefault(key, []).append(group)
-
-    def _lora_main(self) -> None:
-        with FormRow():
-            self.inputs["rank"] = gr.Slider(label="LoRA rank", minimum=1, maximum=256, step=1, value=16,
-                                            elem_id=eid("rank"))
-            self.inputs["alpha"] = gr.Slider(label="LoRA alpha", minimum=1, maximum=256, step=1, value=16,
-                                             elem_id=eid("alpha"))
-
-    def _lora_advanced(self) -> None:
-        with FormRow():
-            self.inputs["lora_targets"] = gr.Dropdown(
-                label="LoRA layers", choices=["attention", "attention+ff", "attention+ff+conv"], value="attention",
-                elem_id=eid("lora_targets"))
-            self.inputs["train_text_encoder"] = gr.Checkbox(label="Train the text encoder too", value=False,
-                                                            elem_id=eid("train_text_encoder"))
 
     def _buttons(self) -> tuple[Any, ...]:
         with gr.Row(elem_id=eid("buttons")):
@@ -171,14 +159,22 @@ class TrainTab:
         resume.click(fn=self.resume, _js=START_JS, inputs=inputs, **common)
         interrupt.click(fn=self.interrupt, inputs=[], **common)
         follow.click(fn=self.follow, inputs=[], **common)
-        groups = [g for key in sorted(self.method_groups) for g in self.method_groups[key]]
-        self.inputs["method"].change(fn=self.method_changed, inputs=[self.inputs["method"]], outputs=groups,
-                                     show_progress="hidden")
+        self.inputs["method"].change(fn=self.method_changed, inputs=[self.inputs["method"]],
+                                     outputs=self.method_outputs(), show_progress="hidden")
 
     # handlers ----------------------------------------------------------------------------------------------
+    def method_outputs(self) -> list[Any]:
+        """What selecting a method changes: every method group, the dataset box, the knobs of DEFAULTED_FIELDS."""
+        groups = [g for key in sorted(self.method_groups) for g in self.method_groups[key]]
+        return groups + [self.inputs["dataset_dir"]] + [self.inputs[name] for name in DEFAULTED_FIELDS]
+
     def method_changed(self, method: str) -> list[dict]:
-        key = method_info(method).key
-        return [gr.update(visible=k == key) for k in sorted(self.method_groups) for _ in self.method_groups[k]]
+        """Show ``method``'s groups only, its dataset hint, and its usual values of the shared knobs it sets."""
+        info = method_info(method)
+        groups = [gr.update(visible=k == info.key) for k in sorted(self.method_groups) for _ in self.method_groups[k]]
+        dataset = gr.update(label=info.dataset_label, placeholder=info.dataset_hint)
+        return groups + [dataset] + [gr.update(value=info.defaults[n]) if n in info.defaults else gr.update()
+                                     for n in DEFAULTED_FIELDS]
 
     def start(self, id_task: str, method: str, *values: Any) -> Iterator[tuple]:
         yield from self._start(id_task, method, values, resume=False)

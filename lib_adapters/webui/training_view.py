@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import InputError
 from .training_jobs import JobState, JobStatus, TrainRequest
+from .training_request import METHOD_FIELDS
 
 # The knobs every method shares, in the order the tab passes them to its handlers. Each method adds
-# its own (METHOD_FIELDS); only the selected method's knobs go into the request, so a hidden group
-# of another method never sends fields that method does not take.
+# its own (training_request.METHOD_FIELDS); only the selected method's knobs go into the request, so a
+# hidden group of another method never sends fields that method does not take.
 COMMON_FIELDS: tuple[str, ...] = (
     "dataset_dir", "output_name", "resolution", "steps", "batch_size", "grad_accumulation", "learning_rate",
     "precision", "save_every", "sample_every", "sample_prompts", "lr_schedule", "warmup_steps", "optimizer", "seed",
     "min_snr_gamma", "noise_offset", "sample_steps", "gradient_checkpointing", "cache_latents", "buckets",
     "save_precision",
 )
+
+SCRATCH = "None (from scratch)"  # the init-from dropdowns' first choice: sent as ""
+AUTO_ENCODER = "Auto"  # the image-encoder dropdown's first choice: sent as ""
+_ADAPTER_USE = "select <code>{name}</code> as the model of an Adapters unit in txt2img or img2img"
 
 
 @dataclass(frozen=True)
@@ -32,18 +37,43 @@ class MethodInfo:
 
     key: str  # TrainRequest.method
     label: str  # shown in the dropdown
-    fields: tuple[str, ...]  # method-specific TrainRequest fields (their widgets live in the method's groups)
     usage: str  # how to use the result; {name} is the output file's stem
+    dataset_label: str
+    dataset_hint: str  # the dataset box's placeholder: the layouts the method reads
+    # Shared knobs whose usual value differs by method: selecting the method sets them (the adapters'
+    # mid-run samples are prompt-only, without the adapter, so they start off).
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Method-specific TrainRequest fields (their widgets live in the method's groups)."""
+        return METHOD_FIELDS[self.key]
 
 
 METHODS: tuple[MethodInfo, ...] = (
-    MethodInfo("lora", "LoRA", ("rank", "alpha", "lora_targets", "train_text_encoder"),
-               "use <code>&lt;lora:{name}:1&gt;</code> in your prompt"),
+    MethodInfo("lora", "LoRA", "use <code>&lt;lora:{name}:1&gt;</code> in your prompt", "Dataset folder",
+               "Folder of images with .txt/.caption files (kohya N_name folders repeat N times)",
+               {"learning_rate": 1e-4, "sample_every": 250}),
+    # 1e-5: the TencentARC recipe (SD1 and SDXL, constant).
+    MethodInfo("t2i_adapter", "T2I-Adapter", _ADAPTER_USE + " with a condition image", "Dataset folder or meta .txt",
+               "Folder with x.png + x.<condition>.png + x.txt per sample, or a TencentARC meta .txt "
+               "(one image path per line)", {"learning_rate": 1e-5, "sample_every": 0}),
+    # 1e-4: tencent-ailab's tutorial_train.py.
+    MethodInfo("ip_adapter", "IP-Adapter", _ADAPTER_USE + " with a reference image", "Dataset folder or JSON list",
+               'Folder of images with .txt/.caption files, or the reference\'s JSON list '
+               '[{"image_file": "1.png", "text": "a dog"}, ...]', {"learning_rate": 1e-4, "sample_every": 0}),
 )
+DEFAULTED_FIELDS: tuple[str, ...] = tuple(sorted({name for info in METHODS for name in info.defaults}))
 
 INT_FIELDS = frozenset({"resolution", "steps", "batch_size", "grad_accumulation", "save_every", "sample_every",
-                        "warmup_steps", "seed", "sample_steps", "rank"})
-FLOAT_FIELDS = frozenset({"learning_rate", "noise_offset", "alpha"})
+                        "warmup_steps", "seed", "sample_steps", "rank", "t2i_condition_channels",
+                        "ip_resampler_depth"})
+FLOAT_FIELDS = frozenset({"learning_rate", "noise_offset", "alpha", "ip_image_drop", "ip_text_drop", "ip_both_drop"})
+AUTO_INT_FIELDS = frozenset({"t2i_num_res_blocks", "ip_resampler_dim"})  # 0 or empty: null, the method's own choice
+TEXT_FIELDS = frozenset({"dataset_dir", "output_name", "t2i_condition", "ip_data_root"})
+# Dropdown choices that stand for "" in the request (a dropdown cannot offer an empty string).
+EMPTY_CHOICES = {"t2i_init_from": SCRATCH, "ip_init_from": SCRATCH, "ip_image_encoder": AUTO_ENCODER,
+                 "t2i_preprocessor": "none"}
 LOSS_PLOT_POINTS = 300  # longer curves are averaged into this many points: the plot stays light to send
 SMOOTHING = 0.9  # EMA factor of the "smoothed" curve
 
@@ -83,14 +113,20 @@ def _clean(name: str, value: Any) -> Any:
         return _number(name, value, int)
     if name in FLOAT_FIELDS:
         return _number(name, value, float)
+    if name in AUTO_INT_FIELDS:
+        number = _number(name, value or 0, int)
+        return number if number != 0 else None
     if name == "min_snr_gamma":  # 0 or empty turns it off
         gamma = _number(name, value or 0, float)
         return gamma if gamma > 0 else None
     if name == "sample_prompts":
         text = value if isinstance(value, str) else "\n".join(value or ())
         return tuple(line.strip() for line in text.splitlines() if line.strip())
-    if name in ("dataset_dir", "output_name"):
+    if name in TEXT_FIELDS:
         return (value or "").strip()
+    if name in EMPTY_CHOICES:  # a cleared dropdown gives None
+        text = (value or "").strip()
+        return "" if text == EMPTY_CHOICES[name] else text
     return value
 
 
@@ -103,7 +139,7 @@ def build_request(method: str, values: Mapping[str, Any]) -> tuple[TrainRequest,
         data[name] = _clean(name, values[name])
     notes = []
     if not data["dataset_dir"]:
-        raise InputError("choose a dataset folder: a folder of images with .txt or .caption files beside them")
+        raise InputError(f"choose a dataset ({info.dataset_label.lower()}): {info.dataset_hint}")
     if not data["output_name"]:
         raise InputError("choose an output name: the file name (without extension) the result is saved as")
     if data["sample_every"] > 0 and not data["sample_prompts"]:

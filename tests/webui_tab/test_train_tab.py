@@ -10,9 +10,10 @@ import pytest
 
 from lib_adapters.errors import InputError
 from lib_adapters.webui.training_jobs import JobRunningError, JobState, JobStatus, TrainRequest
+from lib_adapters.webui.training_request import T2I_FIELDS
 from lib_adapters.webui.training_tab import TrainTab
 from lib_adapters.webui.training_view import (
-    all_fields, build_request, format_duration, loss_points, render_status, smoothed,
+    AUTO_ENCODER, SCRATCH, all_fields, build_request, format_duration, loss_points, render_status, smoothed,
 )
 
 
@@ -92,6 +93,121 @@ def test_request_adjustments_and_refusals(built_tab):
         build_request("LoRA", {**base, "learning_rate": None})
     with pytest.raises(InputError, match="unknown training method 'DreamBooth'"):
         build_request("DreamBooth", base)
+
+
+def _accepted(request: TrainRequest) -> TrainRequest:
+    """The request as the job manager and the API take it: through JSON, then the core's config checks."""
+    again = TrainRequest.from_dict(request.to_dict())
+    assert again == request
+    again.to_config("/tmp/out", device="cpu")
+    return again
+
+
+def test_t2i_request_from_the_widgets(built_tab):
+    # LoRA's and IP's widgets changed too: only the T2I knobs go into a T2I request
+    values = {**_widget_defaults(built_tab), "dataset_dir": "/data/depth", "output_name": "my_depth",
+              "learning_rate": 1e-5, "sample_every": 0, "rank": 4.0, "ip_projection": "plus", "ip_image_drop": 0.2,
+              "t2i_condition": " sketch ", "t2i_condition_channels": "1", "t2i_adapter_kind": "light",
+              "t2i_preprocessor": "canny", "t2i_timesteps": "cubic", "t2i_num_res_blocks": 3.0,
+              "t2i_export_layout": "diffusers", "t2i_init_from": "t2iadapter_sketch [0123abcd]"}
+    request, notes = build_request("T2I-Adapter", values)
+    assert notes == []
+    assert _accepted(request) == TrainRequest(
+        dataset_dir="/data/depth", output_name="my_depth", method="t2i_adapter", learning_rate=1e-5, sample_every=0,
+        sample_prompts=(), t2i_adapter_kind="light", t2i_condition="sketch", t2i_condition_channels=1,
+        t2i_num_res_blocks=3, t2i_preprocessor="canny", t2i_init_from="t2iadapter_sketch [0123abcd]",
+        t2i_timesteps="cubic", t2i_export_layout="diffusers")
+    # the widgets' own defaults: from scratch, no preprocessor (every condition must exist), blocks as released
+    request, _ = build_request("t2i_adapter", {**_widget_defaults(built_tab), "dataset_dir": "/d", "output_name": "o"})
+    t2i = {name: getattr(_accepted(request), name) for name in T2I_FIELDS}
+    assert t2i == {name: TrainRequest.defaults()[name] for name in T2I_FIELDS}
+    assert request.to_config("/tmp/out", device="cpu").t2i.init_from is None
+    with pytest.raises(InputError, match="meta .txt"):  # the method's own dataset hint
+        build_request("T2I-Adapter", {**values, "dataset_dir": ""})
+    with pytest.raises(InputError, match="condition name"):
+        build_request("T2I-Adapter", {**values, "t2i_condition": "a/b"})[0].to_config("/tmp/out", device="cpu")
+
+
+def test_ip_request_from_the_widgets(built_tab):
+    values = {**_widget_defaults(built_tab), "dataset_dir": "/data/refs.json", "output_name": "my_ip", "rank": 4.0,
+              "t2i_condition": "canny", "ip_projection": "plus", "ip_init_from": "/models/ip-adapter-plus_sd15.bin",
+              "ip_image_encoder": AUTO_ENCODER, "ip_image_drop": 0.1, "ip_text_drop": 0, "ip_both_drop": "0.05",
+              "ip_cache_features": False, "ip_resampler_dim": 0, "ip_resampler_depth": 2.0,
+              "ip_data_root": " /data/images "}
+    request, notes = build_request("IP-Adapter", values)
+    assert notes == ["No sample prompt given: sample images are off."]
+    assert _accepted(request) == TrainRequest(
+        dataset_dir="/data/refs.json", output_name="my_ip", method="ip_adapter", sample_every=0,
+        sample_prompts=(), ip_projection="plus", ip_image_encoder="", ip_init_from="/models/ip-adapter-plus_sd15.bin",
+        ip_image_drop=0.1, ip_text_drop=0.0, ip_both_drop=0.05, ip_cache_features=False, ip_resampler_dim=None,
+        ip_resampler_depth=2, ip_data_root="/data/images")
+    request, _ = build_request("ip_adapter", {**values, "ip_init_from": SCRATCH,
+                                              "ip_image_encoder": "vit-h.safetensors", "ip_resampler_dim": 768})
+    assert (request.ip_init_from, request.ip_image_encoder, request.ip_resampler_dim) == ("", "vit-h.safetensors", 768)
+    with pytest.raises(InputError, match="drop rates"):
+        build_request("IP-Adapter", {**values, "ip_image_drop": 0.9, "ip_text_drop": 0.5}
+                      )[0].to_config("/tmp/out", device="cpu")
+
+
+def test_switching_the_method_shows_its_knobs_and_usual_values(built_tab):
+    widgets = built_tab.method_outputs()
+    assert set(built_tab.method_groups) == {"lora", "t2i_adapter", "ip_adapter"}
+    for label, key, lr, sample_every in (("T2I-Adapter", "t2i_adapter", 1e-5, 0), ("IP-Adapter", "ip_adapter", 1e-4, 0),
+                                         ("LoRA", "lora", 1e-4, 250)):
+        update = dict(zip(map(id, widgets), built_tab.method_changed(label)))
+        for group_key, groups in built_tab.method_groups.items():
+            assert len(groups) == 2  # main knobs and the Advanced accordion's
+            assert [update[id(g)]["visible"] for g in groups] == [group_key == key] * 2
+        assert update[id(built_tab.inputs["learning_rate"])]["value"] == lr
+        assert update[id(built_tab.inputs["sample_every"])]["value"] == sample_every
+        dataset = update[id(built_tab.inputs["dataset_dir"])]
+        assert dataset["label"] == {"lora": "Dataset folder", "t2i_adapter": "Dataset folder or meta .txt",
+                                    "ip_adapter": "Dataset folder or JSON list"}[key]
+    t2i_hint = dict(zip(map(id, widgets), built_tab.method_changed("T2I-Adapter")))[id(built_tab.inputs["dataset_dir"])]
+    assert "x.<condition>.png" in t2i_hint["placeholder"] and "TencentARC meta .txt" in t2i_hint["placeholder"]
+    # every method knob has a widget inside its own method's groups
+    assert built_tab.inputs["t2i_init_from"].value == SCRATCH and built_tab.inputs["t2i_preprocessor"].value == "none"
+    assert built_tab.inputs["ip_image_encoder"].value == AUTO_ENCODER
+
+
+def test_adapter_result_says_where_to_select_it():
+    done = JobStatus(state=JobState.FINISHED, method="t2i_adapter", step=10, total=10,
+                     output="/w/models/adapters/my_depth.safetensors")
+    assert render_status(done).result == (
+        "<p>Saved <code>/w/models/adapters/my_depth.safetensors</code>; select <code>my_depth</code> as the model of "
+        "an Adapters unit in txt2img or img2img with a condition image.</p>")
+    stopped = JobStatus(state=JobState.INTERRUPTED, method="ip_adapter", step=3, total=10,
+                        output="/w/models/adapters/my_ip.safetensors", checkpoint="/w/my_ip.state")
+    assert ("select <code>my_ip</code> as the model of an Adapters unit in txt2img or img2img with a reference "
+            "image.") in render_status(stopped).result
+    assert "lora:" not in render_status(stopped).result
+
+
+def test_file_lists_come_from_the_panels_folders(built_tab, tmp_path):
+    import driver
+    from fixtures.adapters import diffusers_adapter, save_both_layouts
+    from safetensors.torch import save_file
+    import torch
+
+    from lib_adapters.webui.training_host import TrainingHost
+    from lib_adapters.webui.training_knobs import adapter_choices, encoder_choices, preprocessor_choices
+
+    driver.reset_webui(tmp_path)
+    models = tmp_path / "models"
+    save_both_layouts(diffusers_adapter("full_adapter", 3, seed=0), models / "adapters", "depth")
+    save_file({"image_proj.proj.weight": torch.zeros(4, 4), "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 4)},
+              str(models / "adapters" / "my_ip.safetensors"))
+    (models / "clip_vision").mkdir(parents=True)
+    (models / "clip_vision" / "vit-h.safetensors").write_bytes(b"")
+    assert adapter_choices("t2i_adapter") == [SCRATCH, "depth", "depth_diffusers"]
+    assert adapter_choices("ip_adapter") == [SCRATCH, "my_ip"]
+    assert encoder_choices() == [AUTO_ENCODER, "vit-h.safetensors"]
+    assert preprocessor_choices()[0] == "none" and "canny" in preprocessor_choices()
+    # a listed name is resolved as the job manager resolves it: through the panel's catalog
+    request, _ = build_request("T2I-Adapter", {**_widget_defaults(built_tab), "dataset_dir": "/d",
+                                               "output_name": "o", "t2i_init_from": "depth_diffusers"})
+    config = request.to_config("/tmp/out", device="cpu", places=TrainingHost().places("t2i_adapter"))
+    assert config.t2i.init_from == models / "adapters" / "depth_diffusers.safetensors"
 
 
 # status rendering ------------------------------------------------------------------------------------------------
@@ -204,7 +320,6 @@ def test_resume_interrupt_and_method_switch(built_tab):
     jobs.statuses = [_running(5), stopped]
     outputs = list(tab.interrupt())
     assert jobs.interrupts == 1 and "Interrupted" in outputs[-1][0]["value"]
-    assert built_tab.method_changed("LoRA") == [gr.update(visible=True)] * len(built_tab.method_groups["lora"])
 
 
 def test_entry_point_registers_callbacks_and_creates_jobs_lazily(tmp_path):

@@ -1,6 +1,6 @@
 """The "Train Adapter" tab driven in headless Chromium against the stub WebUI host page (host.py):
-it renders, a bad dataset is reported in the tab, a run starts from the filled-in form, progress
-advances (step text, loss plot, log, a sample image in the gallery),
+it renders, switching the method swaps the knob groups, a bad dataset is reported in the tab, a run
+starts from the filled-in form, progress advances (step text, loss plot, log, a sample image in the gallery),
 Interrupt stops it with a checkpoint and the LoRA published, and the files are on disk.
 
 Needs the ``playwright`` package and a system Chromium at /usr/bin/chromium (never a downloaded
@@ -36,6 +36,12 @@ def _fill(page, elem_id: str, value: str, kind: str = "input") -> None:
     box = _field(page, elem_id, kind)
     box.fill(value)
     box.press("Tab")  # gradio 3 commits numbers and slider boxes on blur
+
+
+def _select(page, elem_id: str, choice: str) -> None:
+    """Pick a gradio 3 dropdown's option as a user does: open the list, click the option."""
+    _field(page, elem_id).click()
+    page.locator(f"#adapters_train_{elem_id} ul.options li", has_text=choice).first.click()
 
 
 PROGRESS_JS = "document.querySelector('#adapters_train_progress .prose').innerText"
@@ -78,6 +84,19 @@ def test_train_then_interrupt_in_the_browser(host, page, tmp_path):
     assert page.locator("#tab_adapters_train").count() == 1
     assert _field(page, "method").input_value() == "LoRA"
     assert _progress(page).strip() == "No training run yet."
+
+    # the method's own knobs: T2I-Adapter's group appears, LoRA's goes, its learning rate is set
+    assert page.locator("#adapters_train_rank").is_visible()
+    assert page.locator("#adapters_train_t2i_condition").is_hidden()
+    _select(page, "method", "T2I-Adapter")
+    page.wait_for_selector("#adapters_train_t2i_condition", state="visible")
+    page.wait_for_selector("#adapters_train_rank", state="hidden")
+    assert page.locator("#adapters_train_ip_projection").is_hidden()
+    assert float(_field(page, "learning_rate").input_value()) == 1e-5
+    assert "x.<condition>.png" in _field(page, "dataset_dir", "textarea").get_attribute("placeholder")
+    _select(page, "method", "LoRA")
+    page.wait_for_selector("#adapters_train_rank", state="visible")
+    page.wait_for_selector("#adapters_train_t2i_condition", state="hidden")
 
     # a bad dataset folder is reported in the tab, nothing starts
     _fill(page, "dataset_dir", str(tmp_path / "missing"), "textarea")
