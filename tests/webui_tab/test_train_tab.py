@@ -1,9 +1,11 @@
-"""The "Train Adapter" tab's handlers without a browser: the request built from the widgets' values,
-a status rendered to the outputs, the Train/Resume/Interrupt/follow handlers over a scripted job
-manager, and the WebUI entry point (scripts/adapters_train.py)."""
+"""The "Train Adapter" tab's handlers without a browser: the request built from the widgets' values for
+each method (LoRA, T2I-Adapter, IP-Adapter), the method switch, the file lists, a status rendered to the
+outputs, the Train/Resume/Interrupt/follow handlers over a scripted job manager, a short T2I run through
+the real job manager, and the WebUI entry point (scripts/adapters_train.py)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -336,3 +338,42 @@ def test_entry_point_registers_callbacks_and_creates_jobs_lazily(tmp_path):
     jobs = module.jobs()
     assert jobs is module.jobs() and jobs.status().state is JobState.IDLE
     script_callbacks.script_unloaded_callback()  # nothing runs: returns at once
+
+
+def test_a_t2i_run_from_the_tab_is_listed_for_the_next_generation_and_fine_tuning(built_tab, tmp_path):
+    """Widget values -> the real job manager on the tiny model -> a file the panel's lists offer by its name,
+    which a second run fine-tunes."""
+    import driver
+    import numpy as np
+    from PIL import Image
+
+    from lib_adapters.webui.training_host import TrainingHost
+    from lib_adapters.webui.training_jobs import TrainingJobs
+    from lib_adapters.webui.training_knobs import adapter_choices
+    from training.train_helpers import make_shapes_dataset
+
+    driver.reset_webui(tmp_path / "webui")
+    driver.load_tiny_model("sd1")
+    dataset = make_shapes_dataset(tmp_path / "dataset", count=2)
+    for path in dataset.rglob("*.png"):  # x.sketch.png beside x.png: the image inverted
+        with Image.open(path) as im:
+            Image.fromarray(255 - np.asarray(im.convert("L"))).save(path.with_name(f"{path.stem}.sketch.png"))
+    jobs = TrainingJobs(TrainingHost(work_dir=tmp_path / "work"))
+    tab = TrainTab(lambda: jobs, poll_seconds=0.05)
+    args = _args(built_tab, dataset_dir=str(dataset), output_name="tab_sketch", resolution=64, steps=2,
+                 save_every=0, t2i_condition="sketch", t2i_condition_channels="1", t2i_adapter_kind="light")
+    last = list(tab.start("", "T2I-Adapter", *args))[-1]
+    status = jobs.wait(120)
+    assert status.state is JobState.FINISHED, status.error
+    assert status.output == str(tmp_path / "webui" / "models" / "adapters" / "tab_sketch.safetensors")
+    assert "select <code>tab_sketch</code> as the model of an Adapters unit" in last[4]["value"]
+    assert "tab_sketch" in adapter_choices("t2i_adapter") and "tab_sketch" not in adapter_choices("ip_adapter")
+    # fine-tuning it: the listed name is resolved through the panel's catalog
+    args = _args(built_tab, dataset_dir=str(dataset), output_name="tab_sketch2", resolution=64, steps=1,
+                 save_every=0, t2i_condition="sketch", t2i_condition_channels="1", t2i_adapter_kind="light",
+                 t2i_init_from="tab_sketch")
+    list(tab.start("", "T2I-Adapter", *args))
+    status = jobs.wait(120)
+    assert status.state is JobState.FINISHED, status.error
+    from lib_adapters.formats.reader import read_safetensors_metadata
+    assert read_safetensors_metadata(Path(status.output))["t2i_adapter.init_from"] == "tab_sketch.safetensors"
