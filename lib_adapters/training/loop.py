@@ -213,9 +213,10 @@ class Trainer:
         return sizes
 
     # -- one step -----------------------------------------------------------------------------------
-    def _method_batch(self, indices: tuple[int, ...]) -> MethodBatch:
-        return MethodBatch([self.records[i] for i in indices], [self.plan.placements[i] for i in indices],
-                           self.generator, self.backend.device)
+    def _method_batch(self, indices: tuple[int, ...], rows: slice) -> MethodBatch:
+        local = indices[rows]
+        return MethodBatch([self.records[i] for i in local], [self.plan.placements[i] for i in local],
+                           self.generator, self.backend.device, len(indices), rows)
 
     def _loss(self, indices: tuple[int, ...]) -> torch.Tensor | None:
         """Mean loss of this process's rows of the global batch ``indices`` (all of them in a single process);
@@ -224,19 +225,19 @@ class Trainer:
         config, backend = self.config, self.backend
         rows = self.shard.rows(len(indices))
         local = indices[rows]
-        batch = self._method_batch(local)
+        batch = self._method_batch(indices, rows)
         latents = self._latents(local) if local else None
         alphas = backend.alphas_cumprod
         bucket = self.plan.placements[indices[0]].bucket  # latents are 4 x H/8 x W/8 in every SD family
         shape = (len(indices), *(latents.shape[1:] if latents is not None else (4, bucket.height // 8, bucket.width // 8)))
         noise = sample_noise(tuple(shape), self.generator, config.noise_offset)[rows]
         timesteps = self.method.sample_timesteps(len(indices), len(alphas), self.generator)[rows]
+        captions = self.method.captions(batch, [r.caption for r in batch.records])  # draws too: even with no rows
         if latents is None:
             return None
         noise = noise.to(latents.device)
         noisy = add_noise(latents, noise, timesteps, alphas)
         with _autocast(config, backend.device):
-            captions = self.method.captions(batch, [r.caption for r in batch.records])
             cond = backend.encode_prompts(captions, self._sizes(local), grad=self.method.trains_text_encoder)
             with self.method.unet_context(batch):
                 prediction = backend.apply(noisy, timesteps.to(latents.device), cond)

@@ -44,6 +44,28 @@ def _same_unet(unet: torch.nn.Module, snapshot: tuple[dict, list, list]) -> bool
             and all(torch.equal(v, snapshot[0][k]) for k, v in state.items()))
 
 
+def test_each_process_draws_its_rows_of_the_global_dropout():
+    """In a multi-process run every process draws the whole global batch's dropout and keeps its rows: the
+    processes' generators stay in step and each sample is dropped as a single process would drop it."""
+    from lib_adapters.training.methods.base import MethodBatch
+
+    config = IPAdapterConfig(image_drop=0.3, text_drop=0.3, both_drop=0.3)
+
+    def drops_for(rows: slice, total: int = 8):
+        method = object.__new__(IPAdapterMethod)  # drops() needs only the config
+        method.config, method._drops = config, None
+        size = rows.stop - rows.start
+        batch = MethodBatch([None] * size, [None] * size, torch.Generator().manual_seed(5), torch.device("cpu"),
+                            total, rows)
+        return method.drops(batch), batch.generator.get_state()
+
+    whole, state = drops_for(slice(0, 8))
+    first, state_first = drops_for(slice(0, 4))
+    second, state_second = drops_for(slice(4, 8))
+    assert first + second == whole and len({tuple(d.__dict__.values()) for d in whole}) > 1
+    assert torch.equal(state_first, state) and torch.equal(state_second, state)
+
+
 def test_dropout_splits_as_the_reference_and_repeats_from_the_generator():
     config = IPAdapterConfig()
     drops = draw_drops(20000, config, torch.Generator().manual_seed(0))

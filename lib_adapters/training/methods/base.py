@@ -43,6 +43,15 @@ class MethodBatch:
     placements: list[Placement]  # of each sample: conditions get exactly the image's crop/resize
     generator: torch.Generator  # the run's seeded generator (draw dropout etc. from it: exact resume)
     device: torch.device
+    # In a multi-process run ``records`` are this process's rows of a global batch: draw per-sample randomness for
+    # all ``global_size`` samples and keep ``rows``, so every process's generator stays in step and each sample
+    # gets what a single process would give it.
+    global_size: int | None = None  # None: a single process, ``len(records)``
+    rows: slice = field(default_factory=lambda: slice(None))  # (a slice is no valid dataclass default)
+
+    @property
+    def total(self) -> int:
+        return len(self.records) if self.global_size is None else self.global_size
 
 
 class TrainingMethod(Protocol):

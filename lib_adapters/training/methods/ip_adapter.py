@@ -182,7 +182,7 @@ class IPAdapterMethod(MethodBase):
     def drops(self, batch: MethodBatch) -> list[Drops]:
         """Drawn once per batch (the loop asks for captions, then for the UNet context, of the same batch)."""
         if self._drops is None or self._drops[0] is not batch:
-            self._drops = (batch, draw_drops(len(batch.records), self.config, batch.generator))
+            self._drops = (batch, draw_drops(batch.total, self.config, batch.generator)[batch.rows])
         return self._drops[1]
 
     def captions(self, batch: MethodBatch, captions: list[str]) -> list[str]:
