@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -69,3 +70,72 @@ def unet_inputs(model, batch: int = 2, size: int = 8, seed: int = 3):
     with torch.no_grad():
         cond = model.get_learned_conditioning(["a red circle", "a blue square"][:batch])
     return x, t, cond
+
+
+# -- an informative stand-in VAE (learning tests) ---------------------------------------------------------
+POOL_SCALE = 3 ** 0.5  # colours uniform in [-1, 1] have variance 1/3: latents of random colours get about unit variance
+
+
+class PooledLatents:
+    """Mix-in for a training backend: a fixed, informative map in place of the VAE. The tiny model's random VAE
+    sends differently coloured images to nearly the same latents (std ~0.05), so nothing the image shows reaches
+    the denoising target. Here latents are the image's 8x8 average pool (RGB -> 3 channels, times ``POOL_SCALE``)
+    and a constant 4th channel; decoding is the nearest-neighbour inverse."""
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.avg_pool2d(pixels.float(), 8) * POOL_SCALE
+        return torch.cat([pooled, torch.zeros_like(pooled[:, :1])], 1).to(self.device)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(latents[:, :3].float() / POOL_SCALE, scale_factor=8, mode="nearest")
+
+    def identity(self):
+        return replace(super().identity(), vae="avg-pool-8")  # never mixed with the VAE's latents in a cache
+
+
+def tiny_pooled(arch: str = "sd1", seed: int = 0, parameterization: str = "eps"):
+    """``tiny()`` with the ``PooledLatents`` stand-in VAE: (model, backend). ``parameterization="v"`` makes the
+    model a v-prediction one (as SD2-768-v), whose target ``sqrt(a) eps - sqrt(1 - a) x0`` contains the clean
+    latents themselves: the learning tests use it because the tiny model's random, frozen UNet is no denoiser, so
+    an eps target (noise alone) leaves a condition describing ``x0`` next to nothing to improve."""
+    from tiny_model import build_tiny_sd_model
+
+    from lib_adapters.training.backends.ldm import LdmBackend
+
+    class PooledLdmBackend(PooledLatents, LdmBackend):
+        pass
+
+    model = build_tiny_sd_model(arch, seed)
+    model.parameterization = parameterization
+    return model, PooledLdmBackend(model)
+
+
+def half_colour_image(color) -> Image.Image:
+    """64x64: the left half ``color``, the right half its complement, so each latent channel is a left/right
+    pattern of amplitude ``color`` (the tiny UNet's per-channel GroupNorms drop a flat colour's offset)."""
+    image = Image.new("RGB", (64, 64), tuple(255 - int(c) for c in color))
+    image.paste(tuple(int(c) for c in color), (0, 0, 32, 64))
+    return image
+
+
+def reading_clip_vision(folder: Path, images: list, targets: torch.Tensor, seed: int = 0,
+                        name: str = "clip_vision_reading") -> Path:
+    """The tiny CLIP vision encoder (``fixtures.clip``) saved with its ``visual_projection`` refitted by least
+    squares so that its ``image_embeds`` of ``images`` (calibration RGB arrays) read ``targets`` [N, width]: a
+    stand-in for a real encoder, whose embeddings say plainly what colour an image is (the random one's are
+    dominated by what all images share). Everything before the projection is the random encoder's own."""
+    import numpy as np
+
+    from fixtures.clip import save_clip_vision, tiny_clip_vision
+
+    from lib_adapters.models.clip_vision import CropMode, load_clip_vision
+
+    model = tiny_clip_vision(seed)
+    encoder = load_clip_vision(save_clip_vision(model, Path(folder), name))
+    with torch.no_grad():
+        pixels = encoder.preprocess([np.asarray(i) for i in images], CropMode.CENTER)
+        pooled = encoder.model.vision_model(pixel_values=pixels).pooler_output.double()
+        eye = torch.eye(pooled.shape[1], dtype=torch.float64)
+        weight = torch.linalg.solve(pooled.T @ pooled + 1e-2 * eye, pooled.T @ targets.double())
+        model.visual_projection.weight.copy_(weight.T.float())
+    return save_clip_vision(model, Path(folder), name)
