@@ -23,52 +23,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, check, device_sync, environment, load_avg, log, params, rounded, write_json  # noqa: E402
+from bench.common import RESULTS, environment, load_avg, log, params, write_json  # noqa: E402
+from bench.train_common import (alternate, autocast_for, build_models, dataset_images, make_dataset,  # noqa: E402
+                                memory_cpu, peak_mb, read_pixels, report_memory, summarize, token_ids)
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def build_models(args, device: torch.device):
-    """A small SD1-structured UNet (context 768), a small VAE and a 4-layer CLIP-L-width text encoder, seeded."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    w = args.width
-    unet = UNet2DConditionModel(sample_size=args.resolution // 8, block_out_channels=(w, 2 * w, 4 * w, 4 * w),
-                                layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(32, 64, 64, 64), layers_per_block=1, latent_channels=4, sample_size=256)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=768, intermediate_size=3072, num_hidden_layers=4,
-                                        num_attention_heads=12, max_position_embeddings=77, bos_token_id=998,
-                                        eos_token_id=999, pad_token_id=999))
-    return [m.to(device).eval().requires_grad_(False) for m in (unet, vae, text)]
-
-
-def make_dataset(root: Path, count: int, size: int) -> Path:
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(1)
-    folder = root / "1_bench"
-    folder.mkdir(parents=True)
-    for i in range(count):
-        pixels = (torch.rand(3, size // 16, size // 16, generator=g) * 255).byte().permute(1, 2, 0).numpy()
-        Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a photo of pattern number {i}, bench")
-    return root
 
 
 class Ours:
@@ -96,12 +62,8 @@ class Plain:
     """What diffusers' train_text_to_image_lora.py does per step (accelerate and logging left out)."""
 
     def __init__(self, args, models, dataset: Path, device):
-        import numpy as np
         from diffusers import DDPMScheduler
         from peft import LoraConfig
-        from PIL import Image
-
-        from lib_adapters.tiny_diffusers import WordHashTokenizer
 
         self.unet, self.vae, self.text = models
         self.unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
@@ -110,15 +72,11 @@ class Plain:
         self.trainable = sum(p.numel() for p in self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-2)
         self.scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-        files = sorted((dataset / "1_bench").glob("*.png"))
-        pixels = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files]
-        self.pixels = torch.stack(pixels).float().div(127.5).sub(1).to(device)
-        tok = WordHashTokenizer()
-        self.ids = tok([f.with_suffix(".txt").read_text() for f in files], padding="max_length", max_length=77,
-                       truncation=True, return_tensors="pt")["input_ids"].to(device)
+        files = dataset_images(dataset)
+        self.pixels = read_pixels(files, device)
+        self.ids = token_ids([f.with_suffix(".txt").read_text() for f in files], device)
         self.batch, self.index, self.device = args.batch, 0, device
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-        self.autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        self.autocast = autocast_for(device, args.precision)
 
     def step(self) -> float:
         rows = [(self.index + i) % len(self.ids) for i in range(self.batch)]
@@ -144,74 +102,22 @@ def build_side(name: str, args, models, dataset: Path, out: Path, device):
     return Ours(args, models, dataset, out, device) if name == "ours" else Plain(args, models, dataset, device)
 
 
-def status_mb(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, from /proc/self/status."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak() -> None:
-    """Linux: writing 5 to clear_refs resets the peak RSS, so imports and model building do not count."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def measure_memory_child(args, device) -> None:
-    """``--side``: one side alone in this process; prints its RSS after loading and its peak RSS during
-    ``--memory-steps`` steps (the peak is reset after loading)."""
+    """``--side``: one side alone in this process (see ``train_common.report_memory``)."""
     with tempfile.TemporaryDirectory() as tmp:
         dataset = make_dataset(Path(tmp) / "ds", args.images, args.resolution)
-        models = build_models(args, device)
-        side = build_side(args.side, args, models, dataset, Path(tmp) / "out", device)
-        loaded = status_mb("VmRSS")
-        reset_peak()
-        losses = [side.step() for _ in range(args.memory_steps)]
-        check(all(v == v for v in losses), "non-finite loss")
-        print(f"MEMORY {loaded:.1f} {status_mb('VmHWM'):.1f}", flush=True)
-
-
-def memory_cpu(args) -> dict:
-    result = {}
-    for name in ("ours", "plain"):
-        argv = [sys.executable, __file__, "--side", name, *sys.argv[1:]]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("MEMORY ")), None)
-        check(line is not None, f"memory child for {name} failed: {proc.stderr[-2000:]}")
-        loaded, peak = map(float, line.split()[1:])
-        result[name] = {"rss_after_load_mb": loaded, "peak_rss_during_steps_mb": peak,
-                        "step_peak_above_load_mb": round(peak - loaded, 1)}
-    return result
+        models = build_models(args.width, args.resolution, device)
+        report_memory(build_side(args.side, args, models, dataset, Path(tmp) / "out", device), args.memory_steps)
 
 
 def time_both(args, device) -> dict:
-    sync = device_sync(device)
     with tempfile.TemporaryDirectory() as tmp:
         dataset = make_dataset(Path(tmp) / "ds", args.images, args.resolution)
-        base = build_models(args, device)
+        base = build_models(args.width, args.resolution, device)
         sides = {"ours": build_side("ours", args, [copy.deepcopy(m) for m in base], dataset, Path(tmp) / "out", device),
                  "plain": build_side("plain", args, [copy.deepcopy(m) for m in base], dataset, None, device)}
-        check(sides["ours"].trainable == sides["plain"].trainable,
-              f"trainable parameter counts differ: {sides['ours'].trainable} vs {sides['plain'].trainable}")
-        times, cpu = {"ours": [], "plain": []}, {"ours": [], "plain": []}
-        peaks = {"ours": 0, "plain": 0}
-        for i in range(args.pairs + 1):  # pair 0 is the warm-up
-            for name in ("ours", "plain") if i % 2 == 0 else ("plain", "ours"):
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                sync()
-                start, start_cpu = time.perf_counter(), time.process_time()
-                loss = sides[name].step()
-                sync()
-                check(loss == loss, f"{name}: non-finite loss")
-                if i:
-                    times[name].append(time.perf_counter() - start)
-                    cpu[name].append(time.process_time() - start_cpu)
-                    if device.type == "cuda":
-                        peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device))
-            log(f"pair {i}: ours {times['ours'][-1] if i else 0:.3f}s plain {times['plain'][-1] if i else 0:.3f}s")
-        return {"unet_params": params(base[0]), "trainable_params": sides["ours"].trainable, "times": times, "cpu": cpu,
-                "cuda_peak_bytes": peaks if device.type == "cuda" else None}
+        timing = alternate(sides, args.pairs, device)
+        return {**timing, "unet_params": params(base[0]), "trainable_params": sides["ours"].trainable}
 
 
 def main() -> int:
@@ -243,30 +149,16 @@ def main() -> int:
     log(f"timing on {device}: width {args.width}, {args.resolution}px, batch {args.batch}, rank {args.rank}")
     load_before = load_avg()
     timing = time_both(args, device)
-    memory = None if cuda else memory_cpu(args)
-    med = {k: statistics.median(v) for k, v in timing["times"].items()}
-    ratios = [a / b for a, b in zip(timing["times"]["ours"], timing["times"]["plain"])]
+    memory = None if cuda else memory_cpu(__file__, sys.argv[1:])
     result = {"benchmark": "train_lora_step", "environment": environment(device), "load_avg": [load_before, load_avg()],
               "settings": {k: v for k, v in vars(args).items() if k not in ("side", "out")},
               "unet_params": timing["unet_params"], "trainable_params": timing["trainable_params"],
-              "times_s": {k: rounded(v) for k, v in timing["times"].items()},
-              "median_s": {k: round(v, 4) for k, v in med.items()}, "time_ratio_of_medians": round(med["ours"] / med["plain"], 3),
-              "median_pair_ratio": round(statistics.median(ratios), 3),
-              "cpu_times_s": {k: rounded(v) for k, v in timing["cpu"].items()},
-              "cpu_median_s": {k: round(statistics.median(v), 4) for k, v in timing["cpu"].items()},
-              "cpu_time_ratio_of_medians": round(statistics.median(timing["cpu"]["ours"])
-                                                 / statistics.median(timing["cpu"]["plain"]), 3)}
-    if cuda:
-        peaks = timing["cuda_peak_bytes"]
-        result["cuda_peak_mb"] = {k: round(v / 2**20, 1) for k, v in peaks.items()}
-        result["memory_ratio"] = round(peaks["ours"] / peaks["plain"], 3)
-    else:
-        result["cpu_memory"] = memory
-        result["memory_ratio"] = round(memory["ours"]["peak_rss_during_steps_mb"] / memory["plain"]["peak_rss_during_steps_mb"], 3)
+              **summarize(timing, memory)}
+    med = result["median_s"]
     out = args.out or RESULTS / f"train_lora_step_{device.type}.json"
     write_json(result, out)
     log(f"wrote {out}")
-    mem = result.get("cuda_peak_mb") or {k: v["peak_rss_during_steps_mb"] for k, v in memory.items()}
+    mem = peak_mb(result)
     headline = result["cpu_time_ratio_of_medians"] if not cuda else result["time_ratio_of_medians"]
     print(f"| {device.type} | {timing['unet_params'] / 1e6:.0f}M UNet, {args.resolution}px, batch {args.batch}, rank "
           f"{args.rank}, {args.precision}, {args.threads} thread(s) | {med['ours']:.2f} / {med['plain']:.2f} | "
