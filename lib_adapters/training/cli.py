@@ -22,7 +22,7 @@ import torch
 
 from ..errors import AdapterError, InputError
 from .checkpoints import latest_checkpoint
-from .config import TrainConfig
+from .config import Method, TrainConfig
 from .distributed import Shard, close, shard_from_environment
 from .errors import TrainingError
 from .loading import ModelSource, base_dtype, load_backend
@@ -103,8 +103,16 @@ def _report(result: TrainResult, request: RunRequest, say) -> None:
             f"continue with the same options and --resume")
         return
     model = "the built-in tiny model" if request.source.checkpoint is None else request.source.checkpoint
-    say(f"done: {result.output} (trained on {model}); copy it into the WebUI's models/Lora folder and use "
-        f"<lora:{request.config.output_name}:1> in a prompt")
+    say(f"done: {result.output} (trained on {model}); {_where_it_goes(request.config)}")
+
+
+def _where_it_goes(config: TrainConfig) -> str:
+    """How the user gets the file into the WebUI: LoRAs go to the Lora list, adapters to the Adapters panel."""
+    if config.method is Method.LORA:
+        return f"copy it into the WebUI's models/Lora folder and use <lora:{config.output_name}:1> in a prompt"
+    need = "a condition image" if config.method is Method.T2I_ADAPTER else "a reference image"
+    return (f"copy it into the WebUI's models/adapters folder and select {config.output_name} in an Adapters unit "
+            f"with {need}")
 
 
 def run(request: RunRequest, shard: Shard | None = None, out=None) -> int:

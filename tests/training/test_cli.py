@@ -141,3 +141,26 @@ def test_a_non_finite_loss_exits_1_naming_the_kept_checkpoint(tmp_path, monkeypa
     assert code == cli.EXIT_TRAINING and err.startswith("error: the loss became nan at step 3")
     assert f"{kept} is kept unchanged" in err and "lower learning rate" in err and "Traceback" not in err
     assert kept.is_file() and not (tmp_path / "out" / "nan.safetensors").exists()
+
+
+def test_the_cli_trains_a_t2i_adapter_that_our_loader_reads(tmp_path):
+    """The same jobs as the tab and the API: --method t2i_adapter with --t2i-* flags, on the built-in tiny model."""
+    from PIL import Image
+
+    from lib_adapters.formats.adapter_file import load_adapter
+
+    make_shapes_dataset(tmp_path / "ds", "2_shapes")
+    for i in range(4):
+        with Image.open(tmp_path / "ds" / "2_shapes" / f"{i}.png") as image:
+            image.convert("L").save(tmp_path / "ds" / "2_shapes" / f"{i}.edges.png")
+    code, text = _run(tmp_path, "--steps", "2", "--method", "t2i_adapter", "--t2i-condition", "edges",
+                      "--t2i-condition-channels", "1", "--t2i-adapter-kind", "light", name="edges_adapter")
+    assert code == cli.EXIT_OK, text
+    output = tmp_path / "out" / "edges_adapter.safetensors"
+    assert f"done: {output}" in text and "models/adapters" in text and "<lora:" not in text
+    from lib_adapters.formats.t2i import LoadedT2IAdapter
+    from lib_adapters.models.t2i_adapter import AdapterKind
+
+    loaded = load_adapter(output)
+    assert isinstance(loaded, LoadedT2IAdapter) and loaded.config.kind is AdapterKind.LIGHT
+    assert loaded.config.in_channels == 1 * 8 * 8  # one channel, pixel-unshuffled by 8 as the released adapters
