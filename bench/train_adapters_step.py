@@ -85,10 +85,13 @@ def save_encoder(model: torch.nn.Module, folder: Path) -> Path:
 
 
 class Setup:
-    """What both sides of one method get: dataset, base models, encoder file, the run's settings."""
+    """What both sides of one method get: dataset, base models, encoder file, the run's settings.
 
-    def __init__(self, args, method: str, root: Path, device: torch.device):
-        self.args, self.method, self.device = args, method, device
+    ``shared``: both sides in this process, each with its own copies; else (a memory child) the one side
+    takes the originals, so that no freed copy stays in the process's RSS."""
+
+    def __init__(self, args, method: str, root: Path, device: torch.device, shared: bool = True):
+        self.args, self.method, self.device, self.shared = args, method, device, shared
         self.dataset = make_dataset(root / "ds", args.images, args.resolution, CONDITION if method == "t2i" else None)
         self.out = root / "out"
         self.models = build_models(args.width, args.resolution, device)
@@ -96,7 +99,10 @@ class Setup:
         self.encoder_file = save_encoder(self.encoder, root / "clip") if self.encoder is not None else None
 
     def copies(self) -> list[torch.nn.Module]:
-        return [copy.deepcopy(m) for m in self.models]
+        return [copy.deepcopy(m) for m in self.models] if self.shared else self.models
+
+    def plain_encoder(self) -> torch.nn.Module:
+        return copy.deepcopy(self.encoder) if self.shared else self.encoder
 
 
 # --- ours ----------------------------------------------------------------------------------------------
@@ -149,6 +155,7 @@ class PlainBase:
         self.scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
         self.batch, self.index = setup.args.batch, 0
         self.autocast = autocast_for(setup.device, setup.args.precision)
+        self.foreach = True if setup.args.plain_foreach else None
 
     def rows(self) -> list[int]:
         rows = [(self.index + i) % len(self.files) for i in range(self.batch)]
@@ -162,23 +169,27 @@ class PlainBase:
     def optimizer(self, modules: list[torch.nn.Module]) -> None:
         self.params = [p for m in modules for p in m.parameters()]
         self.trainable = sum(p.numel() for p in self.params)
-        self.opt = torch.optim.AdamW(self.params, lr=1e-5, weight_decay=1e-2)
+        # torch's default (None): the for-loop implementation on the CPU, foreach on CUDA; ``--plain-foreach``
+        # gives the reference the foreach implementation ours asks for, to tell that choice's cost apart
+        self.opt = torch.optim.AdamW(self.params, lr=1e-5, weight_decay=1e-2, foreach=self.foreach)
 
 
 class PlainT2I(PlainBase):
     """diffusers ``train_t2i_adapter_sdxl.py``'s step on an SD1 UNet (accelerate, logging, EMA-free as there)."""
 
-    def __init__(self, setup: Setup, ours: Ours):
+    def __init__(self, setup: Setup, ours: Ours | None):
         from diffusers import T2IAdapter
 
         from lib_adapters.formats.t2i import tencentarc_to_diffusers
 
         super().__init__(setup)
         w = setup.args.width
+        torch.manual_seed(3)
         self.adapter = T2IAdapter(in_channels=3, channels=[w, 2 * w, 4 * w, 4 * w], num_res_blocks=2,
                                   downscale_factor=8, adapter_type="full_adapter").to(setup.device)
-        state = tencentarc_to_diffusers(ours.method.adapter.state_dict(), ours.method.adapter_config)
-        self.adapter.load_state_dict(state, strict=True)  # the same starting weights as ours
+        if ours is not None:  # the same starting weights as ours
+            state = tencentarc_to_diffusers(ours.method.adapter.state_dict(), ours.method.adapter_config)
+            self.adapter.load_state_dict(state, strict=True)
         self.adapter.train().requires_grad_(True)
         self.optimizer([self.adapter])
         conditions = [f.with_name(f"{f.stem}.{CONDITION}.png") for f in self.files]
@@ -208,7 +219,8 @@ class PlainT2I(PlainBase):
 
 
 def ip_processors(unet: torch.nn.Module, num_tokens: int) -> dict:
-    """tutorial_train.py's processor setup, with diffusers' own IP-Adapter processor class."""
+    """tutorial_train.py's processor setup, with diffusers' own IP-Adapter processor class: attn2 sites get
+    ``to_k_ip``/``to_v_ip`` initialised from the site's ``to_k``/``to_v``."""
     from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
     widths = list(unet.config.block_out_channels)
@@ -223,7 +235,12 @@ def ip_processors(unet: torch.nn.Module, num_tokens: int) -> dict:
             hidden = widths[::-1][int(name[len("up_blocks.")])]
         else:
             hidden = widths[int(name[len("down_blocks.")])]
-        procs[name] = IPAdapterAttnProcessor2_0(hidden, unet.config.cross_attention_dim, num_tokens=num_tokens)
+        proc = IPAdapterAttnProcessor2_0(hidden, unet.config.cross_attention_dim, num_tokens=num_tokens)
+        attn = unet.get_submodule(name[: -len(".processor")])
+        with torch.no_grad():
+            proc.to_k_ip[0].weight.copy_(attn.to_k.weight)
+            proc.to_v_ip[0].weight.copy_(attn.to_v.weight)
+        procs[name] = proc
     return procs
 
 
@@ -240,21 +257,21 @@ def ip_state_for_processors(state: dict) -> dict:
 class PlainIP(PlainBase):
     """tencent-ailab ``tutorial_train.py`` / ``tutorial_train_plus.py``'s step (accelerate and logging left out)."""
 
-    def __init__(self, setup: Setup, ours: Ours):
+    def __init__(self, setup: Setup, ours: Ours | None):
         from PIL import Image
         from transformers import CLIPImageProcessor
 
         super().__init__(setup)
         self.plus = setup.method == "ip_plus"
-        self.encoder = copy.deepcopy(setup.encoder).to(setup.device)
+        self.encoder = setup.plain_encoder().to(setup.device)
         size = setup.args.clip_image
         processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         self.clip_pixels = processor([Image.open(f).convert("RGB") for f in self.files],
                                      return_tensors="pt").pixel_values.to(setup.device)
-        state = ours.method.model.state_dict()  # the same starting weights as ours, in the reference's file layout
-        proj_state = {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")}
-        self.image_proj = self.unet._convert_ip_adapter_image_proj_to_diffusers(proj_state).to(setup.device)
-        tokens = ours.method.projection.num_tokens
+        torch.manual_seed(3)
+        self.image_proj = self.projection(self.encoder.config).to(setup.device)
+        tokens = 16 if self.plus else 4
+        # The tutorial: attn2 gets an IP processor whose to_k_ip/to_v_ip start as copies of to_k/to_v.
         self.unet.set_attn_processor(ip_processors(self.unet, tokens))
         # The tutorial's concatenated tokens are the processor's deprecated input form: say so once, not per run.
         warnings.filterwarnings("ignore", message="You have passed a tensor as `encoder_hidden_states`")
@@ -262,10 +279,31 @@ class PlainIP(PlainBase):
         # processor is no module, so the list holds attn2's only: the k-th is the file's ``ip_adapter.{2k+1}``.
         self.adapter_modules = torch.nn.ModuleList(
             p for name, p in self.unet.attn_processors.items() if name.endswith("attn2.processor")).to(setup.device)
-        self.adapter_modules.load_state_dict(ip_state_for_processors(state), strict=True)
+        if ours is not None:
+            self.load_from(ours)
         self.image_proj.train().requires_grad_(True)
         self.adapter_modules.requires_grad_(True)
         self.optimizer([self.image_proj, self.adapter_modules])
+
+    def projection(self, clip) -> torch.nn.Module:
+        """diffusers' own projection classes at the tutorials' shapes (SD1.x: context 768)."""
+        from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
+
+        context = self.unet.config.cross_attention_dim
+        if self.plus:
+            return IPAdapterPlusImageProjection(embed_dims=clip.hidden_size, output_dims=context, hidden_dims=context,
+                                                depth=4, dim_head=64, heads=context // 64, num_queries=16, ffn_ratio=4)
+        return ImageProjection(image_embed_dim=clip.projection_dim, cross_attention_dim=context,
+                               num_image_text_embeds=4)
+
+    def load_from(self, ours: Ours) -> None:
+        """Ours' starting weights, in the reference's file layout: the projection converted by diffusers' own
+        loader code, the processors' ``to_k_ip``/``to_v_ip`` by key."""
+        state = ours.method.model.state_dict()
+        proj_state = {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")}
+        converted = self.unet._convert_ip_adapter_image_proj_to_diffusers(proj_state)
+        self.image_proj.load_state_dict(converted.state_dict(), strict=True)
+        self.adapter_modules.load_state_dict(ip_state_for_processors(state), strict=True)
 
     def embeds(self, clip_pixels: torch.Tensor, drop_image: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -303,18 +341,14 @@ class PlainIP(PlainBase):
 
 
 def build_sides(setup: Setup, only: str | None = None) -> dict:
-    """Ours first: the reference copies its starting weights. ``only``: the memory child's side (ours is
-    then dropped before the reference's steps; its weights were copied)."""
+    """Both sides, the reference starting from ours' weights; ``only``: one side alone (a memory child)."""
+    plain_class = PlainT2I if setup.method == "t2i" else PlainIP
+    if only == "plain":
+        return {"plain": plain_class(setup, None)}
     ours = Ours(setup)
     if only == "ours":
         return {"ours": ours}
-    plain = (PlainT2I if setup.method == "t2i" else PlainIP)(setup, ours)
-    if only == "plain":
-        ours.method.close()
-        del ours
-        gc.collect()
-        return {"plain": plain}
-    return {"ours": ours, "plain": plain}
+    return {"ours": ours, "plain": plain_class(setup, ours)}
 
 
 # --- checks and extra timings --------------------------------------------------------------------------
@@ -363,9 +397,12 @@ def text_encoder_seconds(setup: Setup, plain: PlainBase) -> float:
 # --- runs ------------------------------------------------------------------------------------------------
 def memory_child(args, device) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        setup = Setup(args, args.method[0], Path(tmp), device)
+        setup = Setup(args, args.method[0], Path(tmp), device, shared=False)
+        if args.side == "ours":
+            setup.encoder = None  # ours loads the saved file; its tensors reuse the freed memory
+        gc.collect()
         side = build_sides(setup, only=args.side)[args.side]
-        del setup.models, setup.encoder  # each side holds its own copies
+        del setup
         gc.collect()
         report_memory(side, args.memory_steps)
 
@@ -379,6 +416,8 @@ def time_method(args, method: str, device) -> dict:
             f"{sides['ours'].trainable} trainable parameters each")
         timing = alternate(sides, args.pairs, device)
         extra = {"unet_params": params(setup.models[0]), "trainable_params": sides["ours"].trainable,
+                 "optimizer_foreach": {"ours": sides["ours"].trainer.optimizer.defaults.get("foreach"),
+                                       "plain": sides["plain"].opt.defaults.get("foreach")},
                  "prediction_max_difference": diff, "text_encoder_forward_cpu_s": text_encoder_seconds(setup, sides["plain"])}
         if setup.encoder is not None:
             extra["clip_vision_params"] = params(setup.encoder)
@@ -395,7 +434,7 @@ def run_method(args, method: str, device) -> dict:
     if device.type != "cuda" and (not args.smoke or method == args.method[0]):  # smoke: one method's children
         memory = memory_cpu(__file__, child_argv(args, method))
     keys = ("unet_params", "trainable_params", "clip_vision_params", "prediction_max_difference",
-            "text_encoder_forward_cpu_s")
+            "text_encoder_forward_cpu_s", "optimizer_foreach")
     return {"load_avg": [load_before, load_avg()], **{k: timing[k] for k in keys if k in timing},
             **summarize(timing, memory)}
 
@@ -405,7 +444,7 @@ def child_argv(args, method: str) -> list[str]:
             str(args.resolution), "--batch", str(args.batch), "--precision", args.precision, "--threads",
             str(args.threads), "--images", str(args.images), "--memory-steps", str(args.memory_steps),
             "--clip-layers", str(args.clip_layers), "--clip-image", str(args.clip_image),
-            "--clip-width", str(args.clip_width)]
+            "--clip-width", str(args.clip_width)] + (["--plain-foreach"] if args.plain_foreach else [])
     return argv
 
 
@@ -433,6 +472,8 @@ def parse_args():
     parser.add_argument("--clip-layers", type=int, default=1, help="CLIP vision layers (ViT-H/14: 32)")
     parser.add_argument("--clip-image", type=int, default=224)
     parser.add_argument("--clip-width", type=int, default=1280)
+    parser.add_argument("--plain-foreach", action="store_true",
+                        help="the reference's AdamW with foreach=True, as ours (a diagnostic of that choice)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, one pair: checks the wiring in seconds")
     parser.add_argument("--side", choices=["ours", "plain"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
