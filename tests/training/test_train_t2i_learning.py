@@ -1,115 +1,99 @@
-"""T2I-Adapter training learns: the caption never changes ("a shape"), the shape's colour and position are given only
-by the condition image, and a short run lowers the held-out denoising loss against the same base model without it;
-given another sample's condition, the loss is clearly higher (the adapter reads the condition).
+"""T2I-Adapter training learns to use the condition: under one constant caption ("a shape"), each image is a square
+of a random colour at a random place on a background of the complementary colour, and only the condition image says
+which colour and where (a colour-map condition, as TencentARC's ``color`` adapter: the image at the latent grid's
+8 px cells, here the image itself since the square lies on that grid). A short run lowers the held-out denoising
+loss (held-out images, fixed noise and timesteps) by at least 30% against the same base model without the adapter,
+and the same adapter given another held-out image's condition is clearly worse than given the right one: the gain
+comes from what the condition shows, not from the added features alone. The base model is left as it was.
 
-The tiny model's random VAE gives latents of std ~0.05, where knowing the image hardly changes the noise
-prediction; its latents are scaled to unit variance as LDM sets ``scale_factor`` (1 / std of the latents). A random
-UNet is no denoiser, and an adapter (whose features do not depend on the noisy input) cannot make one: the base is
-first trained for a few steps as a caption-only denoiser of these shapes, then frozen. Held-out shapes are colour and
-position pairs never seen in training; noise and timesteps are fixed.
+The tiny random model needs the stand-ins of ``train_helpers.tiny_pooled``: latents that are the image's 8x8
+average pool (the random VAE maps all colours to nearly the same latents) and v-prediction, whose target contains
+the clean latents, so that features describing the image help even a frozen random UNet, which is no denoiser
+(with eps-prediction the base had to be pre-trained as a caption-only denoiser, and the drop stayed below 20%).
+The complementary background keeps each latent channel's spatial mean small: the tiny UNet's GroupNorms have one
+channel per group and drop a channel's mean, so a flat colour could not reach its output.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from train_helpers import tiny
+from train_helpers import tiny_pooled
 
 from lib_adapters.formats.t2i import load_t2i_adapter
+from lib_adapters.training.buckets import Bucket, load_pixels, place
+from lib_adapters.training.conditions import load_condition
 from lib_adapters.training.config import T2IConfig, TrainConfig
 from lib_adapters.training.loop import train
 from lib_adapters.training.methods.t2i_adapter import inject_features
-from lib_adapters.training.objective import add_noise
+from lib_adapters.training.objective import add_noise, training_target
 
 CAPTION = "a shape"
-COLOURS = ((220, 30, 30), (30, 200, 30), (30, 30, 220))
-OFFSETS = (4, 20, 36)
-PAIRS = [(c, x, y) for c in range(3) for x in OFFSETS for y in OFFSETS]
-HELD_OUT = PAIRS[::5]
-TRAIN = [p for p in PAIRS if p not in HELD_OUT]
+CONDITION = "color"
+SIZE = 32  # the square's side in pixels: 4x4 latent cells at a place on the 8 px grid
 
 
-def _shape(colour: int, x: int, y: int) -> tuple[Image.Image, Image.Image]:
-    """(image: the square on white, condition: the same square on black)."""
-    image, condition = Image.new("RGB", (64, 64), (255, 255, 255)), Image.new("RGB", (64, 64), (0, 0, 0))
-    for im in (image, condition):
-        ImageDraw.Draw(im).rectangle((x, y, x + 23, y + 23), fill=COLOURS[colour])
-    return image, condition
+def _square(rng: np.random.Generator) -> Image.Image:
+    colour = rng.integers(0, 256, 3)
+    x, y = (int(v) * 8 for v in rng.integers(0, (64 - SIZE) // 8 + 1, 2))
+    image = Image.new("RGB", (64, 64), tuple(255 - int(c) for c in colour))
+    ImageDraw.Draw(image).rectangle((x, y, x + SIZE - 1, y + SIZE - 1), fill=tuple(int(c) for c in colour))
+    return image
 
 
-def _tensor(image: Image.Image, low: float) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array * (1 - low) + low).permute(2, 0, 1)  # low=-1: [-1, 1] pixels; 0: [0, 1]
+def _samples(folder: Path, rng: np.random.Generator, count: int) -> list[tuple[Path, Path]]:
+    """``count`` (image, condition) files, with the caption beside each image."""
+    folder.mkdir(parents=True)
+    pairs = []
+    for i in range(count):
+        image = _square(rng)
+        pairs.append((folder / f"{i}.png", folder / f"{i}.{CONDITION}.png"))
+        for path in pairs[-1]:
+            image.save(path)
+        (folder / f"{i}.txt").write_text(CAPTION)
+    return pairs
 
 
-def _pretrain_base(backend, latents: torch.Tensor, steps: int) -> None:
-    """A caption-only denoiser of the training shapes (full UNet, Adam), then frozen."""
-    unet = backend.unet.requires_grad_(True)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    cond = backend.encode_prompts([CAPTION] * 16)
-    for _ in range(steps):
-        x0 = latents[torch.randint(0, len(latents), (16,), generator=g)]
-        noise, t = torch.randn(x0.shape, generator=g), torch.randint(0, 1000, (16,), generator=g)
-        loss = (backend.apply(add_noise(x0, noise, t, backend.alphas_cumprod), t, cond) - noise).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    unet.requires_grad_(False)
-
-
-def _held_out_losses(backend, adapter) -> tuple[float, float, float]:
-    """(base, with the adapter, with the adapter given another sample's condition) on fixed noise and timesteps."""
-    repeats = 8
-    pixels = torch.stack([_tensor(_shape(*p)[0], -1.0) for p in HELD_OUT])
-    latents = backend.encode_images(pixels).repeat(repeats, 1, 1, 1)
-    conditions = torch.stack([_tensor(_shape(*p)[1], 0.0) for p in HELD_OUT]).repeat(repeats, 1, 1, 1)
+def _held_out_losses(backend, adapter, pairs: list[tuple[Path, Path]]) -> tuple[float, float, float]:
+    """(base, with the adapter, with the adapter given the next sample's condition) on fixed noise and timesteps."""
+    placement = place(64, 64, Bucket(64, 64))
+    latents = backend.encode_images(torch.stack([load_pixels(image, placement) for image, _ in pairs]))
+    conditions = torch.stack([load_condition(condition, placement, 3) for _, condition in pairs])
     g = torch.Generator().manual_seed(123)
     noise = torch.randn(latents.shape, generator=g)
-    t = torch.randint(100, 900, (len(latents),), generator=g)
+    t = torch.randint(100, 900, (len(pairs),), generator=g)
     noisy = add_noise(latents, noise, t, backend.alphas_cumprod)
-    swapped = torch.roll(conditions.view(repeats, len(HELD_OUT), *conditions.shape[1:]), 1, dims=1).flatten(0, 1)
+    target = training_target(backend.parameterization, latents, noise, t, backend.alphas_cumprod)
     with torch.no_grad():
-        cond = backend.encode_prompts([CAPTION] * len(latents))
-        losses = [float((backend.apply(noisy, t, cond) - noise).pow(2).mean())]
-        for c in (conditions, swapped):
+        cond = backend.encode_prompts([CAPTION] * len(pairs))
+        losses = [float((backend.apply(noisy, t, cond) - target).pow(2).mean())]
+        for c in (conditions, torch.roll(conditions, 1, 0)):
             with inject_features(backend.unet, adapter(c)):
-                losses.append(float((backend.apply(noisy, t, cond) - noise).pow(2).mean()))
+                losses.append(float((backend.apply(noisy, t, cond) - target).pow(2).mean()))
     return losses[0], losses[1], losses[2]
 
 
 @pytest.mark.slow
-def test_a_trained_adapter_lowers_the_held_out_denoising_loss(tmp_path):
-    dataset = tmp_path / "ds"
-    dataset.mkdir()
-    for i, pair in enumerate(TRAIN):
-        image, condition = _shape(*pair)
-        image.save(dataset / f"{i}.png")
-        condition.save(dataset / f"{i}.shape.png")
-        (dataset / f"{i}.txt").write_text(CAPTION)
-    model, backend = tiny("sd1")
-    pixels = torch.stack([_tensor(_shape(*p)[0], -1.0) for p in TRAIN])
-    model.scale_factor /= float(backend.encode_images(pixels).std())  # unit-variance latents, as LDM's scale_by_std
-    _pretrain_base(backend, backend.encode_images(pixels), PRETRAIN_STEPS)
+def test_a_trained_adapter_uses_the_condition(tmp_path):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    _samples(tmp_path / "ds", rng, 32)
+    held_out = _samples(tmp_path / "held_out", rng, 16)
+    _, backend = tiny_pooled("sd1", parameterization="v")
     base_state = {k: v.clone() for k, v in backend.unet.state_dict().items()}
 
-    config = TrainConfig(dataset, tmp_path / "out", "shape", method="t2i_adapter", resolution=64, steps=ADAPTER_STEPS,
-                         batch_size=8, learning_rate=5e-3, seed=0, cache_latents=True,
-                         t2i=T2IConfig(condition="shape"))
+    config = TrainConfig(tmp_path / "ds", tmp_path / "out", "shape", method="t2i_adapter", resolution=64, steps=150,
+                         batch_size=4, learning_rate=5e-3, seed=0, cache_latents=True,
+                         t2i=T2IConfig(condition=CONDITION))
     result = train(config, backend)
-    assert np.mean(result.losses[-25:]) < np.mean(result.losses[:25])
+    assert np.mean(result.losses[-10:]) < np.mean(result.losses[:10])
+    assert all(torch.equal(v, base_state[k]) for k, v in backend.unet.state_dict().items())  # the base is unchanged
 
-    adapter = load_t2i_adapter(result.output).module  # the exported fp16 file, as the panel loads it
-    base, trained, swapped = _held_out_losses(backend, adapter)
-    assert trained <= LOSS_RATIO * base, (base, trained)
-    assert swapped > trained * 1.1, "the adapter must use the condition, not only correct the base model"
-    assert all(torch.equal(v, base_state[k]) for k, v in backend.unet.state_dict().items())
-
-
-PRETRAIN_STEPS = 60
-ADAPTER_STEPS = 200
-# Issue 5 asks for 0.7. Measured here: 0.83 after 200 adapter steps, 0.80 after 300 (timesteps 100..899; the
-# shortfall is the tiny base, trained for seconds, not the method: the swapped-condition check shows the adapter
-# carries the condition's information). Do not lower the bar further to make a change pass.
-LOSS_RATIO = 0.9
+    adapter = load_t2i_adapter(result.output).module  # the exported (fp16) file, as the panel loads it
+    base, right, swapped = _held_out_losses(backend, adapter, held_out)
+    print(f"held-out loss: base {base:.4f}, right condition {right:.4f}, another sample's condition {swapped:.4f}")
+    assert right <= 0.7 * base, (base, right)
+    assert right <= 0.8 * swapped, (right, swapped)
