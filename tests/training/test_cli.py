@@ -164,3 +164,21 @@ def test_the_cli_trains_a_t2i_adapter_that_our_loader_reads(tmp_path):
     loaded = load_adapter(output)
     assert isinstance(loaded, LoadedT2IAdapter) and loaded.config.kind is AdapterKind.LIGHT
     assert loaded.config.in_channels == 1 * 8 * 8  # one channel, pixel-unshuffled by 8 as the released adapters
+
+
+def test_the_cli_trains_an_ip_adapter_plus_that_our_loader_reads(tmp_path):
+    """--method ip_adapter with --ip-* flags, on the built-in tiny model, with a CLIP vision encoder file."""
+    from fixtures.clip import save_clip_vision, tiny_clip_vision
+
+    from lib_adapters.formats.adapter_file import load_adapter
+    from lib_adapters.formats.ip import IPVariant, LoadedIPAdapter
+
+    make_shapes_dataset(tmp_path / "ds", "2_shapes")
+    encoder = save_clip_vision(tiny_clip_vision(), tmp_path / "clip")
+    code, text = _run(tmp_path, "--steps", "2", "--method", "ip_adapter", "--ip-projection", "plus",
+                      "--ip-image-encoder", str(encoder), name="ref_adapter")
+    assert code == cli.EXIT_OK, text
+    output = tmp_path / "out" / "ref_adapter.safetensors"
+    assert f"done: {output}" in text and "reference image" in text and "<lora:" not in text
+    loaded = load_adapter(output)
+    assert isinstance(loaded, LoadedIPAdapter) and loaded.variant is IPVariant.PLUS and loaded.projection.num_tokens == 16
