@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from train_helpers import half_colour_image, reading_clip_vision, tiny_pooled
+from train_helpers import half_colour_image, held_out_noising, reading_clip_vision, tiny_pooled
 
 from lib_adapters.training.buckets import Bucket, load_pixels, place
 from lib_adapters.training.config import IPAdapterConfig, TrainConfig
 from lib_adapters.training.loop import train
 from lib_adapters.training.methods.ip_adapter import IPAdapterMethod
-from lib_adapters.training.objective import add_noise, training_target
 
 CAPTION = "a picture"
 READ_SCALE = 5.0  # the encoder's image_embeds[:3] read the colour in [-1, 1] times this; the rest read 0
@@ -53,11 +52,7 @@ def _encoder(folder: Path) -> Path:
 def _held_out_loss(backend, method: IPAdapterMethod | None, paths: list[Path], references: list[Path]) -> float:
     pixels = torch.stack([load_pixels(p, place(64, 64, Bucket(64, 64))) for p in paths])
     latents = backend.encode_images(pixels)
-    g = torch.Generator().manual_seed(123)
-    noise = torch.randn(latents.shape, generator=g)
-    t = torch.randint(100, 900, (len(paths),), generator=g)
-    noisy = add_noise(latents, noise, t, backend.alphas_cumprod)
-    target = training_target(backend.parameterization, latents, noise, t, backend.alphas_cumprod)
+    noisy, t, target = held_out_noising(backend, latents)
     with torch.no_grad():
         cond = backend.encode_prompts([CAPTION] * len(paths))
         if method is None:

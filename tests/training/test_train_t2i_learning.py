@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from train_helpers import tiny_pooled
+from train_helpers import held_out_noising, tiny_pooled
 
 from lib_adapters.formats.t2i import load_t2i_adapter
 from lib_adapters.training.buckets import Bucket, load_pixels, place
@@ -29,7 +29,6 @@ from lib_adapters.training.conditions import load_condition
 from lib_adapters.training.config import T2IConfig, TrainConfig
 from lib_adapters.training.loop import train
 from lib_adapters.training.methods.t2i_adapter import inject_features
-from lib_adapters.training.objective import add_noise, training_target
 
 CAPTION = "a shape"
 CONDITION = "color"
@@ -62,11 +61,7 @@ def _held_out_losses(backend, adapter, pairs: list[tuple[Path, Path]]) -> tuple[
     placement = place(64, 64, Bucket(64, 64))
     latents = backend.encode_images(torch.stack([load_pixels(image, placement) for image, _ in pairs]))
     conditions = torch.stack([load_condition(condition, placement, 3) for _, condition in pairs])
-    g = torch.Generator().manual_seed(123)
-    noise = torch.randn(latents.shape, generator=g)
-    t = torch.randint(100, 900, (len(pairs),), generator=g)
-    noisy = add_noise(latents, noise, t, backend.alphas_cumprod)
-    target = training_target(backend.parameterization, latents, noise, t, backend.alphas_cumprod)
+    noisy, t, target = held_out_noising(backend, latents)
     with torch.no_grad():
         cond = backend.encode_prompts([CAPTION] * len(pairs))
         losses = [float((backend.apply(noisy, t, cond) - target).pow(2).mean())]

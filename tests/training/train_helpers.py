@@ -139,3 +139,14 @@ def reading_clip_vision(folder: Path, images: list, targets: torch.Tensor, seed:
         weight = torch.linalg.solve(pooled.T @ pooled + 1e-2 * eye, pooled.T @ targets.double())
         model.visual_projection.weight.copy_(weight.T.float())
     return save_clip_vision(model, Path(folder), name)
+
+
+def held_out_noising(backend, latents: torch.Tensor, seed: int = 123):
+    """Fixed noise and timesteps in [100, 900) for a held-out loss: (noisy latents, timesteps, target)."""
+    from lib_adapters.training.objective import add_noise, training_target
+
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(100, 900, (latents.shape[0],), generator=g)
+    noisy = add_noise(latents, noise, t, backend.alphas_cumprod)
+    return noisy, t, training_target(backend.parameterization, latents, noise, t, backend.alphas_cumprod)
