@@ -219,6 +219,9 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = ()
     sample_seed: int = 0
     sample_steps: int = 20
+    # T2I-Adapter: the samples' condition image (used as is); IP-Adapter: their reference image.
+    # None: the dataset's first sample's condition or image. LoRA samples take none.
+    sample_image: Path | None = None
     min_snr_gamma: float | None = None  # None: off; 5 is the paper's value
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
@@ -233,6 +236,8 @@ class TrainConfig:
         object.__setattr__(self, "dataset_dir", Path(self.dataset_dir))
         object.__setattr__(self, "output_dir", Path(self.output_dir))
         object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
+        if self.sample_image is not None:
+            object.__setattr__(self, "sample_image", Path(self.sample_image))
         _coerce_enums(self)
         name = self.output_name
         _check(isinstance(name, str) and name.strip() == name and name not in ("", ".", "..")
@@ -262,6 +267,9 @@ class TrainConfig:
         _check(self.sample_every == 0 or len(self.sample_prompts) > 0,
                "sample_every is set but there are no sample prompts; add at least one prompt or set sample_every to 0")
         _check(all(isinstance(p, str) for p in self.sample_prompts), "sample prompts must be strings")
+        _check(self.sample_image is None or self.method is not Method.LORA,
+               "a sample image is the condition (T2I-Adapter) or reference (IP-Adapter) of the samples; LoRA samples "
+               "take none, so leave it empty")
 
     @property
     def micro_batches(self) -> int:

@@ -40,7 +40,7 @@ from .methods.lora import LoraMethod
 from .methods.t2i_adapter import T2IAdapterMethod
 from .objective import add_noise, diffusion_loss, min_snr_weights, sample_noise, training_target
 from .optim import build_optimizer, build_scheduler
-from .sampling import SampleRequest, Sampler, euler_sampler
+from .sampling import SampleRequest, Sampler, check_sample_image, euler_sampler
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class Trainer:
         self.callbacks = callbacks or TrainCallbacks()
         self.sampler = sampler or euler_sampler
         self.records: list[ImageRecord] = method_class(config.method).load_records(config)
+        check_sample_image(config.sample_image)
         self.plan = BatchPlan(self.records, config.resolution, config.batch_size, config.seed, config.buckets)
         self.cache = (LatentCache(backend.identity(), config.output_dir / ".latent_cache")
                       if config.cache_latents else None)
@@ -306,8 +307,11 @@ class Trainer:
 
     def sample(self) -> list[Path]:
         c = self.config
-        request = SampleRequest(c.sample_prompts, c.sample_seed, c.sample_steps, c.resolution, c.resolution)
-        images = self.sampler(self.backend, request)
+        with _autocast(c, self.backend.device):  # the UNet as training runs it (an fp16 UNet needs autocast)
+            conditioning = self.method.sample_conditioning(self.records, c.sample_image, c.resolution)
+            request = SampleRequest(c.sample_prompts, c.sample_seed, c.sample_steps, c.resolution, c.resolution,
+                                    conditioning=conditioning)
+            images = self.sampler(self.backend, request)
         folder = c.output_dir / f"{c.output_name}-samples"
         folder.mkdir(parents=True, exist_ok=True)
         paths = [folder / f"step{self.step:06d}-{i}.png" for i in range(len(images))]

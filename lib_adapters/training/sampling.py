@@ -4,16 +4,32 @@ The WebUI glue may pass its own sampler (a real txt2img); this one needs nothing
 k-diffusion-style Euler steps on the model's own schedule with classifier-free guidance, eps or v.
 It draws its noise from its own seeded generator and runs inside ``torch.random.fork_rng``, so
 sampling never changes what the training run draws next.
+
+An adapter's samples need its input: the method hands a ``SampleConditioning`` (a T2I-Adapter's
+features of one condition image, an IP-Adapter's tokens of one reference image) that the sampler
+enters around every UNet call, telling it whether the call is the cond or the uncond half of CFG.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, ContextManager, Protocol
 
 import torch
 from PIL import Image
 
+from ..errors import InputError, MissingFileError
 from .backends.base import Parameterization, SizeCondition, TrainingBackend
+
+
+class SampleConditioning(Protocol):
+    """What a method installs in the UNet while a sample is drawn."""
+
+    description: str  # e.g. "condition a.depth.png", for logs
+
+    def around(self, uncond: bool, rows: int) -> ContextManager[None]:
+        """Entered around one UNet call of ``rows`` rows, all cond (``uncond=False``) or all uncond."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,7 @@ class SampleRequest:
     height: int
     cfg_scale: float = 5.0
     negative_prompt: str = ""
+    conditioning: SampleConditioning | None = None  # None: the model alone (LoRA runs)
 
 
 Sampler = Callable[[TrainingBackend, SampleRequest], list[Image.Image]]
@@ -59,14 +76,18 @@ def euler_sample_latents(backend: TrainingBackend, request: SampleRequest) -> to
             sigma = float(sigmas[i])
             scaled = x / (sigma**2 + 1) ** 0.5
             t = timesteps[i].expand(n).to(device)
-            eps_c, eps_u = (_eps(backend, scaled, t, c, sigma) for c in (cond, uncond))
+            eps_c, eps_u = (_eps(backend, scaled, t, c, sigma, request.conditioning, is_uncond)
+                            for c, is_uncond in ((cond, False), (uncond, True)))
             eps = eps_u + request.cfg_scale * (eps_c - eps_u)
             x = x + eps * (float(sigmas[i + 1]) - sigma)
     return x
 
 
-def _eps(backend: TrainingBackend, scaled: torch.Tensor, t: torch.Tensor, cond, sigma: float) -> torch.Tensor:
-    out = backend.apply(scaled, t, cond).float()
+def _eps(backend: TrainingBackend, scaled: torch.Tensor, t: torch.Tensor, cond, sigma: float,
+         conditioning: SampleConditioning | None = None, uncond: bool = False) -> torch.Tensor:
+    around = conditioning.around(uncond, len(scaled)) if conditioning is not None else contextlib.nullcontext()
+    with around:
+        out = backend.apply(scaled, t, cond).float()
     if backend.parameterization is Parameterization.V:  # eps = sqrt(a) v + sqrt(1 - a) x_t with a = 1 / (1 + sigma^2)
         a = 1.0 / (sigma**2 + 1)
         out = a**0.5 * out + (1 - a) ** 0.5 * scaled
@@ -79,3 +100,19 @@ def euler_sampler(backend: TrainingBackend, request: SampleRequest) -> list[Imag
     with torch.random.fork_rng(devices=devices):
         latents = euler_sample_latents(backend, request)
         return to_images(backend.decode_latents(latents))
+
+
+def check_sample_image(path: Path | None) -> None:
+    """A given sample image must open as an image; checked before a run starts, not at its first sample."""
+    if path is None:
+        return
+    if not Path(path).is_file():
+        raise MissingFileError(f"the sample image {path} does not exist; give an image file (a condition image for "
+                               "a T2I-Adapter, a reference image for an IP-Adapter) or leave it empty to use the "
+                               "dataset's first")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:
+        raise InputError(f"the sample image {path} is not an image PIL can read ({exc}); give a PNG, JPEG or WebP "
+                         "file or leave it empty") from None

@@ -40,6 +40,7 @@ from ..training.config import Method, TrainConfig
 from ..training.data import DatasetInvalidError, ProblemKind
 from ..training.errors import NonFiniteLossError
 from ..training.loop import Progress, TrainCallbacks, method_class, train
+from ..training.sampling import check_sample_image
 from ..training.methods.lora_file import atomic_write, load_lora, save_lora
 from .training_host import TrainingHost
 from .training_request import FilePlaces, TrainRequest
@@ -299,8 +300,10 @@ class TrainingJobs:
 
 
 def validate_dataset(config: TrainConfig) -> None:
-    """Every dataset file checked before anything starts (``DatasetInvalidError`` lists them all). A T2I run
-    with a preprocessor is checked without making its missing conditions: that is slow work, done by the run."""
+    """Every dataset file (``DatasetInvalidError`` lists them all) and the sample image checked before anything
+    starts. A T2I run with a preprocessor is checked without making its missing conditions: that is slow work,
+    done by the run."""
+    check_sample_image(config.sample_image)
     if config.method is Method.T2I_ADAPTER and config.t2i.preprocessor:
         get_preprocessor(config.t2i.preprocessor)  # InputError naming the valid ones
         try:

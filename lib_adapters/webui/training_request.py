@@ -95,6 +95,7 @@ class TrainRequest:
     sample_every: int = 0
     sample_prompts: tuple[str, ...] = ()
     sample_steps: int = 20
+    sample_image: Optional[str] = ""  # adapters: the samples' condition (T2I) or reference (IP); "": dataset's first
     min_snr_gamma: Optional[float] = None
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
@@ -192,6 +193,7 @@ class TrainRequest:
             warmup_steps=self.warmup_steps, optimizer=self.optimizer, precision=self.resolved_precision(device),
             seed=self.seed, save_every=self.save_every, sample_every=self.sample_every,
             sample_prompts=tuple(self.sample_prompts), sample_seed=self.seed, sample_steps=self.sample_steps,
+            sample_image=Path(self.sample_image).expanduser() if self.sample_image else None,
             min_snr_gamma=self.min_snr_gamma, noise_offset=self.noise_offset,
             gradient_checkpointing=self.gradient_checkpointing, buckets=self.buckets,
             cache_latents=self.cache_latents, lora=lora, t2i=t2i, ip=ip)

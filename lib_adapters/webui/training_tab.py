@@ -96,6 +96,9 @@ class TrainTab:
                                           elem_id=eid("sample_every"))
         i["sample_prompts"] = gr.Textbox(label="Sample prompts", lines=2, placeholder="One prompt per line",
                                          elem_id=eid("sample_prompts"))
+        # shown for the adapters, whose samples need their input: a condition or a reference image
+        i["sample_image"] = gr.Textbox(label=METHODS[0].sample_input or "Sample image", placeholder="Path of an image",
+                                       visible=bool(METHODS[0].sample_input), elem_id=eid("sample_image"))
         with gr.Accordion("Advanced", open=False, elem_id=eid("advanced")):
             self._advanced()
             for info in METHODS:
@@ -164,17 +167,22 @@ class TrainTab:
 
     # handlers ----------------------------------------------------------------------------------------------
     def method_outputs(self) -> list[Any]:
-        """What selecting a method changes: every method group, the dataset box, the knobs of DEFAULTED_FIELDS."""
+        """What selecting a method changes: every method group, the dataset and sample-image boxes, the knobs of
+        DEFAULTED_FIELDS."""
         groups = [g for key in sorted(self.method_groups) for g in self.method_groups[key]]
-        return groups + [self.inputs["dataset_dir"]] + [self.inputs[name] for name in DEFAULTED_FIELDS]
+        return (groups + [self.inputs["dataset_dir"], self.inputs["sample_image"]]
+                + [self.inputs[name] for name in DEFAULTED_FIELDS])
 
     def method_changed(self, method: str) -> list[dict]:
-        """Show ``method``'s groups only, its dataset hint, and its usual values of the shared knobs it sets."""
+        """Show ``method``'s groups only, its dataset hint, its sample-image box (adapters), and its usual values
+        of the shared knobs it sets."""
         info = method_info(method)
         groups = [gr.update(visible=k == info.key) for k in sorted(self.method_groups) for _ in self.method_groups[k]]
         dataset = gr.update(label=info.dataset_label, placeholder=info.dataset_hint)
-        return groups + [dataset] + [gr.update(value=info.defaults[n]) if n in info.defaults else gr.update()
-                                     for n in DEFAULTED_FIELDS]
+        sample_image = (gr.update(visible=True, label=info.sample_input) if info.sample_input
+                        else gr.update(visible=False))
+        defaults = [gr.update(value=info.defaults[n]) if n in info.defaults else gr.update() for n in DEFAULTED_FIELDS]
+        return groups + [dataset, sample_image] + defaults
 
     def start(self, id_task: str, method: str, *values: Any) -> Iterator[tuple]:
         yield from self._start(id_task, method, values, resume=False)

@@ -23,7 +23,7 @@ COMMON_FIELDS: tuple[str, ...] = (
     "dataset_dir", "output_name", "resolution", "steps", "batch_size", "grad_accumulation", "learning_rate",
     "precision", "save_every", "sample_every", "sample_prompts", "lr_schedule", "warmup_steps", "optimizer", "seed",
     "min_snr_gamma", "noise_offset", "sample_steps", "gradient_checkpointing", "cache_latents", "buckets",
-    "save_precision",
+    "save_precision", "sample_image",
 )
 
 SCRATCH = "None (from scratch)"  # the init-from dropdowns' first choice: sent as ""
@@ -40,9 +40,9 @@ class MethodInfo:
     usage: str  # how to use the result; {name} is the output file's stem
     dataset_label: str
     dataset_hint: str  # the dataset box's placeholder: the layouts the method reads
-    # Shared knobs whose usual value differs by method: selecting the method sets them (the adapters'
-    # mid-run samples are prompt-only, without the adapter, so they start off).
+    # Shared knobs whose usual value differs by method: selecting the method sets them.
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    sample_input: str = ""  # the label of the samples' image box (adapters: condition or reference); "": none
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -57,11 +57,13 @@ METHODS: tuple[MethodInfo, ...] = (
     # 1e-5: the TencentARC recipe (SD1 and SDXL, constant).
     MethodInfo("t2i_adapter", "T2I-Adapter", _ADAPTER_USE + " with a condition image", "Dataset folder or meta .txt",
                "Folder with x.png + x.<condition>.png + x.txt per sample, or a TencentARC meta .txt "
-               "(one image path per line)", {"learning_rate": 1e-5, "sample_every": 0}),
+               "(one image path per line)", {"learning_rate": 1e-5, "sample_every": 250},
+               "Sample condition image (as is; empty: the dataset's first)"),
     # 1e-4: tencent-ailab's tutorial_train.py.
     MethodInfo("ip_adapter", "IP-Adapter", _ADAPTER_USE + " with a reference image", "Dataset folder or JSON list",
                'Folder of images with .txt/.caption files, or the reference\'s JSON list '
-               '[{"image_file": "1.png", "text": "a dog"}, ...]', {"learning_rate": 1e-4, "sample_every": 0}),
+               '[{"image_file": "1.png", "text": "a dog"}, ...]', {"learning_rate": 1e-4, "sample_every": 250},
+               "Sample reference image (empty: the dataset's first)"),
 )
 DEFAULTED_FIELDS: tuple[str, ...] = tuple(sorted({name for info in METHODS for name in info.defaults}))
 
@@ -70,7 +72,7 @@ INT_FIELDS = frozenset({"resolution", "steps", "batch_size", "grad_accumulation"
                         "ip_resampler_depth"})
 FLOAT_FIELDS = frozenset({"learning_rate", "noise_offset", "alpha", "ip_image_drop", "ip_text_drop", "ip_both_drop"})
 AUTO_INT_FIELDS = frozenset({"t2i_num_res_blocks", "ip_resampler_dim"})  # 0 or empty: null, the method's own choice
-TEXT_FIELDS = frozenset({"dataset_dir", "output_name", "t2i_condition", "ip_data_root"})
+TEXT_FIELDS = frozenset({"dataset_dir", "output_name", "t2i_condition", "ip_data_root", "sample_image"})
 # Dropdown choices that stand for "" in the request (a dropdown cannot offer an empty string).
 EMPTY_CHOICES = {"t2i_init_from": SCRATCH, "ip_init_from": SCRATCH, "ip_image_encoder": AUTO_ENCODER,
                  "t2i_preprocessor": "none"}
@@ -137,6 +139,8 @@ def build_request(method: str, values: Mapping[str, Any]) -> tuple[TrainRequest,
     data: dict[str, Any] = {"method": info.key}
     for name in COMMON_FIELDS + info.fields:
         data[name] = _clean(name, values[name])
+    if not info.sample_input:  # the box is hidden for methods whose samples take no image
+        data.pop("sample_image")
     notes = []
     if not data["dataset_dir"]:
         raise InputError(f"choose a dataset ({info.dataset_label.lower()}): {info.dataset_hint}")

@@ -89,7 +89,9 @@ def test_bad_inputs_exit_with_a_message_and_no_traceback(tmp_path):
     assert not (tmp_path / "out").exists()
     for argv, words in ((["--lora-rank", "0"], "LoRA rank"), (["--resume"], "no checkpoint"),
                         (["--resume", str(tmp_path / "nope.state")], "does not exist"),
-                        (["--checkpoint", str(tmp_path / "missing")], "does not exist")):
+                        (["--checkpoint", str(tmp_path / "missing")], "does not exist"),
+                        (["--method", "ip_adapter", "--sample-image", str(tmp_path / "gone.png")],
+                         f"the sample image {tmp_path / 'gone.png'} does not exist")):
         make_shapes_dataset(tmp_path / "good", "1_x", count=1)
         err = io.StringIO()
         sys_stderr, sys.stderr = sys.stderr, err
@@ -154,8 +156,11 @@ def test_the_cli_trains_a_t2i_adapter_that_our_loader_reads(tmp_path):
         with Image.open(tmp_path / "ds" / "2_shapes" / f"{i}.png") as image:
             image.convert("L").save(tmp_path / "ds" / "2_shapes" / f"{i}.edges.png")
     code, text = _run(tmp_path, "--steps", "2", "--method", "t2i_adapter", "--t2i-condition", "edges",
-                      "--t2i-condition-channels", "1", "--t2i-adapter-kind", "light", name="edges_adapter")
+                      "--t2i-condition-channels", "1", "--t2i-adapter-kind", "light", "--sample-every", "2",
+                      "--sample-prompts", "a circle", "--sample-steps", "2", "--sample-image",
+                      str(tmp_path / "ds" / "2_shapes" / "3.edges.png"), name="edges_adapter")
     assert code == cli.EXIT_OK, text
+    assert (tmp_path / "out" / "edges_adapter-samples" / "step000002-0.png").is_file()
     output = tmp_path / "out" / "edges_adapter.safetensors"
     assert f"done: {output}" in text and "models/adapters" in text and "<lora:" not in text
     from lib_adapters.formats.t2i import LoadedT2IAdapter

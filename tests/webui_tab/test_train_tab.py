@@ -65,7 +65,8 @@ def _running(step, total=10, **kw):
 def test_request_from_the_widgets_default_values(built_tab):
     values = {**_widget_defaults(built_tab), "dataset_dir": "  /data/shapes ", "output_name": "shapes ",
               "sample_prompts": "a red circle\n\n  a blue square  \n", "steps": 300.0, "rank": 8.0, "alpha": 4.0,
-              "min_snr_gamma": 5, "lr_schedule": "cosine", "train_text_encoder": True, "save_precision": "fp16"}
+              "min_snr_gamma": 5, "lr_schedule": "cosine", "train_text_encoder": True, "save_precision": "fp16",
+              "sample_image": "/left/over/from/an/adapter.png"}  # the box is hidden for LoRA: not sent
     request, notes = build_request("LoRA", values)
     assert notes == []
     assert request == TrainRequest(
@@ -78,6 +79,7 @@ def test_request_from_the_widgets_default_values(built_tab):
     # the request is one the core accepts
     config = request.to_config("/tmp/out", device="cpu")
     assert config.lora.rank == 8 and config.lora.scale == 0.5 and config.min_snr_gamma == 5.0
+    assert request.sample_image == "" and config.sample_image is None
 
 
 def test_request_adjustments_and_refusals(built_tab):
@@ -111,12 +113,13 @@ def test_t2i_request_from_the_widgets(built_tab):
               "learning_rate": 1e-5, "sample_every": 0, "rank": 4.0, "ip_projection": "plus", "ip_image_drop": 0.2,
               "t2i_condition": " sketch ", "t2i_condition_channels": "1", "t2i_adapter_kind": "light",
               "t2i_preprocessor": "canny", "t2i_timesteps": "cubic", "t2i_num_res_blocks": 3.0,
-              "t2i_export_layout": "diffusers", "t2i_init_from": "t2iadapter_sketch [0123abcd]"}
+              "t2i_export_layout": "diffusers", "t2i_init_from": "t2iadapter_sketch [0123abcd]",
+              "sample_image": " /data/depth/probe.depth.png "}
     request, notes = build_request("T2I-Adapter", values)
     assert notes == []
     assert _accepted(request) == TrainRequest(
         dataset_dir="/data/depth", output_name="my_depth", method="t2i_adapter", learning_rate=1e-5, sample_every=0,
-        sample_prompts=(), t2i_adapter_kind="light", t2i_condition="sketch", t2i_condition_channels=1,
+        sample_prompts=(), sample_image="/data/depth/probe.depth.png", t2i_adapter_kind="light", t2i_condition="sketch", t2i_condition_channels=1,
         t2i_num_res_blocks=3, t2i_preprocessor="canny", t2i_init_from="t2iadapter_sketch [0123abcd]",
         t2i_timesteps="cubic", t2i_export_layout="diffusers")
     # the widgets' own defaults: from scratch, no preprocessor (every condition must exist), blocks as released
@@ -124,6 +127,9 @@ def test_t2i_request_from_the_widgets(built_tab):
     t2i = {name: getattr(_accepted(request), name) for name in T2I_FIELDS}
     assert t2i == {name: TrainRequest.defaults()[name] for name in T2I_FIELDS}
     assert request.to_config("/tmp/out", device="cpu").t2i.init_from is None
+    assert request.sample_image == "" and request.to_config("/tmp/out", device="cpu").sample_image is None
+    probe = build_request("T2I-Adapter", values)[0].to_config("/tmp/out", device="cpu").sample_image
+    assert probe == Path("/data/depth/probe.depth.png")
     with pytest.raises(InputError, match="meta .txt"):  # the method's own dataset hint
         build_request("T2I-Adapter", {**values, "dataset_dir": ""})
     with pytest.raises(InputError, match="condition name"):
@@ -154,9 +160,14 @@ def test_ip_request_from_the_widgets(built_tab):
 def test_switching_the_method_shows_its_knobs_and_usual_values(built_tab):
     widgets = built_tab.method_outputs()
     assert set(built_tab.method_groups) == {"lora", "t2i_adapter", "ip_adapter"}
-    for label, key, lr, sample_every in (("T2I-Adapter", "t2i_adapter", 1e-5, 0), ("IP-Adapter", "ip_adapter", 1e-4, 0),
-                                         ("LoRA", "lora", 1e-4, 250)):
+    sample_image_labels = {"t2i_adapter": "Sample condition image (as is; empty: the dataset's first)",
+                           "ip_adapter": "Sample reference image (empty: the dataset's first)", "lora": None}
+    for label, key, lr, sample_every in (("T2I-Adapter", "t2i_adapter", 1e-5, 250),
+                                         ("IP-Adapter", "ip_adapter", 1e-4, 250), ("LoRA", "lora", 1e-4, 250)):
         update = dict(zip(map(id, widgets), built_tab.method_changed(label)))
+        # the samples' image box: shown for the adapters (their samples need a condition or reference), not LoRA
+        box = update[id(built_tab.inputs["sample_image"])]
+        assert box["visible"] is (key != "lora") and box.get("label") == sample_image_labels[key]
         for group_key, groups in built_tab.method_groups.items():
             assert len(groups) == 2  # main knobs and the Advanced accordion's
             assert [update[id(g)]["visible"] for g in groups] == [group_key == key] * 2

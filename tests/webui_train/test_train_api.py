@@ -112,6 +112,22 @@ def test_a_bad_method_field_gets_a_422_naming_it(webui, api, fields, words):
     assert jobs.status().state.value == "idle"
 
 
+def test_a_bad_sample_image_is_refused_before_the_run(webui, api, tmp_path):
+    client, jobs = api
+    base = {"dataset_dir": str(webui.dataset), "output_name": "x"}
+    response = client.post(PREFIX, json={**base, "sample_image": str(webui.dataset / "a.png")})
+    assert response.status_code == 422 and "LoRA samples take none" in response.json()["detail"], response.text
+    missing = tmp_path / "nope.png"
+    response = client.post(PREFIX, json={**base, "method": "ip_adapter", "sample_image": str(missing)})
+    assert response.status_code == 400, response.text
+    assert f"the sample image {missing} does not exist" in response.json()["detail"]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    response = client.post(PREFIX, json={**base, "method": "t2i_adapter", "sample_image": str(broken)})
+    assert response.status_code == 400 and "is not an image PIL can read" in response.json()["detail"], response.text
+    assert jobs.status().state.value == "idle"
+
+
 def test_t2i_and_ip_jobs_start_and_report_through_the_api(webui, api):
     from fixtures.clip import save_clip_vision, tiny_clip_vision
     client, jobs = api

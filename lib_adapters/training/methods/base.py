@@ -4,7 +4,8 @@ A method owns its trainable weights and how they enter the model. The loop asks 
 (a ``MethodBatch``): which captions to encode (``captions``: e.g. caption dropout), how to sample
 timesteps (``sample_timesteps``), and what to install in the UNet around the prediction
 (``unet_context``: e.g. T2I-Adapter features of the batch's conditions). Every random draw comes
-from the batch's generator, the run's seeded one, so a resumed run repeats the same draws.
+from the batch's generator, the run's seeded one, so a resumed run repeats the same draws. For
+mid-run samples an adapter method also gives its input of one image (``sample_conditioning``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ..buckets import Placement
 from ..config import TrainConfig
 from ..data import ImageRecord, load_records
 from ..objective import sample_timesteps
+from ..sampling import SampleConditioning
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,11 @@ class TrainingMethod(Protocol):
     def sample_timesteps(self, n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
         """Integer timesteps of the ``n`` samples."""
 
+    def sample_conditioning(self, records: list[ImageRecord], image: Path | None,
+                            resolution: int) -> SampleConditioning | None:
+        """The adapter's input for samples of ``resolution`` squared, from ``image`` (None: the first record's),
+        computed with the current weights; None for methods that take no input (LoRA)."""
+
 
 class MethodBase:
     """Defaults of the optional ``TrainingMethod`` members; every method class inherits it.
@@ -111,3 +118,7 @@ class MethodBase:
 
     def sample_timesteps(self, n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
         return sample_timesteps(n, num_train_timesteps, generator)
+
+    def sample_conditioning(self, records: list[ImageRecord], image: Path | None,
+                            resolution: int) -> SampleConditioning | None:
+        return None

@@ -213,6 +213,16 @@ class IPAdapterMethod(MethodBase):
         if self.unit.tokens is tokens:
             self.unit.tokens = None
 
+    def sample_conditioning(self, records: list[ImageRecord], image: Path | None,
+                            resolution: int) -> "IPSampleConditioning":
+        """Tokens of one reference image for the cond rows and of "no image" for the uncond rows, as the panel
+        (and the reference's pipeline) give them."""
+        path = Path(image) if image is not None else records[0].path
+        with torch.no_grad():
+            features = torch.stack([self.features.get([path])[0], self.features.empty()])
+            tokens = self.image_tokens(features).detach()
+        return IPSampleConditioning(f"reference {path.name}", self, tokens[:1], tokens[1:])
+
     @contextlib.contextmanager
     def tokens_active(self, tokens: torch.Tensor) -> Iterator[None]:
         """Run the UNet with given tokens (evaluation and tests)."""
@@ -262,3 +272,14 @@ class IPAdapterMethod(MethodBase):
     def close(self) -> None:
         self.session.restore()
         self.encoder.model.to("cpu")
+
+
+class IPSampleConditioning:
+    def __init__(self, description: str, method: IPAdapterMethod, image: torch.Tensor, no_image: torch.Tensor):
+        self.description, self.method, self.image, self.no_image = description, method, image, no_image
+
+    @contextlib.contextmanager
+    def around(self, uncond: bool, rows: int) -> Iterator[None]:
+        tokens = self.no_image if uncond else self.image
+        with self.method.tokens_active(tokens.expand(rows, *tokens.shape[1:])):
+            yield

@@ -33,7 +33,10 @@ from ...inference.t2i import fit_feature
 from ...models.t2i_adapter import AdapterKind, SpatialAdapterConfig, build_adapter
 from ...unet.hooks import Forward, PatchSet
 from ...unet.layout import bind_layout
+from PIL import Image
+
 from ..backends.base import TrainingBackend
+from ..buckets import Bucket, place
 from ..conditions import load_condition, load_t2i_records
 from ..config import T2IConfig, T2IKind, T2ILayout, TimestepSampling, TrainConfig
 from ..data import ImageRecord
@@ -125,6 +128,19 @@ class T2IAdapterMethod(MethodBase):
         with inject_features(self.backend.unet, features):
             yield
 
+    def sample_conditioning(self, records: list[ImageRecord], image: Path | None,
+                            resolution: int) -> "T2ISampleConditioning":
+        """Features of one condition image (as is; centre-cropped to the square), on cond and uncond rows alike,
+        as the panel's default control mode and diffusers' adapter pipeline apply them."""
+        path = Path(image) if image is not None else records[0].condition
+        with Image.open(path) as im:
+            size = im.size
+        square = place(*size, Bucket(resolution, resolution))
+        condition = load_condition(path, square, self.adapter_config.image_channels)
+        with torch.no_grad():
+            features = [f.detach() for f in self.adapter(condition[None].to(self.backend.device))]
+        return T2ISampleConditioning(f"condition {path.name}", self.backend.unet, features)
+
     # -- state and files ------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu().clone() for k, v in self.adapter.state_dict().items()}
@@ -151,6 +167,16 @@ class T2IAdapterMethod(MethodBase):
     def close(self) -> None:
         """Hooks only live inside ``unet_context``; free the adapter's GPU memory for the next generation."""
         self.adapter.requires_grad_(False).to("cpu")
+
+
+class T2ISampleConditioning:
+    def __init__(self, description: str, unet: nn.Module, features: list[torch.Tensor]):
+        self.description, self.unet, self.features = description, unet, features
+
+    @contextlib.contextmanager
+    def around(self, uncond: bool, rows: int) -> Iterator[None]:
+        with inject_features(self.unet, [f.expand(rows, *f.shape[1:]) for f in self.features]):
+            yield
 
 
 @contextlib.contextmanager
