@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, TypeVar
 
 import torch
 
@@ -125,6 +126,64 @@ def params(module: torch.nn.Module) -> int:
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- the measuring sequence ------------------------------------------------------------------------
+class TimedRun(Protocol):
+    out: torch.Tensor  # the final latents
+    seconds: float  # the whole job on the benchmark's clock
+    load: float  # load average when it ended
+
+
+RunT = TypeVar("RunT", bound=TimedRun)
+
+
+@dataclass
+class PairedRuns:
+    reference: Any  # the warm-up run without the unit (every later baseline must equal it)
+    adapted: Any  # the warm-up run with the unit (every later run with it must equal it)
+    pairs: list[tuple[Any, Any]]  # (without, with), timed back to back
+    change: float  # mean |with - without| of the latents
+
+
+def measure_pairs(generate: Callable[[float | None], RunT], repeats: int,
+                  check_unit_run: Callable[[RunT, str], None], describe: Callable[[RunT], str] = lambda run: "",
+                  say: Callable[[str], None] = log) -> PairedRuns:
+    """Warm up, check, then time ``repeats`` back-to-back pairs; aborts (``check``) before any number is kept
+    when the unit does not act, weight 0 is not bit-identical to the baseline, a baseline after a session
+    differs from the first (restore is not exact) or runs with the unit are not reproducible.
+
+    ``generate(weight)`` runs one whole job (``None``: no unit). ``check_unit_run(run, which)`` checks a
+    benchmark's own per-job counts of a run with the unit; ``which`` is "warm-up", "weight 0" or "pair".
+    ``describe(run)`` adds a benchmark's parts to the log lines."""
+    def suffix(run: RunT) -> str:
+        text = describe(run)
+        return f", {text}" if text else ""
+
+    reference = generate(None)
+    say(f"warm-up without: {reference.seconds:.3f} s (load {reference.load})")
+    adapted = generate(1.0)
+    say(f"warm-up with:    {adapted.seconds:.3f} s (load {adapted.load}){suffix(adapted)}")
+    check_unit_run(adapted, "warm-up")
+    check(bool(torch.isfinite(adapted.out).all() and torch.isfinite(reference.out).all()), "non-finite latents")
+    change = float((adapted.out - reference.out).abs().mean())
+    check(change > 0, "the unit did not change the output: its hooks are not wired")
+    zero = generate(0.0)
+    check_unit_run(zero, "weight 0")
+    check(torch.equal(zero.out, reference.out), "weight 0 (hooks installed) differs from the baseline")
+    say("checks: the unit acts, weight 0 == baseline bit for bit, the per-job counts hold")
+
+    pairs = []
+    for i in range(repeats):
+        base = generate(None)
+        check(torch.equal(base.out, reference.out), "a baseline run after a session differs: restore is not exact")
+        unit = generate(1.0)
+        check_unit_run(unit, "pair")
+        check(torch.equal(unit.out, adapted.out), "runs with the unit are not reproducible")
+        pairs.append((base, unit))
+        say(f"pair {i + 1}/{repeats}: without {base.seconds:.3f} s, with {unit.seconds:.3f} s, "
+            f"ratio {unit.seconds / base.seconds:.4f} (load {base.load}/{unit.load}){suffix(unit)}")
+    return PairedRuns(reference, adapted, pairs, change)
 
 
 # --- reporting -----------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, whatever the working directory
 from common import (RESULTS, SD15_UNET, Clock, StepTimer, check, check_device_sampler, device_sync,  # noqa: E402
-                    environment, load_avg, log, params, rounded, run_sampler, write_json)
+                    environment, load_avg, log, measure_pairs, params, rounded, run_sampler, write_json)
 
 from lib_adapters.demo import SampleSpec  # noqa: E402
 from lib_adapters.formats.ip import LoadedIPAdapter, ip_from_state_dict  # noqa: E402
@@ -344,44 +344,25 @@ def measure_parts(bench: Bench, repeats: int, probe_latent: int | None) -> dict:
 
 
 # --- measuring -----------------------------------------------------------------------------------
-def job_checks(run: Run, sites: int, first: bool = False) -> None:
-    expected = 2 if first else 1  # the image; "no image" only in the encoder's first job (then cached)
-    check(run.encoder_calls == expected, f"the encoder ran {run.encoder_calls} times in one job, expected {expected}")
-    check(run.kv_calls == sites, f"{run.kv_calls} K/V projections in one job, expected {sites} (once per site)")
-
-
 def measure(bench: Bench, repeats: int, probe_latent: int | None) -> dict:
     sites = len(bench.adapter.site_hidden)
-    reference = bench.generate(None)
-    log(f"warm-up without: {reference.seconds:.3f} s (load {reference.load})")
-    adapted = bench.generate(1.0)
-    log(f"warm-up with:    {adapted.seconds:.3f} s (load {adapted.load}), parts {fmt(adapted.parts)}")
-    job_checks(adapted, sites, first=True)
-    check(bool(torch.isfinite(adapted.out).all() and torch.isfinite(reference.out).all()), "non-finite latents")
-    change = float((adapted.out - reference.out).abs().mean())
-    check(change > 0, "the unit did not change the output: the wrappers are not wired")
-    zero = bench.generate(0.0)
-    check(zero.encoder_calls == 1, f"the encoder ran {zero.encoder_calls} times in the weight-0 job, expected 1")
-    check(torch.equal(zero.out, reference.out), "weight 0 (wrappers installed) differs from the baseline")
-    log("checks: unit acts, weight 0 == baseline bit for bit, encoder 1x and K/V 1x per site per job")
 
-    pairs: list[tuple[Run, Run]] = []
-    for i in range(repeats):
-        base = bench.generate(None)
-        check(torch.equal(base.out, reference.out), "a baseline run after a session differs: restore is not exact")
-        unit = bench.generate(1.0)
-        job_checks(unit, sites)
-        check(torch.equal(unit.out, adapted.out), "runs with the unit are not reproducible")
-        pairs.append((base, unit))
-        log(f"pair {i + 1}/{repeats}: without {base.seconds:.3f} s, with {unit.seconds:.3f} s, "
-            f"ratio {unit.seconds / base.seconds:.4f} (load {base.load}/{unit.load}), parts {fmt(unit.parts)}")
+    def per_job_counts(run: Run, which: str) -> None:
+        # the image; "no image" only in the encoder's first job (then cached)
+        expected = 2 if which == "warm-up" else 1
+        check(run.encoder_calls == expected,
+              f"the encoder ran {run.encoder_calls} times in one job ({which}), expected {expected}")
+        if which != "weight 0":
+            check(run.kv_calls == sites, f"{run.kv_calls} K/V projections in one job, expected {sites} (once per site)")
+
+    runs = measure_pairs(bench.generate, repeats, per_job_counts, describe=lambda run: f"parts {fmt(run.parts)}")
     log("timing the parts alone" + (f" (and UNet calls at latent {probe_latent})" if probe_latent else ""))
     parts = measure_parts(bench, max(3, repeats), probe_latent)
-    result = summarise(pairs, bench.spec.steps)
+    result = summarise(runs.pairs, bench.spec.steps)
     result["parts_alone"] = parts
     result["model_of_the_cost"] = cost_model(result, parts, bench.spec)
-    result["warmup_s"] = {"without": round(reference.seconds, 4), "with": round(adapted.seconds, 4)}
-    result["checks"]["mean_abs_change_with_unit"] = change
+    result["warmup_s"] = {"without": round(runs.reference.seconds, 4), "with": round(runs.adapted.seconds, 4)}
+    result["checks"]["mean_abs_change_with_unit"] = runs.change
     return result
 
 

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, whatever the working directory
 from common import (RESULTS, SD15_UNET, StepTimer, check, check_device_sampler, environment,  # noqa: E402
-                    load_avg as _load, log, params, rounded as _r, run_sampler, write_json)
+                    load_avg as _load, log, measure_pairs, params, rounded as _r, run_sampler, write_json)
 
 from lib_adapters.demo import SampleSpec, synthetic_depth  # noqa: E402
 from lib_adapters.formats.t2i import LoadedT2IAdapter, t2i_from_state_dict  # noqa: E402
@@ -151,34 +151,15 @@ def build(model: Model, resolution: int, steps: int, device: torch.device) -> Be
 
 # --- measuring -----------------------------------------------------------------------------------
 def measure(bench: Bench, repeats: int, log: Callable[[str], None]) -> dict:
-    reference = bench.generate(None)
-    log(f"warm-up without: {reference.seconds:.3f} s (load {reference.load})")
-    adapted = bench.generate(1.0)
-    log(f"warm-up with:    {adapted.seconds:.3f} s (load {adapted.load})")
-    check(adapted.passes == 1, f"adapter ran {adapted.passes} times in one generation, expected 1")
-    check(bool(torch.isfinite(adapted.out).all() and torch.isfinite(reference.out).all()), "non-finite latents")
-    change = float((adapted.out - reference.out).abs().mean())
-    check(change > 0, "the unit did not change the output: the hooks are not wired")
-    zero = bench.generate(0.0)
-    check(zero.passes == 1, f"adapter ran {zero.passes} times in the weight-0 generation, expected 1")
-    check(torch.equal(zero.out, reference.out), "weight 0 (hooks installed) differs from the baseline")
-    log("checks: unit acts, weight 0 == baseline bit for bit, 1 adapter pass per generation")
+    def one_adapter_pass(run: Run, which: str) -> None:
+        check(run.passes == 1, f"adapter ran {run.passes} times in one generation ({which}), expected 1")
 
-    pairs: list[tuple[Run, Run]] = []
-    for i in range(repeats):
-        base = bench.generate(None)
-        check(torch.equal(base.out, reference.out), "a baseline run after a session differs: restore is not exact")
-        unit = bench.generate(1.0)
-        check(unit.passes == 1, f"adapter ran {unit.passes} times in one generation, expected 1")
-        check(torch.equal(unit.out, adapted.out), "runs with the unit are not reproducible")
-        pairs.append((base, unit))
-        log(f"pair {i + 1}/{repeats}: without {base.seconds:.3f} s, with {unit.seconds:.3f} s, "
-            f"ratio {unit.seconds / base.seconds:.4f} (load {base.load}/{unit.load})")
+    runs = measure_pairs(bench.generate, repeats, one_adapter_pass, say=log)
     forward = bench.adapter_forward_seconds(max(3, repeats))
-    result = summarise(pairs, forward)
-    result["noise_robust"] = noise_robust(pairs, forward)
-    result["warmup_s"] = {"without": round(reference.seconds, 4), "with": round(adapted.seconds, 4)}
-    result["checks"]["mean_abs_change_with_unit"] = change
+    result = summarise(runs.pairs, forward)
+    result["noise_robust"] = noise_robust(runs.pairs, forward)
+    result["warmup_s"] = {"without": round(runs.reference.seconds, 4), "with": round(runs.adapted.seconds, 4)}
+    result["checks"]["mean_abs_change_with_unit"] = runs.change
     return result
 
 
