@@ -64,9 +64,10 @@ def _unet_inputs(backend, rows: int = 2):
     return x, t, cond
 
 
-def test_t2i_sample_conditioning_installs_what_the_training_step_installs(tmp_path):
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_t2i_sample_conditioning_installs_what_the_training_step_installs(tmp_path, arch):
     _t2i_dataset(tmp_path / "ds")
-    model, backend = tiny("sd1")
+    model, backend = tiny(arch)
     config = _t2i_config(tmp_path, "out")
     records = T2IAdapterMethod.load_records(config)
     method = T2IAdapterMethod.from_config(config, backend)
@@ -95,9 +96,10 @@ def test_t2i_sample_conditioning_installs_what_the_training_step_installs(tmp_pa
     assert torch.equal(after, base)  # nothing left installed
 
 
-def test_ip_sample_conditioning_gives_image_tokens_to_cond_rows_and_no_image_to_uncond_rows(tmp_path, encoder):
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_ip_sample_conditioning_gives_image_tokens_to_cond_rows_and_no_image_to_uncond_rows(tmp_path, encoder, arch):
     make_shapes_dataset(tmp_path / "ds", "1_shapes", count=2)
-    model, backend = tiny("sd1")
+    model, backend = tiny(arch)
     config = _ip_config(tmp_path, "out", encoder)
     records = IPAdapterMethod.load_records(config)
     method = IPAdapterMethod.from_config(config, backend)
