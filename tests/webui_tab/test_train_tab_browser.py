@@ -88,15 +88,23 @@ def test_train_then_interrupt_in_the_browser(host, page, tmp_path):
     # the method's own knobs: T2I-Adapter's group appears, LoRA's goes, its learning rate is set
     assert page.locator("#adapters_train_rank").is_visible()
     assert page.locator("#adapters_train_t2i_condition").is_hidden()
+    assert page.locator("#adapters_train_sample_image").is_hidden()
     _select(page, "method", "T2I-Adapter")
     page.wait_for_selector("#adapters_train_t2i_condition", state="visible")
     page.wait_for_selector("#adapters_train_rank", state="hidden")
     assert page.locator("#adapters_train_ip_projection").is_hidden()
     assert float(_field(page, "learning_rate").input_value()) == 1e-5
     assert "x.<condition>.png" in _field(page, "dataset_dir", "textarea").get_attribute("placeholder")
+    # the samples' condition image box shows for the adapters only, labelled for the method
+    page.wait_for_selector("#adapters_train_sample_image", state="visible")
+    assert "Sample condition image" in page.locator("#adapters_train_sample_image").inner_text()
+    _select(page, "method", "IP-Adapter")
+    page.wait_for_function("() => document.querySelector('#adapters_train_sample_image').innerText"
+                           ".includes('Sample reference image')")
     _select(page, "method", "LoRA")
     page.wait_for_selector("#adapters_train_rank", state="visible")
     page.wait_for_selector("#adapters_train_t2i_condition", state="hidden")
+    page.wait_for_selector("#adapters_train_sample_image", state="hidden")
 
     # a bad dataset folder is reported in the tab, nothing starts
     _fill(page, "dataset_dir", str(tmp_path / "missing"), "textarea")
