@@ -143,16 +143,22 @@ class ImageFeatures:
 
     def empty(self) -> torch.Tensor:
         """The "no image" features the reference trains its dropout with: zero embeddings, or the hidden states
-        of an all-zero (normalised) input."""
+        of an all-zero (normalised) input, the encoder's own "no image" that the panel uses too."""
         if self._empty is None:
-            size = self.encoder.shape.image_size
-            self._empty = (self._encode(torch.zeros(1, 3, size, size))[0] if self.hidden_states
-                           else torch.zeros(self.encoder.shape.projection_dim))
+            if self.hidden_states:
+                with self._fp32():
+                    self._empty = self.encoder.empty_hidden_states()[0]
+            else:
+                self._empty = torch.zeros(self.encoder.shape.projection_dim)
         return self._empty
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _fp32(self):
+        """fp32 features whatever the run's precision (they are cached)."""
         device = next(self.encoder.model.parameters()).device
-        with torch.autocast(device.type, enabled=False):  # fp32 features whatever the run's precision (cache)
+        return torch.autocast(device.type, enabled=False)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self._fp32():
             return self.encoder.encode(pixels, self.hidden_states)
 
     def get(self, paths: list[Path]) -> torch.Tensor:
