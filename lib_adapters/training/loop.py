@@ -130,8 +130,8 @@ class Trainer:
         self.shard = shard or Shard()  # this process's part of a multi-process run (see distributed.py)
         self.callbacks = callbacks or TrainCallbacks()
         self.sampler = sampler or euler_sampler
+        check_sample_image(config.sample_image)  # before the records: a T2I dataset may first make its conditions
         self.records: list[ImageRecord] = method_class(config.method).load_records(config)
-        check_sample_image(config.sample_image)
         self.plan = BatchPlan(self.records, config.resolution, config.batch_size, config.seed, config.buckets)
         self.cache = (LatentCache(backend.identity(), config.output_dir / ".latent_cache")
                       if config.cache_latents else None)
