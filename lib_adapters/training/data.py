@@ -73,6 +73,7 @@ class ImageRecord:
     height: int
     folder: str  # the image's folder name (the root's own name for root images): kohya's tag-frequency key
     condition: Path | None = None  # T2I-Adapter: the condition image of this sample
+    caption_file: Path | None = None  # where the caption was read (a .txt/.caption file, or a JSON list)
 
 
 class DatasetInvalidError(InputError):
@@ -109,19 +110,21 @@ def _folders(root: Path) -> list[tuple[Path, int, str]]:
     return out
 
 
-def _read_caption(image: Path) -> tuple[str | None, DatasetProblem | None]:
+def _read_caption(image: Path) -> tuple[str | None, Path | None, DatasetProblem | None]:
+    """(caption, its file, problem)."""
     caption_file = find_caption(image)
     if caption_file is None:
-        return None, DatasetProblem(image, ProblemKind.MISSING_CAPTION,
-                                    f"no {image.stem}.txt or {image.stem}.caption next to it")
+        return None, None, DatasetProblem(image, ProblemKind.MISSING_CAPTION,
+                                          f"no {image.stem}.txt or {image.stem}.caption next to it")
     try:
         text = caption_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return None, DatasetProblem(caption_file, ProblemKind.UNREADABLE_CAPTION, f"{type(exc).__name__}: {exc}")
+        return None, caption_file, DatasetProblem(caption_file, ProblemKind.UNREADABLE_CAPTION,
+                                                  f"{type(exc).__name__}: {exc}")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
-        return None, DatasetProblem(caption_file, ProblemKind.EMPTY_CAPTION, "the caption file is empty")
-    return lines[0], None
+        return None, caption_file, DatasetProblem(caption_file, ProblemKind.EMPTY_CAPTION, "the caption file is empty")
+    return lines[0], caption_file, None
 
 
 def _read_size(image: Path) -> tuple[tuple[int, int] | None, DatasetProblem | None]:
@@ -138,13 +141,13 @@ def read_record(image: Path, repeats: int, folder: str,
                 min_size: int) -> tuple[ImageRecord | None, list[DatasetProblem]]:
     """One image with its caption as a record (None if unusable), and its problems."""
     size, problem = _read_size(image)
-    caption, caption_problem = _read_caption(image)
+    caption, caption_file, caption_problem = _read_caption(image)
     problems = [p for p in (problem, caption_problem) if p is not None]
     if size is not None and min(size) < min_size:
         problems.append(DatasetProblem(image, ProblemKind.TOO_SMALL,
                                        f"{size[0]}x{size[1]}, the shorter side must be at least {min_size}"))
     elif size is not None and caption is not None:
-        return ImageRecord(image, caption, repeats, size[0], size[1], folder), problems
+        return ImageRecord(image, caption, repeats, size[0], size[1], folder, caption_file=caption_file), problems
     return None, problems
 
 

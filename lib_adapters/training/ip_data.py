@@ -79,7 +79,7 @@ def scan_json_dataset(path: Path | str, data_root: Path | None = None, min_size:
             problems.append(DatasetProblem(image, ProblemKind.TOO_SMALL,
                                            f"{size[0]}x{size[1]}, the shorter side must be at least {min_size}"))
         else:
-            records.append(ImageRecord(image, entry["text"].strip(), 1, size[0], size[1], path.stem))
+            records.append(ImageRecord(image, entry["text"].strip(), 1, size[0], size[1], path.stem, caption_file=path))
     return records, problems
 
 

@@ -9,7 +9,9 @@ plus the global RNGs (LoRA init), all saved in checkpoints, and the batch order 
 
 ``train()`` validates the dataset first, leaves the base model as it found it (``finally``), saves on
 interrupt (``callbacks.interrupted()`` is polled before every step) and on errors, and never writes
-after a non-finite loss: it raises ``NonFiniteLossError`` and the last good checkpoint stays as it was.
+after a non-finite loss: it raises ``NonFiniteLossError`` and the last good checkpoint stays as it was. The
+error names the step's input that was not finite (``nonfinite.py``: latents, a caption's conditioning, the
+method's features), or says that all were finite, so that its advice fits the cause.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from .data import ImageRecord, tag_frequency
 from .distributed import Shard
 from .errors import NonFiniteLossError
 from .latent_cache import LatentCache
+from .nonfinite import StepInputs, diagnose
 from .methods.base import ExportInfo, MethodBase, MethodBatch, TrainingMethod
 from .methods.ip_adapter import IPAdapterMethod
 from .methods.lora import LoraMethod
@@ -219,10 +222,11 @@ class Trainer:
         return MethodBatch([self.records[i] for i in local], [self.plan.placements[i] for i in local],
                            self.generator, self.backend.device, len(indices), rows)
 
-    def _loss(self, indices: tuple[int, ...]) -> torch.Tensor | None:
-        """Mean loss of this process's rows of the global batch ``indices`` (all of them in a single process);
-        None when it has no rows. Noise and timesteps are drawn for the whole global batch on every process,
-        so the generators stay in step and each row gets what a single process would give it."""
+    def _loss(self, indices: tuple[int, ...]) -> tuple[torch.Tensor | None, StepInputs | None]:
+        """Mean loss of this process's rows of the global batch ``indices`` (all of them in a single process),
+        and the step's inputs (references, read only if the loss is not finite); (None, None) when it has no rows.
+        Noise and timesteps are drawn for the whole global batch on every process, so the generators stay in step
+        and each row gets what a single process would give it."""
         config, backend = self.config, self.backend
         rows = self.shard.rows(len(indices))
         local = indices[rows]
@@ -235,7 +239,7 @@ class Trainer:
         timesteps = self.method.sample_timesteps(len(indices), len(alphas), self.generator)[rows]
         captions = self.method.captions(batch, [r.caption for r in batch.records])  # draws too: even with no rows
         if latents is None:
-            return None
+            return None, None
         noise = noise.to(latents.device)
         noisy = add_noise(latents, noise, timesteps, alphas)
         with _autocast(config, backend.device):
@@ -245,19 +249,21 @@ class Trainer:
         target = training_target(backend.parameterization, latents, noise, timesteps, alphas)
         weights = (min_snr_weights(timesteps, alphas, config.min_snr_gamma, backend.parameterization)
                    if config.min_snr_gamma else None)
-        return diffusion_loss(prediction, target, weights)
+        inputs = StepInputs(batch, captions, latents, cond, noise, target, weights)
+        return diffusion_loss(prediction, target, weights), inputs
 
     def _optimizer_step(self) -> float:
         accumulation = self.config.grad_accumulation
         total = 0.0
         for _ in range(accumulation):
             indices = self._next_batch().records
-            loss = self._loss(indices)
+            loss, inputs = self._loss(indices)
             share = self.shard.share(len(indices))  # 1.0 in a single process
             # the global batch's loss, the same number on every process (so all stop together on NaN)
             value = self.shard.sum(float(loss.detach()) * share if loss is not None else 0.0, self.backend.device)
             if not math.isfinite(value):
-                self._fail(value)
+                self._fail(value, inputs if loss is not None and not math.isfinite(float(loss.detach())) else None)
+            del inputs
             if loss is not None:
                 scaled = (loss * share if self.shard.distributed else loss) / accumulation
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -282,10 +288,18 @@ class Trainer:
         self._updating = False
         return total
 
-    def _fail(self, value: float) -> None:
+    def _fail(self, value: float, inputs: StepInputs | None = None) -> None:
+        """Stop on a non-finite loss (or gradient norm). With the step's ``inputs`` (this process's rows were the
+        non-finite ones), first find which input was not finite, so the advice fits the cause."""
         self._failed = True
         lr = self.optimizer.param_groups[0]["lr"]
-        raise NonFiniteLossError(self.step + 1, value, self.last_checkpoint, lr, self.config.precision.value)
+        updated = self.step > 0
+        found = None
+        if inputs is not None:
+            with _autocast(self.config, self.backend.device):  # a method recomputes its features as the step did
+                found = diagnose(inputs, self.method, updated=updated, root=self.config.dataset_dir)
+        raise NonFiniteLossError(self.step + 1, value, self.last_checkpoint, lr, self.config.precision.value,
+                                 found, updated)
 
     # -- saving and samples -------------------------------------------------------------------------
     def _export_info(self) -> ExportInfo:

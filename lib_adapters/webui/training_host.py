@@ -40,6 +40,8 @@ from ..catalog import EncoderCatalog, ModelCatalog
 from ..errors import InputError, MissingFileError
 from ..training.backends.ldm import LdmBackend
 from ..training.config import Method, TrainConfig
+from ..training.errors import NonFiniteLossError
+from ..training.nonfinite import InputSource
 from ..training.ip_data import reference_encoder
 from ..training.loop import Progress
 from .training_request import FilePlaces
@@ -198,6 +200,21 @@ class TrainingHost:
         """The WebUI's Interrupt button (shared.state.interrupt())."""
         from modules import shared
         return bool(shared.state.interrupted)
+
+    def non_finite_advice(self, error: NonFiniteLossError) -> str:
+        """What the WebUI's own settings have to do with a non-finite input: a caption's conditioning goes through
+        the WebUI's emphasis step, whose "Original" mode divides by the conditioning's mean (``sd_emphasis``); a
+        text encoder whose output has mean 0 turns every caption into NaN there."""
+        if not any(i.source is InputSource.CAPTION for i in error.inputs or ()):
+            return ""
+        from modules import shared
+        mode = str(getattr(shared.opts, "emphasis", "Original"))
+        if mode != "Original":
+            return (f'In this WebUI "Emphasis mode" is "{mode}", which does not rescale the conditioning, so the '
+                    "emphasis step is not the cause.")
+        return ('In this WebUI, Settings > Stable Diffusion > "Emphasis mode" (option `emphasis`) is "Original": it '
+                "rescales each caption's conditioning by its mean, which gives NaN when the text encoder makes that "
+                'mean 0. Set it to "No norm" or "None" and start the run again.')
 
     # -- the lists ----------------------------------------------------------------------------------------------------
     def refresh_networks(self, method: str = "lora") -> None:

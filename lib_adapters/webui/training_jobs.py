@@ -260,7 +260,7 @@ class TrainingJobs:
                          else "nothing was exported")
                 self._log(job, f"{'interrupted' if result.interrupted else 'finished'} at step {result.step}; {where}")
         except NonFiniteLossError as exc:
-            error = str(exc)
+            error = " ".join(part for part in (str(exc), self.host.non_finite_advice(exc)) if part)
             with self._lock:
                 if exc.last_checkpoint is not None:
                     job.checkpoint = str(exc.last_checkpoint)

@@ -72,6 +72,34 @@ def unet_inputs(model, batch: int = 2, size: int = 8, seed: int = 3):
     return x, t, cond
 
 
+# -- inputs that turn NaN (the non-finite loss diagnosis) -----------------------------------------------------
+def poison_word(embedder, word: str) -> None:
+    """A text encoder (the stub WebUI's chunked CLIP embedder) whose output is NaN for every caption with ``word``."""
+    original = embedder.encode_with_transformers
+    token = embedder.tokenizer.encode_words(word)[0]
+
+    def encode(tokens):
+        z, pooled = original(tokens)
+        rows = (tokens == token).any(dim=1)
+        z = z.clone()
+        z[rows] = float("nan")
+        return z, pooled
+
+    embedder.encode_with_transformers = encode
+
+
+def poison_black_images(model) -> None:
+    """A VAE whose encoding is NaN for an all-black image."""
+    original = model.encode_first_stage
+
+    def encode(x):
+        z = original(x).mode().clone()
+        z[(x.flatten(1) <= -0.99).all(dim=1)] = float("nan")
+        return z
+
+    model.encode_first_stage = encode
+
+
 # -- an informative stand-in VAE (learning tests) ---------------------------------------------------------
 POOL_SCALE = 3 ** 0.5  # colours uniform in [-1, 1] have variance 1/3: latents of random colours get about unit variance
 

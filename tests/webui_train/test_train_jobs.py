@@ -284,6 +284,38 @@ def test_a_non_finite_loss_fails_the_job_and_names_the_last_checkpoint(webui):
     assert any(line.split(" ", 1)[1].startswith("failed: the loss became nan") for line in final.log)
 
 
+def test_a_nan_caption_conditioning_names_the_caption_and_the_webuis_emphasis_setting(webui):
+    """In the real WebUI a degenerate text encoder made the emphasis step divide by a zero mean: step 1's loss was
+    NaN before any update, and "lower the learning rate" was the wrong advice."""
+    from train_helpers import poison_black_images, poison_word
+
+    from modules import shared
+    poison_word(webui.model.cond_stage_model, "yellow")  # "a yellow square": 2_shapes/3.txt
+    jobs = TrainingJobs(TrainingHost())
+    jobs.start(request(webui, "caption"))
+    final = jobs.wait(TIMEOUT)
+    assert final.state is JobState.FAILED and final.step <= 1  # step 1 or 2 draws the caption
+    assert "the text conditioning of caption 'a yellow square' (2_shapes/3.txt) is NaN" in final.error, final.error
+    assert '"Emphasis mode" (option `emphasis`) is "Original"' in final.error
+    assert '"No norm" or "None"' in final.error and "lower learning rate" not in final.error
+    assert final.output is None and not (webui.lora_dir / "caption.safetensors").exists()
+
+    shared.opts.emphasis = "No norm"  # the setting changed and the NaN stays: the emphasis is not the cause
+    jobs.start(request(webui, "caption"))
+    final = jobs.wait(TIMEOUT)
+    assert final.state is JobState.FAILED and 'Emphasis mode" is "No norm", which does not rescale' in final.error
+
+    Image.new("RGB", (64, 64)).save(webui.dataset / "2_shapes" / "night.png")
+    (webui.dataset / "2_shapes" / "night.txt").write_text("a black night")
+    model = driver.load_tiny_model("sd1")
+    poison_black_images(model)
+    jobs.start(request(webui, "latents"))
+    final = jobs.wait(TIMEOUT)
+    assert final.state is JobState.FAILED, final.error
+    assert "the latents of 2_shapes/night.png (the VAE's encoding) are NaN" in final.error
+    assert "--no-half-vae" in final.error and "Emphasis" not in final.error
+
+
 def test_medvram_lowvram_and_no_model_are_refused_before_anything_starts(webui, monkeypatch):
     jobs = TrainingJobs(TrainingHost())
     monkeypatch.setattr(webui.model, "lowvram", True, raising=False)  # what --medvram/--lowvram set on load

@@ -93,6 +93,11 @@ class TrainingMethod(Protocol):
         """The adapter's input for samples of ``resolution`` squared, from ``image`` (None: the first record's),
         computed with the current weights; None for methods that take no input (LoRA)."""
 
+    def nonfinite_inputs(self, batch: MethodBatch, updated: bool, root: Path | None) -> list:
+        """Only after a non-finite loss: this batch's own inputs to the UNet (adapter features, image tokens)
+        recomputed, as ``nonfinite.NonFiniteInput``s for those that are NaN/inf (``updated``: whether the trained
+        weights have been updated yet; ``root``: the dataset, to name files)."""
+
 
 class MethodBase:
     """Defaults of the optional ``TrainingMethod`` members; every method class inherits it.
@@ -122,3 +127,6 @@ class MethodBase:
     def sample_conditioning(self, records: list[ImageRecord], image: Path | None,
                             resolution: int) -> SampleConditioning | None:
         return None
+
+    def nonfinite_inputs(self, batch: MethodBatch, updated: bool, root: Path | None) -> list:
+        return []  # LoRA has no inputs of its own

@@ -40,6 +40,7 @@ from ..config import IPAdapterConfig, IPProjection, Precision, TrainConfig
 from ..data import ImageRecord
 from ..ip_data import (ImageFeatures, encoder_width, load_json_records, load_training_encoder,
                        reference_encoder)
+from ..nonfinite import InputSource, NonFiniteInput, bad_rows, kind, shown, unique, weights_advice
 from .base import ExportInfo, MethodBase, MethodBatch
 from .ip_sites import ip_layout
 from .lora_file import atomic_write
@@ -212,6 +213,31 @@ class IPAdapterMethod(MethodBase):
     def _drop_tokens(self, tokens: torch.Tensor) -> None:
         if self.unit.tokens is tokens:
             self.unit.tokens = None
+
+    def nonfinite_inputs(self, batch: MethodBatch, updated: bool, root: Path | None) -> list[NonFiniteInput]:
+        """This batch's CLIP image features and image tokens, recomputed (only after a non-finite loss)."""
+        images = [r.path for r in batch.records]
+        with torch.no_grad():
+            features = self.features.get(images)
+            rows = bad_rows(features)
+            if rows:
+                files = unique(images[r] for r in rows)
+                return [NonFiniteInput(
+                    InputSource.FEATURES, f"the CLIP image features of {', '.join(shown(f, root) for f in files)} "
+                    f"(encoder {self.encoder.name}) are {kind([features])}",
+                    "The CLIP vision encoder gives NaN/inf for that image: check the encoder file (ip_image_encoder) "
+                    "and the image; the learning rate is not the cause.", files)]
+            empty = self.features.empty()
+            features = torch.stack([empty if d.image else f for d, f in zip(self.drops(batch), features)])
+            tokens = self.image_tokens(features)
+        rows = bad_rows(tokens)
+        if not rows:
+            return []
+        files = unique(images[r] for r in rows)
+        advice = weights_advice(self.model.parameters(), updated, self.config.init_from, "ip_init_from",
+                                "the IP-Adapter")
+        return [NonFiniteInput(InputSource.FEATURES, f"the IP-Adapter's image tokens of "
+                               f"{', '.join(shown(f, root) for f in files)} are {kind([tokens])}", advice, files)]
 
     def sample_conditioning(self, records: list[ImageRecord], image: Path | None,
                             resolution: int) -> "IPSampleConditioning":

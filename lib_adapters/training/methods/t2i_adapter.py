@@ -40,6 +40,7 @@ from ..buckets import Bucket, place
 from ..conditions import load_condition, load_t2i_records
 from ..config import T2IConfig, T2IKind, T2ILayout, TimestepSampling, TrainConfig
 from ..data import ImageRecord
+from ..nonfinite import InputSource, NonFiniteInput, bad_rows, kind, shown, unique, weights_advice
 from .base import ExportInfo, MethodBase, MethodBatch
 from .lora_file import MODELSPEC_ARCHITECTURE, atomic_write
 
@@ -127,6 +128,20 @@ class T2IAdapterMethod(MethodBase):
         features = self.adapter(self.conditions(batch).to(batch.device))
         with inject_features(self.backend.unet, features):
             yield
+
+    def nonfinite_inputs(self, batch: MethodBatch, updated: bool, root: Path | None) -> list[NonFiniteInput]:
+        """The adapter's features of this batch's conditions, recomputed (only after a non-finite loss)."""
+        with torch.no_grad():
+            features = self.adapter(self.conditions(batch).to(batch.device))
+        rows = sorted({r for f in features for r in bad_rows(f)})
+        if not rows:
+            return []
+        files = unique(batch.records[r].condition for r in rows)
+        what = (f"the T2I-Adapter's features of the condition {', '.join(shown(f, root) for f in files)} are "
+                f"{kind(features)}")
+        advice = weights_advice(self.adapter.parameters(), updated, self.config.init_from, "t2i_init_from",
+                                "the T2I-Adapter")
+        return [NonFiniteInput(InputSource.FEATURES, what, advice, files)]
 
     def sample_conditioning(self, records: list[ImageRecord], image: Path | None,
                             resolution: int) -> "T2ISampleConditioning":
