@@ -1,5 +1,6 @@
 """WebUI entry point for training: the "Train Adapter" tab (``on_ui_tabs``), the training web API
-(``on_app_started``) and stopping a run when the scripts are unloaded (a UI reload).
+(``on_app_started``; only when the WebUI runs with ``--api`` or ``--nowebui``) and stopping a run when the
+scripts are unloaded (a UI reload).
 
 One ``TrainingJobs`` per process, shared by the tab and the API, created on first use: importing
 this file only registers callbacks.
@@ -25,7 +26,7 @@ def on_ui_tabs():
 
 
 def on_app_started(_demo, app):
-    training_api.register_api(app, jobs())
+    training_api.register_if_enabled(app, jobs)  # only with --api / --nowebui, as the WebUI's own API
 
 
 def on_script_unloaded():

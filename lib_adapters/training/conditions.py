@@ -9,8 +9,8 @@ caption ``x.txt``):
   absolute (``ldm/data/dataset_depth.py`` reads its ``laion_depth_meta_v1.txt`` so).
 
 A missing condition is generated once with the chosen preprocessor, at the image's size, and kept in
-``<dataset root>/.t2i-conditions/<preprocessor>/`` (a dot folder: scans skip it); it is made again
-when the image is newer. Everything is checked before training: ``load_t2i_records`` raises one
+the run's cache folder (``TrainConfig.cache_dir``/t2i-conditions/<preprocessor>/, under the output folder:
+the dataset folder is never written); it is made again when the image is newer. Everything is checked before training: ``load_t2i_records`` raises one
 ``DatasetInvalidError`` naming every bad file, or the preprocessor's own ``MissingFileError`` when
 its weights are not there.
 """
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import AdapterError, FormatError, MissingFileError
+from ..errors import AdapterError, FormatError, InputError, MissingFileError
 from ..preprocess.registry import PreprocessorCache, get_preprocessor, run_preprocessor
 from ..preprocess.resize import resize_exact
 from .buckets import Placement, fit_to_bucket
@@ -36,7 +36,7 @@ from .data import (IMAGE_EXTENSIONS, DatasetInvalidError, DatasetProblem, ImageR
 
 log = logging.getLogger(__name__)
 
-CACHE_FOLDER = ".t2i-conditions"
+CACHE_FOLDER = "t2i-conditions"  # inside TrainConfig.cache_dir
 _ASPECT_TOLERANCE = 0.02  # a condition saved at a slightly rounded size still fits its image
 
 
@@ -54,11 +54,26 @@ def find_condition(image: Path, condition: str) -> Path | None:
 
 
 def _meta_records(meta: Path, min_size: int) -> tuple[Path, list[ImageRecord], list[DatasetProblem]]:
+    """A meta file's records. Its lines are quoted in problems only when they name images: any .txt file can be
+    given as a dataset (also by an API client), and a file that is not a meta file must not be read back."""
     root = meta.parent
     records: list[ImageRecord] = []
     problems: list[DatasetProblem] = []
-    lines = [line.strip() for line in meta.read_text(encoding="utf-8").splitlines()]
-    for line in (ln for ln in lines if ln and not ln.startswith("#")):
+    try:
+        text = meta.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"the dataset {meta} is not a readable meta file ({type(exc).__name__}); give a folder or "
+                         "a UTF-8 text file with one image path per line") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    if not any(Path(line).suffix.lower() in IMAGE_EXTENSIONS for _, line in lines):
+        raise DatasetInvalidError(root, [DatasetProblem(meta, ProblemKind.EMPTY_FOLDER, "no line of it is an image "
+                                                        f"path ({', '.join(IMAGE_EXTENSIONS)}); a TencentARC meta file "
+                                                        "lists one image per line")])
+    for number, line in lines:
+        if Path(line).suffix.lower() not in IMAGE_EXTENSIONS:
+            problems.append(DatasetProblem(meta, ProblemKind.MISSING_IMAGE, f"line {number} is not an image path"))
+            continue
         image = Path(line) if Path(line).is_absolute() else root / line
         if not image.is_file():
             problems.append(DatasetProblem(image, ProblemKind.MISSING_IMAGE, f"listed in {meta.name} but not there"))
@@ -67,8 +82,6 @@ def _meta_records(meta: Path, min_size: int) -> tuple[Path, list[ImageRecord], l
         problems.extend(found)
         if record is not None:
             records.append(record)
-    if not records and not problems:
-        problems.append(DatasetProblem(meta, ProblemKind.EMPTY_FOLDER, "the meta file lists no images"))
     return root, records, problems
 
 
@@ -84,11 +97,11 @@ def _scan(config: TrainConfig) -> tuple[Path, list[ImageRecord], list[DatasetPro
 class ConditionMaker:
     """Generates missing conditions with one preprocessor; the detector is loaded on first use."""
 
-    def __init__(self, t2i: T2IConfig, root: Path):
+    def __init__(self, t2i: T2IConfig, root: Path, cache_dir: Path):
         self.name = get_preprocessor(t2i.preprocessor).name  # InputError for an unknown name, before any work
         self.weights_dir = t2i.preprocessor_weights_dir
         self.condition = t2i.condition
-        self.folder = root / CACHE_FOLDER / self.name
+        self.folder = cache_dir / CACHE_FOLDER / self.name
         self.root = root
         self._cache = PreprocessorCache()
 
@@ -172,7 +185,7 @@ def load_t2i_records(config: TrainConfig) -> list[ImageRecord]:
     root, records, problems = _scan(config)
     t2i = config.t2i
     # Generating conditions is slow; do it only for a dataset that is otherwise fine.
-    maker = ConditionMaker(t2i, root) if t2i.preprocessor and not problems else None
+    maker = ConditionMaker(t2i, root, config.cache_dir) if t2i.preprocessor and not problems else None
     records = _attach(records, maker, t2i.condition, problems, generate_later=bool(t2i.preprocessor) and maker is None)
     if problems:
         raise DatasetInvalidError(root, problems)

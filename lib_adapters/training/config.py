@@ -7,6 +7,7 @@ value and the allowed range.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -137,7 +138,7 @@ class IPAdapterConfig:
     image_drop: float = 0.05  # share of samples trained without the image (zeroed embeds, the reference's uncond)
     text_drop: float = 0.05  # ... with an empty caption
     both_drop: float = 0.05  # ... with neither
-    cache_features: bool = True  # keep CLIP image features on disk (<output_dir>/.clip_cache)
+    cache_features: bool = True  # keep CLIP image features on disk (TrainConfig.cache_dir / "clip-features")
     resampler_dim: int | None = None  # plus only; None: 1280 for SDXL (the reference), else the context width
     resampler_depth: int = 4
     data_root: Path | None = None  # images of a JSON list dataset; None: the JSON file's folder
@@ -167,7 +168,7 @@ class T2IConfig:
     condition: str = "depth"  # the condition's name: ``x.<condition>.png`` beside ``x.png``
     condition_channels: int = 3  # 3 for RGB-like maps (depth, seg, openpose, colour), 1 for edges/sketches
     num_res_blocks: int | None = None  # per level; None: the released adapters' 2 (full) or 4 (light)
-    preprocessor: str | None = None  # generates missing conditions (cached beside the dataset); None: all must exist
+    preprocessor: str | None = None  # generates missing conditions (kept in TrainConfig.cache_dir); None: all must exist
     preprocessor_weights_dir: Path | None = None  # the annotator weights folder, for preprocessors that need one
     init_from: Path | None = None  # an adapter file to fine-tune; None: start from scratch
     timesteps: TimestepSampling = TimestepSampling.UNIFORM
@@ -275,6 +276,16 @@ class TrainConfig:
     def micro_batches(self) -> int:
         """Batches consumed by the whole run."""
         return self.steps * self.grad_accumulation
+
+    @property
+    def cache_dir(self) -> Path:
+        """Everything the run derives from its dataset (generated T2I conditions, latents, CLIP features) goes here,
+        under the output folder, one folder per dataset (its name and a hash of its absolute path): never into the
+        dataset itself, which may be read-only, shared, or named by an API client."""
+        dataset = self.dataset_dir.expanduser().resolve()
+        digest = hashlib.sha256(str(dataset).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset.stem)[:40].strip("._") or "dataset"
+        return self.output_dir / "cache" / f"{name}-{digest}"
 
 
 _ENUM_FIELDS = {"method": Method, "lr_schedule": LRSchedule, "optimizer": OptimizerKind, "precision": Precision,

@@ -59,7 +59,7 @@ class DatasetProblem:
                 shown = self.path.relative_to(root)
             except ValueError:
                 pass
-        return f"{shown}: {self.kind.value} ({self.detail})"
+        return f"{shown if str(shown) != '.' else self.path}: {self.kind.value} ({self.detail})"
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,10 @@ def scan_dataset(root: Path | str, min_size: int = 64, exclude: Callable[[Path],
             problems.extend(found)
             if record is not None:
                 records.append(record)
+    if problems and not records and all(p.kind is ProblemKind.EMPTY_FOLDER for p in problems):
+        # Not a dataset at all: say so once, without naming the folders inside (an API client may name any folder).
+        problems = [DatasetProblem(root, ProblemKind.EMPTY_FOLDER,
+                                   f"no images ({', '.join(IMAGE_EXTENSIONS)}) in it or in its sub-folders")]
     return records, problems
 
 

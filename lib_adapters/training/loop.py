@@ -136,7 +136,7 @@ class Trainer:
         check_sample_image(config.sample_image)  # before the records: a T2I dataset may first make its conditions
         self.records: list[ImageRecord] = method_class(config.method).load_records(config)
         self.plan = BatchPlan(self.records, config.resolution, config.batch_size, config.seed, config.buckets)
-        self.cache = (LatentCache(backend.identity(), config.output_dir / ".latent_cache")
+        self.cache = (LatentCache(backend.identity(), config.cache_dir / "latents")
                       if config.cache_latents else None)
         self.step, self.epoch, self.batch_index = 0, 0, 0
         self.generator = torch.Generator()

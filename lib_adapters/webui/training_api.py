@@ -8,14 +8,22 @@
     POST /adapters/v1/train/interrupt  -> status (the run stops before its next step and saves a checkpoint)
     POST /adapters/v1/train/resume     same body as start: continues from the newest checkpoint of output_name
 
-Every error body is ``{"detail": "<a sentence saying what is wrong and what to do>"}``. With ``--api-auth``
-the routes take the same HTTP basic credentials as the WebUI's own ``/sdapi`` routes.
+Every error body is ``{"detail": "<a sentence saying what is wrong and what to do>"}``.
+
+The routes start jobs that read server paths, so they follow the WebUI's own API: they exist only when the
+WebUI serves its API (``--api``, or ``--nowebui`` which serves only the API; ``webui.py`` calls
+``create_api`` in those cases), otherwise ``register_if_enabled`` says once in the console how to turn them
+on (the Train Adapter tab works either way). With ``--api-auth`` they take the same HTTP basic credentials
+as ``/sdapi``; with only ``--gradio-auth``/``--gradio-auth-path`` (the UI's login) they take those, read as
+``modules.initialize_util.get_gradio_auth_creds`` reads them, so a login-protected WebUI never serves them
+to anyone.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from secrets import compare_digest
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from fastapi import Body, Depends, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
@@ -23,6 +31,8 @@ from pydantic import BaseModel, Extra, Field, create_model
 
 from ..errors import AdapterError, InputError
 from .training_jobs import JobRunningError, JobState, TrainingJobs, TrainRequest
+
+log = logging.getLogger(__name__)
 
 PREFIX = "/adapters/v1/train"
 
@@ -71,19 +81,56 @@ class TrainStatusModel(BaseModel):
     error: Optional[str]
 
 
-def _auth_dependencies() -> list:
-    """The WebUI's ``--api-auth`` (``user:pass,user2:pass2``), checked as ``modules.api.api.Api.auth`` does."""
+def _cmd_opts():
     try:
         from modules import shared
-        api_auth = getattr(shared.cmd_opts, "api_auth", None)
-    except Exception:  # noqa: BLE001  (outside the WebUI: no auth)
-        api_auth = None
-    if not api_auth:
+        return shared.cmd_opts
+    except Exception:  # noqa: BLE001  (outside the WebUI: no flags)
+        return None
+
+
+def api_enabled() -> bool:
+    """Whether the WebUI serves its API: ``--api``, or ``--nowebui`` (API only)."""
+    opts = _cmd_opts()
+    return bool(getattr(opts, "api", False) or getattr(opts, "nowebui", False))
+
+
+def _pairs(text: str) -> dict[str, str]:
+    """``user:pass,user2:pass2`` (whitespace around each pair ignored; a pair without ":" is no credential)."""
+    pairs = (item.strip() for item in text.split(","))
+    return dict(item.split(":", 1) for item in pairs if ":" in item)
+
+
+def credentials() -> tuple[bool, dict[str, str]]:
+    """(whether the routes need credentials, the accepted user -> password). ``--api-auth`` as ``modules.api.api.Api``
+    reads it; else ``--gradio-auth`` and the lines of ``--gradio-auth-path`` as the UI's login reads them. An
+    auth file that cannot be read leaves the routes closed to everyone (it would stop the WebUI's own start)."""
+    opts = _cmd_opts()
+    api_auth = getattr(opts, "api_auth", None)
+    if api_auth:
+        return True, _pairs(api_auth)
+    gradio_auth, auth_path = getattr(opts, "gradio_auth", None), getattr(opts, "gradio_auth_path", None)
+    if not gradio_auth and not auth_path:
+        return False, {}
+    accepted = _pairs(gradio_auth or "")
+    if auth_path:
+        try:
+            with open(auth_path, encoding="utf8") as f:
+                for line in f:
+                    accepted.update(_pairs(line.strip()))
+        except OSError as exc:
+            log.warning("adapters training API: cannot read --gradio-auth-path (%s); the routes refuse every "
+                        "request", exc)
+    return True, accepted
+
+
+def _auth_dependencies() -> list:
+    required, accepted = credentials()
+    if not required:
         return []
-    credentials = dict(item.split(":", 1) for item in api_auth.split(",") if ":" in item)
 
     def auth(given: HTTPBasicCredentials = Depends(HTTPBasic())):
-        if given.username in credentials and compare_digest(given.password, credentials[given.username]):
+        if given.username in accepted and compare_digest(given.password, accepted[given.username]):
             return True
         raise HTTPException(status_code=401, detail="Incorrect username or password",
                             headers={"WWW-Authenticate": "Basic"})
@@ -115,8 +162,22 @@ _BODY_DOC = ("A training request: dataset_dir and output_name, plus any settings
              "train_text_encoder, t2i_*, ip_*) may be set.")
 
 
+OFF_NOTICE = (f"Adapters: the training API ({PREFIX}) is off because the WebUI runs without --api. Start the WebUI "
+              "with --api (and --api-auth user:password) to turn it on; the Train Adapter tab works without it.")
+
+
+def register_if_enabled(app, jobs: Callable[[], TrainingJobs]) -> bool:
+    """From ``on_app_started``: the routes when the WebUI serves its API, else one line in the console saying how
+    to turn them on. ``jobs`` makes (or returns) the process's job manager; it is called only when registering."""
+    if not api_enabled():
+        print(OFF_NOTICE, flush=True)
+        return False
+    register_api(app, jobs())
+    return True
+
+
 def register_api(app, jobs: TrainingJobs) -> None:
-    """Add the routes to the WebUI's FastAPI ``app`` (call once, from ``on_app_started``)."""
+    """Add the routes to the WebUI's FastAPI ``app`` (call once, from ``on_app_started``, when the API is on)."""
     dependencies = _auth_dependencies()
     body_schema = {"requestBody": {"required": True, "description": _BODY_DOC,
                                    "content": {"application/json": {"schema": TrainRequestModel.schema()}}}}
@@ -144,4 +205,4 @@ def register_api(app, jobs: TrainingJobs) -> None:
     app.add_api_route(f"{PREFIX}/resume", resume, methods=["POST"], openapi_extra=body_schema, **common)
 
 
-__all__ = ["register_api", "PREFIX", "TrainRequestModel", "TrainStatusModel", "JobState"]
+__all__ = ["register_api", "register_if_enabled", "api_enabled", "credentials", "PREFIX", "TrainRequestModel", "TrainStatusModel", "JobState"]

@@ -138,7 +138,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run_bit_for_bit(encoder, 
     assert first.losses + second.losses == straight.losses
     a, b = load_file(str(straight.output)), load_file(str(second.output))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any((tmp_path / "b" / ".clip_cache").glob("*.clipfeat"))  # the resumed run read cached features
+    assert any((config("b").cache_dir / "clip-features").glob("*.clipfeat"))  # the resumed run read cached features
     changed = TrainConfig(tmp_path / "ds", tmp_path / "b", "ip", method="ip_adapter", resolution=64, steps=4,
                           batch_size=2, seed=5, ip=IPAdapterConfig(projection="plain", image_encoder=encoder))
     with pytest.raises(InputError, match="ip_projection: 'plus' -> 'plain'"):

@@ -75,7 +75,9 @@ def test_short_run_on_the_ldm_backend_exports_a_file_our_loader_reads(tmp_path, 
     meta = read_safetensors_metadata(result.output)
     assert meta["t2i_adapter.condition"] == "canny" and meta["t2i_adapter.steps"] == "3"
     assert meta["modelspec.architecture"].endswith("/t2i-adapter")
-    assert len(list((tmp_path / "ds" / CACHE_FOLDER / "canny" / "2_shapes").glob("*.canny.png"))) == 4
+    made = _config(tmp_path, "out").cache_dir / CACHE_FOLDER / "canny" / "2_shapes"
+    assert made.parent.parent.parent.parent == tmp_path / "out" / "cache"  # under the output folder
+    assert len(list(made.glob("*.canny.png"))) == 4 and not (tmp_path / "ds" / ".t2i-conditions").exists()
 
 
 def _features(adapter_module, condition):
@@ -200,7 +202,7 @@ def test_missing_conditions_are_made_once_and_weights_needing_preprocessors_say_
     os.remove(root / "2_shapes" / "0.canny.png")
     config = _config(tmp_path, "out")
     records = load_t2i_records(config)
-    made = root / CACHE_FOLDER / "canny" / "2_shapes" / "0.canny.png"
+    made = config.cache_dir / CACHE_FOLDER / "canny" / "2_shapes" / "0.canny.png"
     folder = root / "2_shapes"
     assert [r.condition for r in records] == [made, folder / "1.canny.png", folder / "2.canny.png"]
     assert Image.open(made).size == (64, 64)

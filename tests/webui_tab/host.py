@@ -1,7 +1,8 @@
 """A minimal host page for the "Train Adapter" tab: the stub WebUI (tests/stubs/modules) with the tiny
 model loaded, ``scripts/adapters_train.py`` loaded the way the WebUI loads an extension script, and its
 ``on_ui_tabs`` result rendered in a tab of a gradio app served on 127.0.0.1 with the queue enabled
-(``queue(64)`` as the WebUI does); ``on_app_started`` then registers the training API on that app.
+(``queue(64)`` as the WebUI does); ``on_app_started`` then registers the training API on that app (the
+WebUI runs with ``--api`` here).
 
 The WebUI injects extension JavaScript into its page template; a browser test adds
 ``javascript/adapters_train.js`` with ``page.add_script_tag`` instead (see ``JAVASCRIPT``).
@@ -76,6 +77,8 @@ def serve(root: str | os.PathLike) -> Host:
     demo.queue(64)
     app, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                               quiet=True, show_error=True)
+    from modules import shared
+    shared.cmd_opts.api = True  # as a WebUI started with --api: on_app_started registers the training routes
     script_callbacks.app_started_callback(demo, app)
     return Host(url=url, demo=demo, app=app, module=module)
 

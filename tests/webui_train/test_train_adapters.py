@@ -19,7 +19,6 @@ from lib_adapters.errors import InputError, MissingFileError
 from lib_adapters.formats.ip import IPVariant, load_ip_adapter
 from lib_adapters.formats.reader import read_safetensors_metadata, read_state_dict
 from lib_adapters.formats.t2i import load_t2i_adapter
-from lib_adapters.training.conditions import CACHE_FOLDER
 from lib_adapters.training.data import DatasetInvalidError
 from lib_adapters.webui.training_host import TrainingHost
 from lib_adapters.webui.training_jobs import JobState, TrainingJobs, TrainRequest
@@ -176,7 +175,7 @@ def test_t2i_datasets_are_checked_file_by_file_before_anything_starts(webui, pan
         jobs.start(request(webui, "nope", "t2i_adapter", t2i_condition="depth", t2i_preprocessor="depht"))
 
     # with a preprocessor the missing conditions are made by the run (not while the request is answered)
-    cache = webui.dataset / CACHE_FOLDER / "canny"
+    cache = TrainingHost().work_dir() / "cache"
     with webui.queue_lock:
         status = jobs.start(request(webui, "edges", "t2i_adapter", steps=1, t2i_condition="depth",
                                     t2i_preprocessor="canny", t2i_condition_channels=1))

@@ -187,3 +187,128 @@ def test_the_routes_use_the_webuis_api_auth_and_are_documented(webui, monkeypatc
     assert {"dataset_dir", "output_name", "steps", "rank", "t2i_condition", "ip_projection"} <= set(start["properties"])
     assert start["properties"]["t2i_num_res_blocks"]["type"] == "integer"
     assert set(schema["paths"]) == {PREFIX, f"{PREFIX}/interrupt", f"{PREFIX}/resume"}
+
+
+def _entry_point():
+    """scripts/adapters_train.py executed as the WebUI's script loader does (its own module)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("adapters_train_api_test",
+                                                  Path(__file__).resolve().parents[2] / "scripts" / "adapters_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flags(monkeypatch, **values):
+    from modules import shared
+    for name in ("api", "nowebui", "api_auth", "gradio_auth", "gradio_auth_path"):
+        monkeypatch.setattr(shared.cmd_opts, name, values.get(name, False if name in ("api", "nowebui") else None))
+
+
+def _served(module) -> TestClient:
+    app = FastAPI()
+    module.on_app_started(None, app)
+    return TestClient(app)
+
+
+def test_the_routes_exist_only_when_the_webui_serves_its_api(webui, monkeypatch, capsys):
+    from lib_adapters.webui.training_api import OFF_NOTICE
+    module = _entry_point()
+    _flags(monkeypatch)
+    assert _served(module).get(PREFIX).status_code == 404
+    assert module._jobs is None  # no job manager made for routes that do not exist
+    out = capsys.readouterr().out
+    assert out.count(OFF_NOTICE) == 1 and "--api" in OFF_NOTICE and "Train Adapter tab works" in OFF_NOTICE
+    _flags(monkeypatch, api=True)
+    assert _served(module).get(PREFIX).json()["state"] == "idle"
+    _flags(monkeypatch, nowebui=True)  # webui.py's api_only(): the API without the UI
+    assert _served(module).post(PREFIX, json={"output_name": "x"}).status_code == 422
+    assert OFF_NOTICE not in capsys.readouterr().out
+
+
+def test_the_ui_login_protects_the_routes_when_there_is_no_api_auth(webui, monkeypatch, tmp_path):
+    module = _entry_point()
+    _flags(monkeypatch, api=True, gradio_auth="alice:secret, carol:c:olon")
+    client = _served(module)
+    assert client.get(PREFIX).status_code == 401
+    assert client.post(PREFIX, json=body(webui)).status_code == 401  # nothing starts without credentials
+    assert client.get(PREFIX, auth=("alice", "wrong")).status_code == 401
+    assert client.get(PREFIX, auth=("alice", "secret")).status_code == 200
+    assert client.get(PREFIX, auth=("carol", "c:olon")).status_code == 200
+    assert module.jobs().status().state.value == "idle"
+
+    auth_file = tmp_path / "auth.txt"
+    auth_file.write_text("bob:pw,eve:x\n\n  dave:d  \n", encoding="utf8")  # the format get_gradio_auth_creds reads
+    _flags(monkeypatch, api=True, gradio_auth_path=str(auth_file))
+    client = _served(module)
+    assert [client.get(PREFIX, auth=a).status_code for a in (("bob", "pw"), ("dave", "d"), ("alice", "secret"))] == \
+        [200, 200, 401]
+    _flags(monkeypatch, api=True, gradio_auth_path=str(tmp_path / "missing.txt"))
+    assert _served(module).get(PREFIX, auth=("bob", "pw")).status_code == 401  # unreadable: closed to everyone
+
+    _flags(monkeypatch, api=True, api_auth="api:key", gradio_auth="alice:secret")  # --api-auth wins, as for /sdapi
+    client = _served(module)
+    assert client.get(PREFIX, auth=("alice", "secret")).status_code == 401
+    assert client.get(PREFIX, auth=("api", "key")).status_code == 200
+
+
+def _snapshot(folder):
+    """Every entry under ``folder``: kind, size, modification time and content hash."""
+    import hashlib
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        stat = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        out[str(path.relative_to(folder))] = (digest, stat.st_size if path.is_file() else 0, stat.st_mtime_ns)
+    return out
+
+
+def test_runs_never_write_into_the_dataset_folder(webui, api, monkeypatch):
+    """Generated T2I conditions, latents and CLIP features go under outputs/adapters-training/cache/<dataset>-<hash>."""
+    from fixtures.clip import save_clip_vision, tiny_clip_vision
+    from lib_adapters.webui.training_host import TrainingHost
+    client, jobs = api
+    encoder = save_clip_vision(tiny_clip_vision(), webui.root / "models" / "clip_vision")
+    before = _snapshot(webui.dataset)
+    t2i = {k: v for k, v in body(webui, "edges", method="t2i_adapter", steps=2, cache_latents=True).items()
+           if k not in ("rank", "alpha")}
+    t2i.update(t2i_condition="canny", t2i_condition_channels=1, t2i_preprocessor="canny")
+    assert client.post(PREFIX, json=t2i).status_code == 200
+    assert wait_done(client, jobs)["state"] == "finished"
+    ip = {k: v for k, v in body(webui, "ip_cache", method="ip_adapter", steps=2, cache_latents=True).items()
+          if k not in ("rank", "alpha")}
+    ip.update(ip_image_encoder=encoder.name)
+    assert client.post(PREFIX, json=ip).status_code == 200
+    assert wait_done(client, jobs)["state"] == "finished"
+    assert _snapshot(webui.dataset) == before  # byte for byte, listing and modification times
+
+    caches = list((TrainingHost().work_dir() / "cache").iterdir())
+    assert [c.name.rsplit("-", 1)[0] for c in caches] == [webui.dataset.name]
+    assert sorted(p.name for p in (caches[0] / "t2i-conditions" / "canny").rglob("*.png")) == \
+        [f"{i}.canny.png" for i in range(4)]
+    assert any((caches[0] / "latents").iterdir()) and any((caches[0] / "clip-features").iterdir())
+
+
+def test_error_answers_name_dataset_files_but_never_list_or_read_back_other_folders(webui, api, tmp_path):
+    client, jobs = api
+    private = tmp_path / "private"
+    for name in ("alpha_secret", "beta_secret"):
+        (private / name).mkdir(parents=True)
+        (private / name / "notes.md").write_text("password: hunter2")
+    answer = client.post(PREFIX, json=body(webui, dataset_dir=str(private)))
+    assert answer.status_code == 400, answer.text
+    detail = answer.json()["detail"]
+    assert f"{private}: empty folder (no images" in detail and "in it or in its sub-folders" in detail
+    assert "secret" not in detail.replace(str(private), "") and "notes" not in detail
+
+    letter = tmp_path / "letter.txt"  # any .txt file is taken as a TencentARC meta file by a T2I run
+    letter.write_text("Dear Bob,\nthe password is hunter2\n")
+    t2i = {k: v for k, v in body(webui, method="t2i_adapter", dataset_dir=str(letter)).items() if k not in ("rank", "alpha")}
+    answer = client.post(PREFIX, json=t2i)
+    assert answer.status_code == 400 and "no line of it is an image path" in answer.json()["detail"], answer.text
+    assert "hunter2" not in answer.json()["detail"] and "Dear" not in answer.json()["detail"]
+    letter.write_text(f"{webui.dataset / '2_shapes' / '0.png'}\nthe password is hunter2\n")
+    detail = client.post(PREFIX, json=t2i).json()["detail"]
+    assert "letter.txt: missing image (line 2 is not an image path)" in detail and "hunter2" not in detail, detail
+    assert jobs.status().state.value == "idle"

@@ -117,7 +117,7 @@ class IPAdapterMethod(MethodBase):
 
     @classmethod
     def from_config(cls, config: TrainConfig, backend: TrainingBackend) -> "IPAdapterMethod":
-        cache = config.output_dir / ".clip_cache" if config.ip.cache_features else None
+        cache = config.cache_dir / "clip-features" if config.ip.cache_features else None
         return cls(backend, config.ip, cache)
 
     @classmethod
