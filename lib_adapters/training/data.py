@@ -7,13 +7,16 @@ Layout (the kohya DreamBooth layout, plus images directly in the root)::
       10_cat/ b.jpg b.caption  repeats 10 (the folder name's leading integer)
       misc/ c.png c.txt        repeats 1 (a folder without a leading number)
 
-A caption is the first non-empty line of ``<stem>.txt`` or, failing that, ``<stem>.caption``.
+A caption is the first non-empty line of ``<stem>.txt`` or, failing that, ``<stem>.caption``, capped at
+``CAPTION_MAX_CHARS`` (what the model reads; ``cap_caption``): a caption file is read only up to what that
+needs, so a huge one costs no memory, and the record says it was cut so the run can warn once per file.
 Folders whose names start with "." are skipped (caches, ``.ipynb_checkpoints``); deeper folders are
 not read. ``validate_dataset`` reads every image and caption once and reports *all* problems,
 file by file, before any training starts.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections import Counter
@@ -29,6 +32,17 @@ from ..errors import InputError, MissingFileError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSIONS = (".txt", ".caption")
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+# What a caption can usefully hold. The WebUI's text encoder reads a prompt in chunks of 75 tokens
+# (``sd_hijack_clip``: 77 with the start and end tokens), each chunk one more text-encoder pass per step and 77
+# more tokens for every cross-attention; it sets no limit, so a 5 MB caption grew the process to 18.8 GB. We keep
+# 3 chunks (225 tokens, kohya's longest ``max_token_length``; diffusers reads 77) and, without a tokenizer at
+# hand, cap characters: a CLIP token covers about 4 characters of English text, so 10 per token keeps 225 tokens
+# of any ordinary caption.
+CAPTION_CHUNK_TOKENS = 75
+CAPTION_MAX_CHUNKS = 3
+CAPTION_MAX_CHARS = CAPTION_CHUNK_TOKENS * CAPTION_MAX_CHUNKS * 10  # 2,250
+_CAPTION_READ_BYTES = CAPTION_MAX_CHARS * 4 + 4  # UTF-8: at most 4 bytes a character
 
 
 class ProblemKind(str, Enum):
@@ -74,6 +88,7 @@ class ImageRecord:
     folder: str  # the image's folder name (the root's own name for root images): kohya's tag-frequency key
     condition: Path | None = None  # T2I-Adapter: the condition image of this sample
     caption_file: Path | None = None  # where the caption was read (a .txt/.caption file, or a JSON list)
+    caption_capped: bool = False  # the caption was longer than CAPTION_MAX_CHARS and was cut (the run warns once)
 
 
 class DatasetInvalidError(InputError):
@@ -110,21 +125,47 @@ def _folders(root: Path) -> list[tuple[Path, int, str]]:
     return out
 
 
-def _read_caption(image: Path) -> tuple[str | None, Path | None, DatasetProblem | None]:
-    """(caption, its file, problem)."""
+def cap_caption(text: str) -> tuple[str, bool]:
+    """(the caption cut to ``CAPTION_MAX_CHARS``, at a word or tag boundary when there is one near; whether it was
+    cut)."""
+    if len(text) <= CAPTION_MAX_CHARS:
+        return text, False
+    cut = text[:CAPTION_MAX_CHARS]
+    boundary = max(cut.rfind(" "), cut.rfind(","))
+    if boundary >= CAPTION_MAX_CHARS * 0.9:
+        cut = cut[:boundary]
+    return cut.rstrip(" ,"), True
+
+
+def _read_text_start(path: Path) -> tuple[str, bool]:
+    """The file's text, read only as far as a capped caption needs (``UnicodeDecodeError`` for bad UTF-8); whether
+    there was more."""
+    with path.open("rb") as f:
+        data = f.read(_CAPTION_READ_BYTES)
+        more = bool(f.read(1))
+    text = codecs.getincrementaldecoder("utf-8")().decode(data, final=not more)  # a cut character is dropped
+    return text, more
+
+
+def _read_caption(image: Path) -> tuple[str | None, Path | None, bool, DatasetProblem | None]:
+    """(caption, its file, whether it was capped, problem)."""
     caption_file = find_caption(image)
     if caption_file is None:
-        return None, None, DatasetProblem(image, ProblemKind.MISSING_CAPTION,
-                                          f"no {image.stem}.txt or {image.stem}.caption next to it")
+        return None, None, False, DatasetProblem(image, ProblemKind.MISSING_CAPTION,
+                                                 f"no {image.stem}.txt or {image.stem}.caption next to it")
     try:
-        text = caption_file.read_text(encoding="utf-8")
+        text, more = _read_text_start(caption_file)
     except (OSError, UnicodeDecodeError) as exc:
-        return None, caption_file, DatasetProblem(caption_file, ProblemKind.UNREADABLE_CAPTION,
-                                                  f"{type(exc).__name__}: {exc}")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return None, caption_file, DatasetProblem(caption_file, ProblemKind.EMPTY_CAPTION, "the caption file is empty")
-    return lines[0], caption_file, None
+        return None, caption_file, False, DatasetProblem(caption_file, ProblemKind.UNREADABLE_CAPTION,
+                                                         f"{type(exc).__name__}: {exc}")
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None:
+        detail = f"no caption in its first {_CAPTION_READ_BYTES} bytes" if more else "the caption file is empty"
+        return None, caption_file, False, DatasetProblem(caption_file, ProblemKind.EMPTY_CAPTION, detail)
+    caption, capped = cap_caption(lines[first].strip())
+    goes_on = more and first == len(lines) - 1  # the line continues past what was read
+    return caption, caption_file, capped or goes_on, None
 
 
 def _read_size(image: Path) -> tuple[tuple[int, int] | None, DatasetProblem | None]:
@@ -141,13 +182,14 @@ def read_record(image: Path, repeats: int, folder: str,
                 min_size: int) -> tuple[ImageRecord | None, list[DatasetProblem]]:
     """One image with its caption as a record (None if unusable), and its problems."""
     size, problem = _read_size(image)
-    caption, caption_file, caption_problem = _read_caption(image)
+    caption, caption_file, capped, caption_problem = _read_caption(image)
     problems = [p for p in (problem, caption_problem) if p is not None]
     if size is not None and min(size) < min_size:
         problems.append(DatasetProblem(image, ProblemKind.TOO_SMALL,
                                        f"{size[0]}x{size[1]}, the shorter side must be at least {min_size}"))
     elif size is not None and caption is not None:
-        return ImageRecord(image, caption, repeats, size[0], size[1], folder, caption_file=caption_file), problems
+        return ImageRecord(image, caption, repeats, size[0], size[1], folder, caption_file=caption_file,
+                           caption_capped=capped), problems
     return None, problems
 
 

@@ -30,7 +30,7 @@ from ..errors import InputError, MissingFileError
 from ..formats.ip import EncoderNeed
 from ..models.clip_vision import ClipVisionEncoder, CropMode, load_clip_vision
 from .config import IPAdapterConfig, IPProjection
-from .data import DatasetInvalidError, DatasetProblem, ImageRecord, ProblemKind, _read_size
+from .data import DatasetInvalidError, DatasetProblem, ImageRecord, ProblemKind, _read_size, cap_caption
 from .latent_cache import module_fingerprint
 
 CROP = CropMode.CENTER  # the reference's CLIPImageProcessor
@@ -79,7 +79,9 @@ def scan_json_dataset(path: Path | str, data_root: Path | None = None, min_size:
             problems.append(DatasetProblem(image, ProblemKind.TOO_SMALL,
                                            f"{size[0]}x{size[1]}, the shorter side must be at least {min_size}"))
         else:
-            records.append(ImageRecord(image, entry["text"].strip(), 1, size[0], size[1], path.stem, caption_file=path))
+            caption, capped = cap_caption(entry["text"].strip())
+            records.append(ImageRecord(image, caption, 1, size[0], size[1], path.stem, caption_file=path,
+                                       caption_capped=capped))
     return records, problems
 
 

@@ -32,7 +32,7 @@ from .buckets import BatchPlan, load_pixels
 from .checkpoints import (Snapshot, capture_rng, check_signature, checkpoint_dir, checkpoint_paths, latest_checkpoint,
                           read_state, restore_rng, resume_signature, write_state)
 from .config import Method, Precision, TrainConfig
-from .data import ImageRecord, tag_frequency
+from .data import CAPTION_CHUNK_TOKENS, CAPTION_MAX_CHARS, CAPTION_MAX_CHUNKS, ImageRecord, tag_frequency
 from .distributed import Shard
 from .errors import NonFiniteLossError
 from .latent_cache import LatentCache
@@ -73,6 +73,10 @@ class TrainCallbacks:
 
     def on_sample(self, step: int, images: list[Image.Image], paths: list[Path]) -> None:
         pass
+
+    def on_warning(self, message: str) -> None:
+        """Something the user should know that does not stop the run (e.g. a caption was capped)."""
+        log.warning(message)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ class Trainer:
         self.sampler = sampler or euler_sampler
         check_sample_image(config.sample_image)  # before the records: a T2I dataset may first make its conditions
         self.records: list[ImageRecord] = method_class(config.method).load_records(config)
+        self._warn_capped_captions()
         self.plan = BatchPlan(self.records, config.resolution, config.batch_size, config.seed, config.buckets)
         self.cache = (LatentCache(backend.identity(), config.cache_dir / "latents")
                       if config.cache_latents else None)
@@ -144,6 +149,15 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.started_at = time.time()
         self.session_id = uuid.uuid4().hex
+
+    def _warn_capped_captions(self) -> None:
+        """Once per caption file (a record is one image, whatever its repeats; a JSON list is one file)."""
+        if not self.shard.is_main:
+            return
+        for caption_file in dict.fromkeys(r.caption_file or r.path for r in self.records if r.caption_capped):
+            self.callbacks.on_warning(
+                f"the caption in {caption_file} is longer than the model reads: only its first {CAPTION_MAX_CHARS} "
+                f"characters are used (about {CAPTION_MAX_CHUNKS} chunks of {CAPTION_CHUNK_TOKENS} tokens)")
 
     # -- setup --------------------------------------------------------------------------------------
     def _setup(self, resume_from: Path | None) -> None:

@@ -144,6 +144,10 @@ class _Callbacks(TrainCallbacks):
             self.job.samples.extend(str(p) for p in paths)
         self.jobs._log(self.job, f"{len(paths)} sample image(s) at step {step}")
 
+    def on_warning(self, message: str) -> None:
+        log.warning("adapters training: %s", message)
+        self.jobs._log(self.job, f"warning: {message}")
+
 
 def format_seconds(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):

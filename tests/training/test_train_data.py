@@ -143,3 +143,41 @@ def test_latent_cache_is_keyed_by_model_vae_and_file(tmp_path):
     assert LatentCache(identity, tmp_path / "cache").get(image, placement) is None
     # not .safetensors: the WebUI's Lora extension would list cache files in models/Lora as LoRAs
     assert {p.suffix for p in (tmp_path / "cache").iterdir()} == {".latent"}
+
+
+def test_a_multi_megabyte_caption_is_capped_read_in_small_memory_and_warned_about_once(tmp_path, caplog):
+    import logging
+    import tracemalloc
+
+    from train_helpers import tiny
+
+    from lib_adapters.training.config import LoraConfig, TrainConfig
+    from lib_adapters.training.data import CAPTION_MAX_CHARS
+    from lib_adapters.training.loop import train
+
+    root = make_shapes_dataset(tmp_path / "ds", "3_shapes", count=3)
+    huge = root / "3_shapes" / "0.txt"
+    huge.write_text("red, " * 1_000_000)  # 5 MB on one line, as in the real report
+    (root / "3_shapes" / "1.txt").write_text("é" * 3_000_000 + "\nnot read")  # 6 MB of 2-byte characters
+    tracemalloc.start()
+    try:
+        records = load_records(root)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak  # the files are 5-6 MB; only about 9 KB of each is read
+    by_name = {r.path.name: r for r in records}
+    assert by_name["0.png"].caption_capped and by_name["1.png"].caption_capped and not by_name["2.png"].caption_capped
+    assert by_name["0.png"].caption.startswith("red, red") and len(by_name["0.png"].caption) <= CAPTION_MAX_CHARS
+    assert not by_name["0.png"].caption.endswith((",", " "))  # cut at a tag boundary
+    assert by_name["1.png"].caption == "é" * CAPTION_MAX_CHARS and by_name["2.png"].caption == "a green circle"
+    assert len(tag_frequency(records)["3_shapes"]) == 3  # the metadata holds the capped captions, not 5 MB
+
+    config = TrainConfig(root, tmp_path / "out", "capped", resolution=64, steps=3, batch_size=2,
+                         lora=LoraConfig(rank=4, alpha=4))
+    with caplog.at_level(logging.WARNING, logger="lib_adapters.training.loop"):
+        train(config, tiny("sd1")[1])  # 3 images x 3 repeats over 3 steps of 2: each capped caption read repeatedly
+    warnings = [r.getMessage() for r in caplog.records if "longer than the model reads" in r.getMessage()]
+    assert sorted(w.split(" is longer")[0] for w in warnings) == [f"the caption in {huge}",
+                                                                  f"the caption in {root / '3_shapes' / '1.txt'}"]
+    assert f"only its first {CAPTION_MAX_CHARS} characters are used" in warnings[0]

@@ -377,3 +377,13 @@ def test_a_lora_still_merged_after_its_prompt_is_gone_is_not_trained_into_the_ba
     assert jobs.wait(TIMEOUT).state is JobState.FINISHED
     assert seen == [True, True] and torch.equal(layer.weight, layer.network_weights_backup)
     assert webui.networks.loaded_networks == []
+
+
+def test_a_capped_caption_is_one_warning_in_the_jobs_log(webui):
+    (webui.dataset / "2_shapes" / "1.txt").write_text("blue, " * 500_000)  # 3 MB; 2 repeats, read every epoch
+    jobs = TrainingJobs(TrainingHost())
+    jobs.start(request(webui, "capped", steps=4))
+    final = jobs.wait(TIMEOUT)
+    assert final.state is JobState.FINISHED, final.error
+    warnings = [line for line in final.log if " warning: " in line]
+    assert len(warnings) == 1 and str(webui.dataset / "2_shapes" / "1.txt") in warnings[0], final.log
