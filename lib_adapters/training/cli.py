@@ -27,6 +27,7 @@ from .distributed import Shard, close, shard_from_environment
 from .errors import TrainingError
 from .loading import ModelSource, base_dtype, load_backend
 from .loop import Progress, TrainCallbacks, TrainResult, method_class, resume, train
+from .named_files import check_named_files
 from .sampling import check_sample_image
 
 EXIT_OK, EXIT_TRAINING, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -122,6 +123,7 @@ def run(request: RunRequest, shard: Shard | None = None, out=None) -> int:
     config = request.config
     method_class(config.method).load_records(config)  # bad datasets fail here, before minutes of model loading
     check_sample_image(config.sample_image)
+    check_named_files(config)  # --t2i-init-from, --ip-init-from, --ip-image-encoder: readable, the right family
     if request.resume not in (None, "latest") and not Path(request.resume).is_file():
         raise InputError(f"the checkpoint {request.resume} to resume does not exist; pass a .state file from "
                          f"{config.output_dir}/{config.output_name}-checkpoints, or --resume alone for the newest")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -90,6 +91,15 @@ def _coerce_enums(obj) -> None:
         except ValueError:
             allowed = ", ".join(e.value for e in enum_type)
             raise InputError(f"{f.name} must be one of {allowed}; got {value!r}") from None
+
+
+MAX_OUTPUT_NAME = 120  # characters: the name becomes <name>.safetensors, <name>-checkpoints/<name>-step....state
+
+
+def _shown_name(name) -> str:
+    """A refused output name as a message shows it: escaped (no control characters reach a log) and shortened."""
+    text = repr(name)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(name)} characters)"
 
 
 def _check(ok: bool, message: str) -> None:
@@ -242,8 +252,11 @@ class TrainConfig:
         _coerce_enums(self)
         name = self.output_name
         _check(isinstance(name, str) and name.strip() == name and name not in ("", ".", "..")
-               and not any(c in name for c in '/\\:*?"<>|'),
-               f"output name must be a plain file name without a folder or any of /\\:*?\"<>|; got {name!r}")
+               and not any(c in name for c in '/\\:*?"<>|')
+               and not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name)
+               and len(name) <= MAX_OUTPUT_NAME,
+               f"output name must be a plain file name of at most {MAX_OUTPUT_NAME} characters, without a folder, "
+               f"control characters or any of /\\:*?\"<>|; got {_shown_name(name)}")
         self._check_numbers()
 
     def _check_numbers(self) -> None:

@@ -43,6 +43,7 @@ from ..training.config import Method, TrainConfig
 from ..training.errors import NonFiniteLossError
 from ..training.nonfinite import InputSource
 from ..training.ip_data import reference_encoder
+from ..training.named_files import check_named_files
 from ..training.loop import Progress
 from .training_request import FilePlaces
 
@@ -87,8 +88,10 @@ class TrainingHost:
         return FilePlaces(catalog.resolve, tuple(cfg.encoder_dirs), cfg.annotator_dir)
 
     def check_files(self, config: TrainConfig) -> None:
-        """Files the run will look up by itself, found now (``MissingFileError`` before anything starts): the
-        CLIP vision encoder of a new IP-Adapter, as the panel will look it up for the trained file."""
+        """Files the run will read, checked now (an ``AdapterError`` before anything starts): the files the request
+        names (readable, of the right family: ``named_files``), and the CLIP vision encoder of a new IP-Adapter,
+        found as the panel will look it up for the trained file."""
+        check_named_files(config)
         ip = config.ip
         if config.method is Method.IP_ADAPTER and ip.image_encoder is None and ip.init_from is None:
             need = reference_encoder(ip.projection, detect_unet_arch(self._sd_model().model.diffusion_model))

@@ -187,3 +187,25 @@ def test_the_cli_trains_an_ip_adapter_plus_that_our_loader_reads(tmp_path):
     assert f"done: {output}" in text and "reference image" in text and "<lora:" not in text
     loaded = load_adapter(output)
     assert isinstance(loaded, LoadedIPAdapter) and loaded.variant is IPVariant.PLUS and loaded.projection.num_tokens == 16
+
+
+def test_bad_output_names_and_wrong_named_files_exit_2_before_the_model_loads(tmp_path, monkeypatch):
+    from lib_adapters.training.methods.lora_file import save_lora
+    make_shapes_dataset(tmp_path / "ds", "1_x", count=1)
+    lora = tmp_path / "a_lora.safetensors"
+    save_lora(lora, {"lora_unet_a.lora_down.weight": torch.zeros(4, 8), "lora_unet_a.lora_up.weight": torch.zeros(8, 4),
+                     "lora_unet_a.alpha": torch.tensor(4.0)}, {})
+    monkeypatch.setattr(cli, "load_backend", lambda *a, **k: pytest.fail("the model was loaded"))
+    t2i = ["--method", "t2i_adapter", "--t2i-condition", "canny", "--t2i-condition-channels", "1",
+           "--t2i-preprocessor", "canny"]
+    for name, argv, words in (("a\x01b", [], "control characters"), ("x" * 121, [], "at most 120 characters"),
+                              ("ok", [*t2i, "--t2i-init-from", str(lora)],
+                               f"t2i_init_from: {lora} cannot be used: a_lora: this is a LoRA file, not a T2I-Adapter"),
+                              ("ok", ["--method", "ip_adapter", "--ip-image-encoder", str(lora)],
+                               f"ip_image_encoder: {lora} cannot be used: it holds a LoRA file")):
+        err = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        code = cli.main(["--dataset", str(tmp_path / "ds"), "--output-dir", str(tmp_path / "out"), "--name", name,
+                         *argv])
+        assert code == cli.EXIT_INPUT and words in err.getvalue(), (name, err.getvalue())
+        assert "Traceback" not in err.getvalue()

@@ -97,7 +97,7 @@ def test_fine_tuning_starts_from_the_file_and_refuses_a_mismatch(encoder, tmp_pa
     assert all(torch.equal(saved[k], v) for k, v in tuned.model.state_dict().items())
     assert all(p.requires_grad for p in tuned.model.parameters())
     tuned.close()
-    with pytest.raises(InputError, match="is a plus IP-Adapter"):
+    with pytest.raises(InputError, match="holds a plus IP-Adapter but ip_projection is plain"):
         IPAdapterMethod(backend, IPAdapterConfig(projection="plain", image_encoder=encoder, init_from=path))
     other = save_clip_vision(tiny_clip_vision(hidden=64), tmp_path / "clip64")
     with pytest.raises(IncompatibleModelError, match="gives width 64"):

@@ -74,6 +74,9 @@ def test_start_status_interrupt_resume_and_409(webui, api):
     ({"dataset_dir": "d", "output_name": "x", "resolution": 500}, 422, "resolution must be a multiple of 64"),
     ({"dataset_dir": "d", "output_name": "x", "optimizer": "sgd"}, 422, "optimizer must be one of adamw, adamw8bit"),
     ({"dataset_dir": "d", "output_name": "../x"}, 422, "output name must be a plain file name"),
+    ({"dataset_dir": "d", "output_name": "a\u0000b"}, 422, "without a folder, control characters"),
+    ({"dataset_dir": "d", "output_name": "tab\there"}, 422, "got 'tab\\there'"),
+    ({"dataset_dir": "d", "output_name": "x" * 121}, 422, "at most 120 characters"),
     ({"dataset_dir": "d", "output_name": "x", "train_text_encoder": "yes"}, 422, "train_text_encoder must be true or false"),
 ])
 def test_malformed_requests_get_a_clear_422(webui, api, payload, status, words):
@@ -311,4 +314,75 @@ def test_error_answers_name_dataset_files_but_never_list_or_read_back_other_fold
     letter.write_text(f"{webui.dataset / '2_shapes' / '0.png'}\nthe password is hunter2\n")
     detail = client.post(PREFIX, json=t2i).json()["detail"]
     assert "letter.txt: missing image (line 2 is not an image path)" in detail and "hunter2" not in detail, detail
+    assert jobs.status().state.value == "idle"
+
+
+def _lora_file(path):
+    from lib_adapters.training.methods.lora_file import save_lora
+    import torch
+    save_lora(path, {"lora_unet_a.lora_down.weight": torch.zeros(4, 8), "lora_unet_a.lora_up.weight": torch.zeros(8, 4),
+                     "lora_unet_a.alpha": torch.tensor(4.0)}, {})
+    return path
+
+
+def test_named_files_that_are_unreadable_or_of_another_family_get_a_400_before_anything_starts(webui, api, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from fixtures.ip import random_ip_state_dict
+    from fixtures.clip import save_clip_vision, tiny_clip_vision
+    from lib_adapters.models.t2i_adapter import AdapterKind, SpatialAdapterConfig, build_adapter
+    from lib_adapters.unet.layout import bind_layout
+    client, jobs = api
+    save_clip_vision(tiny_clip_vision(), webui.root / "models" / "clip_vision")  # the default encoder is there
+    lora = _lora_file(tmp_path / "a_lora.safetensors")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header!!}")
+    adapter = build_adapter(SpatialAdapterConfig(AdapterKind.FULL, in_channels=64, channels=(32, 64, 128, 128),
+                                                 num_res_blocks=2, unshuffle=8))  # canny (1 channel) for the tiny UNet
+    t2i_file = tmp_path / "t2i.safetensors"
+    save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(t2i_file))
+    plus = tmp_path / "plus.safetensors"
+    nested = random_ip_state_dict(bind_layout(webui.model.model.diffusion_model), "plus", 32)
+    save_file({f"{part}.{k}": v for part, sd in nested.items() for k, v in sd.items()}, str(plus))
+    encoder = save_clip_vision(tiny_clip_vision(), tmp_path / "clip")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(encoder.read_bytes()[:-1000])
+    t2i = {k: v for k, v in body(webui, method="t2i_adapter").items() if k not in ("rank", "alpha")}
+    t2i.update(t2i_condition="canny", t2i_condition_channels=1, t2i_preprocessor="canny")
+    ip = {k: v for k, v in body(webui, method="ip_adapter").items() if k not in ("rank", "alpha")}
+    cases = [
+        (dict(t2i, t2i_init_from=str(lora)), f"t2i_init_from: {lora} cannot be used", "LoRA file, not a T2I-Adapter"),
+        (dict(t2i, t2i_init_from=str(broken)), f"t2i_init_from: {broken} cannot be used", "damaged or incomplete"),
+        (dict(ip, ip_init_from=str(t2i_file)), f"ip_init_from: {t2i_file} cannot be used",
+         "T2I-Adapter file, not an IP-Adapter"),
+        (dict(ip, ip_init_from=str(plus)), f"ip_init_from: {plus} holds a plus IP-Adapter", "ip_projection is plain"),
+        (dict(ip, ip_image_encoder=str(lora)), f"ip_image_encoder: {lora} cannot be used",
+         "it holds a LoRA file, not a CLIP vision encoder"),
+        (dict(ip, ip_image_encoder=str(cut)), f"ip_image_encoder: {cut} cannot be used", "damaged or incomplete"),
+        (dict(ip, ip_image_encoder=str(t2i_file)), f"ip_image_encoder: {t2i_file} cannot be used",
+         "it holds a T2I-Adapter file"),
+    ]
+    for payload, where, what in cases:
+        answer = client.post(PREFIX, json=payload)
+        assert answer.status_code == 400, answer.text
+        assert where in answer.json()["detail"] and what in answer.json()["detail"], answer.text
+        assert jobs.status().state.value == "idle"
+    for payload, field in ((dict(t2i, t2i_init_from=str(t2i_file)), "t2i_init_from"),
+                           (dict(ip, ip_init_from=str(plus), ip_projection="plus"), "ip_init_from")):
+        started = client.post(PREFIX, json=dict(payload, steps=1))  # the right family is accepted
+        assert started.status_code == 200, (field, started.text)
+        assert wait_done(client, jobs)["state"] == "finished", field
+
+
+def test_a_bad_output_name_is_refused_in_the_tab(webui):
+    from lib_adapters.webui.training_request import TrainRequest
+    from lib_adapters.webui.training_tab import TrainTab
+    from lib_adapters.webui.training_view import all_fields
+    jobs = TrainingJobs(TrainingHost())
+    tab = TrainTab(lambda: jobs, poll_seconds=0)
+    values = {**TrainRequest.defaults(), "dataset_dir": str(webui.dataset), "sample_prompts": "", "sample_every": 0}
+    for name, words in (("a\x00b", "control characters"), ("n" * 121, "at most 120 characters")):
+        (out,) = list(tab.start("", "LoRA", *[{**values, "output_name": name}[f] for f in all_fields()]))
+        assert "output name must be a plain file name" in out[4]["value"] and words in out[4]["value"], out[4]
     assert jobs.status().state.value == "idle"

@@ -28,8 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ...arch import BaseArch
-from ...errors import FormatError, IncompatibleModelError, InputError
-from ...formats.ip import IPVariant, LoadedIPAdapter, load_ip_adapter
+from ...errors import FormatError, IncompatibleModelError
+from ...formats.ip import IPVariant, LoadedIPAdapter
 from ...formats.t2i import load_strict
 from ...inference.ip import IPUnitRuntime, fold_key_value
 from ...inference.session import GenerationSession
@@ -40,6 +40,7 @@ from ..config import IPAdapterConfig, IPProjection, Precision, TrainConfig
 from ..data import ImageRecord
 from ..ip_data import (ImageFeatures, encoder_width, load_json_records, load_training_encoder,
                        reference_encoder)
+from ..named_files import load_ip_start
 from ..nonfinite import InputSource, NonFiniteInput, bad_rows, kind, shown, unique, weights_advice
 from .base import ExportInfo, MethodBase, MethodBatch
 from .ip_sites import ip_layout
@@ -132,7 +133,8 @@ class IPAdapterMethod(MethodBase):
         self.bound = ip_layout(backend)
         sites = self.bound.ip_sites()
         context_dim = int(self.bound.module(sites[0].path).to_k.in_features)
-        start = self._load_start(config) if config.init_from is not None else None
+        # the file to fine-tune, with the checks a request gets before the run starts (named_files.py)
+        start = load_ip_start(config) if config.init_from is not None else None
         need = start.encoder_need if start is not None else reference_encoder(config.projection, backend.arch)
         self.encoder = load_training_encoder(config, need)
         self.encoder.model.to(backend.device)
@@ -153,18 +155,6 @@ class IPAdapterMethod(MethodBase):
         self.init_name = start.name if start is not None else ""
         self._install(sites)
         self._drops: tuple[MethodBatch, list[Drops]] | None = None
-
-    @staticmethod
-    def _load_start(config: IPAdapterConfig) -> LoadedIPAdapter:
-        start = load_ip_adapter(config.init_from)
-        wanted = {IPProjection.PLAIN: IPVariant.BASE, IPProjection.PLUS: IPVariant.PLUS}[config.projection]
-        if start.variant is IPVariant.FULL_FACE:
-            raise InputError(f"{config.init_from.name} is a full-face IP-Adapter; training supports plain and plus "
-                             "adapters only. Fine-tune a plain or plus file, or start from scratch")
-        if start.variant is not wanted:
-            raise InputError(f"{config.init_from.name} is a {start.variant.value} IP-Adapter; to fine-tune it choose "
-                             f"that projection (plain = base, plus = plus), or start from scratch")
-        return start
 
     def _install(self, sites: tuple[IPSite, ...]) -> None:
         adapter = LoadedIPAdapter("training", self.model, self.projection,

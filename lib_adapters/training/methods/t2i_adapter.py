@@ -28,7 +28,7 @@ from torch import nn
 from ...arch import BaseArch
 from ...errors import IncompatibleModelError
 from ...formats.reader import read_state_dict
-from ...formats.t2i import diffusers_config, load_t2i_adapter, t2i_from_state_dict, tencentarc_to_diffusers
+from ...formats.t2i import diffusers_config, t2i_from_state_dict, tencentarc_to_diffusers
 from ...inference.t2i import fit_feature
 from ...models.t2i_adapter import AdapterKind, SpatialAdapterConfig, build_adapter
 from ...unet.hooks import Forward, PatchSet
@@ -40,6 +40,7 @@ from ..buckets import Bucket, place
 from ..conditions import load_condition, load_t2i_records
 from ..config import T2IConfig, T2IKind, T2ILayout, TimestepSampling, TrainConfig
 from ..data import ImageRecord
+from ..named_files import load_t2i_start
 from ..nonfinite import InputSource, NonFiniteInput, bad_rows, kind, shown, unique, weights_advice
 from .base import ExportInfo, MethodBase, MethodBatch
 from .lora_file import MODELSPEC_ARCHITECTURE, atomic_write
@@ -87,10 +88,7 @@ class T2IAdapterMethod(MethodBase):
         self.backend, self.config = backend, config
         channels = unet_feature_channels(backend.unet)
         if config.init_from is not None:
-            loaded = load_t2i_adapter(config.init_from)
-            if not isinstance(loaded.config, SpatialAdapterConfig):
-                raise IncompatibleModelError(f"{config.init_from.name} is a style adapter; only full and light "
-                                             "T2I-Adapters can be trained")
+            loaded = load_t2i_start(config)  # the checks a request gets before the run starts (named_files.py)
             _check_fits(loaded.config, backend.arch, channels, config.init_from.name)
             self.adapter_config, self.adapter = loaded.config, loaded.module
         else:
