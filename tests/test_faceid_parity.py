@@ -16,11 +16,12 @@ import torch
 
 from face.faceid_weights import CLIP_H, SD15, SDXL, face_embeddings, faceid_state_dict, flat
 from fixtures.ip import CLIP_HIDDEN, CLIP_TOKENS
-from fixtures.unets import LDM_SD1, LDM_SDXL, build_ldm_unet, to_diffusers_unet
+from fixtures.unets import LDM_SD1, LDM_SDXL, build_ldm_unet
 from lib_adapters.formats.faceid import FaceIDVariant, faceid_from_state_dict
 from lib_adapters.inference.ip import IPUnitRuntime
 from lib_adapters.inference.session import GenerationSession
 from lib_adapters.unet.layout import bind_layout
+from test_ip_parity import _diffusers_with_ip
 
 ONE_SITE = {1: 8}  # the projection test needs ip_adapter weights only for the context width
 
@@ -90,15 +91,6 @@ def test_plus_v2_shortcut_changes_the_tokens_as_the_reference_formula_says(conve
     assert (plus.tokens(embeds, clip, s_scale=0.0) - perceived).abs().max() == 0  # no shortcut: s is unused
 
 
-def _diffusers_with_faceid(ldm, cfg, nested, weight):
-    ref = to_diffusers_unet(ldm, cfg)
-    ref._load_ip_adapter_weights([nested])
-    for proc in ref.attn_processors.values():
-        if hasattr(proc, "scale"):
-            proc.scale = [weight]
-    return ref
-
-
 UNIT_CASES = [("sd1-faceid", LDM_SD1, "faceid", "ip-adapter-faceid_sd15", 1),
               ("sd1-plusv2", LDM_SD1, "plus", "ip-adapter-faceid-plusv2_sd15", 1),
               ("sd1-portrait", LDM_SD1, "portrait", "ip-adapter-faceid-portrait_sd15", 3),
@@ -113,7 +105,7 @@ def test_faceid_unit_matches_diffusers(name, cfg, variant, file_name, faces):
     sites = {s.number: s.hidden for s in bound.ip_sites()}
     nested = faceid_state_dict(variant, sites, cfg["context_dim"], heads=1, clip_dim=CLIP_HIDDEN, seed=3)
     weight, s_scale = 0.8, 0.6
-    ref = _diffusers_with_faceid(ldm, cfg, nested, weight)
+    ref = _diffusers_with_ip(ldm, cfg, nested, weight)  # diffusers' loader reads FaceID files too
     loaded = faceid_from_state_dict(flat(nested), file_name)
     assert len(loaded.lora) == (0 if variant == "portrait" else 2 * len(sites))
 

@@ -35,6 +35,13 @@ class DetectorSettings:
     threshold: float = 0.5
     nms_threshold: float = 0.4
 
+    def __post_init__(self) -> None:
+        if len(self.size) != 2 or any(int(s) < 32 or int(s) % 32 for s in self.size):
+            raise InputError(f"the face detection size {self.size} must be two multiples of 32 (e.g. 640x640).")
+        if not (0 < self.threshold < 1 and 0 < self.nms_threshold <= 1):
+            raise InputError(f"face detection thresholds must lie in (0, 1), got {self.threshold} and "
+                             f"{self.nms_threshold}.")
+
 
 @dataclass(frozen=True)
 class FaceResult:

@@ -198,7 +198,7 @@ def _lora_records(lora: StateDict, site_hidden: dict[int, int], context_dim: int
         return {}
     numbers = sorted({int(_LORA_KEY.match(k).group(1)) for k in lora})  # type: ignore[union-attr]
     expected = list(range(2 * len(site_hidden)))
-    if numbers != expected:
+    if numbers != expected or sorted(site_hidden) != expected[1::2]:
         raise FormatError(f"{source}: the FaceID LoRA covers attention processors {numbers[:4]}..{numbers[-1]}, "
                           f"expected 0..{expected[-1]} (every self- and cross-attention); the file is incomplete.")
     records = {}

@@ -81,3 +81,12 @@ def test_embedding_of_the_aligned_face_and_its_unit_normed_form(analyzer):
 def test_detect_returns_every_face_best_first(analyzer):
     found = analyzer.detect(_two_faces())
     assert len(found) == 2 and found.scores[0] >= found.scores[1]
+
+
+def test_detector_settings_are_checked():
+    from lib_adapters.face import DetectorSettings
+
+    assert DetectorSettings((320, 640)).size == (320, 640)
+    for bad in (dict(size=(600, 640)), dict(size=(640,)), dict(threshold=0.0), dict(nms_threshold=1.5)):
+        with pytest.raises(InputError):
+            DetectorSettings(**bad)
