@@ -1,8 +1,9 @@
 """Our face analysis against the insightface package on the same random graphs.
 
 insightface (0.7.3) needs a C++ build and is not a test dependency: this module is skipped where it
-is absent. It runs in a separate environment that has it (numpy 1.26, onnxruntime, opencv; see the
-README's test section), e.g. ``/work/venvs/insightface/bin/python -m pytest tests/face/test_face_insightface.py``.
+is absent. Run it in an environment that has it: ``pip install numpy==1.26.4 onnxruntime onnx
+opencv-python-headless cython pytest`` then ``pip install --no-build-isolation insightface==0.7.3``
+(gcc/g++ needed), then ``python -m pytest tests/face`` there (tests/face needs no torch).
 The graphs have the released signatures (det_10g: input ``input.1`` [1, 3, ?, ?], 9 outputs; ArcFace:
 [None, 3, 112, 112] -> [1, 512]) with random weights; insightface reads BGR images, we read RGB.
 """
