@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +24,7 @@ from ...arch import BaseArch
 from ...errors import FormatError, MissingFileError
 from ..backends.base import Parameterization
 from ..config import LoraConfig
+from ..outputs import atomic_write
 from .base import ExportInfo
 
 MODELSPEC_ARCHITECTURE = {BaseArch.SD1: "stable-diffusion-v1", BaseArch.SD2: "stable-diffusion-v2-512",
@@ -96,21 +95,6 @@ def kohya_metadata(info: ExportInfo, lora: LoraConfig, trains_text_encoder: bool
         "modelspec.prediction_type": "v" if model.parameterization is Parameterization.V else "epsilon",
     }
     return metadata
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` then move the result over ``path`` in one step (no half-written file, ever)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
