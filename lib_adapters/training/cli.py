@@ -101,12 +101,19 @@ def pick_device(name: str, shard: Shard) -> torch.device:
 
 
 def _report(result: TrainResult, request: RunRequest, say) -> None:
-    losses = result.losses
+    """The closing summary. It covers the whole run, over its interrupts and resumes; a run resumed from a checkpoint
+    that predates the loss record can only speak of the steps of this session, and says so."""
+    losses, seconds = result.run_losses, result.run_seconds
+    if losses is not None:
+        covered = f"{len(losses)} steps in {_clock(seconds)}" + (", the whole run" if result.first_step else "")
+    else:
+        losses, seconds = result.losses, result.seconds
+        covered = (f"steps {result.first_step + 1}..{result.step} in {_clock(seconds)} only: the checkpoint resumed "
+                   "from has no record of the earlier losses")
     if losses:
         k = max(1, len(losses) // 10)
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-        say(f"loss: mean of the first {k} step(s) {first:.4f} -> last {k} step(s) {last:.4f}"
-            f" ({len(losses)} steps in {_clock(result.seconds)})")
+        say(f"loss: mean of the first {k} step(s) {first:.4f} -> last {k} step(s) {last:.4f} ({covered})")
     if result.interrupted:
         say(f"interrupted at step {result.step}; checkpoint {result.checkpoints[-1] if result.checkpoints else '-'}; "
             f"continue with the same options and --resume")
