@@ -7,7 +7,8 @@ file when there is one (the WebUI's own convention), else the released config of
 diffusers' key converters (``diffusers.loaders.single_file_utils``, diffusers >= 0.28) turn the UNet and
 VAE weights into diffusers layouts; text encoder configs are read from the weights' shapes (CLIP heads
 are 64 wide). The CLIP tokenizer comes from ``--tokenizer DIR`` or from the local Hugging Face cache
-(``openai/clip-vit-large-patch14``, which the WebUI downloads on its first start).
+(``openai/clip-vit-large-patch14``, which the WebUI downloads on its first start); it is looked up before the
+checkpoint is read, so a missing one is said at once rather than after loading gigabytes.
 """
 from __future__ import annotations
 
@@ -159,6 +160,7 @@ def load_single_file(path: Path, dtype: torch.dtype = torch.float32, tokenizer_d
     from .backends.diffusers import DiffusersBackend
 
     utils = _converters()
+    tokenizer = _tokenizer(tokenizer_dir, None)  # before reading gigabytes: a missing tokenizer is said at once
     state = read_checkpoint(path)
     family = detect_family(state)
     original = original_config(path, family)
@@ -172,8 +174,8 @@ def load_single_file(path: Path, dtype: torch.dtype = torch.float32, tokenizer_d
     _load_strict(vae, utils.convert_ldm_vae_checkpoint(state, vae_config), "VAE", path)
     encoders = [_text_encoder(state, prefix, layout, path, utils) for prefix, layout in _FAMILIES[family][1]]
     # diffusers' SD2 tokenizer and SDXL's second one pad with "!" (OpenCLIP's zero padding), CLIP-L's with <|endoftext|>
-    pads = [None if layout == "hf" else "!" for _, layout in _FAMILIES[family][1]]
-    tokenizers = [_tokenizer(tokenizer_dir, pad) for pad in pads]
+    tokenizers = [tokenizer if layout == "hf" else _tokenizer(tokenizer_dir, "!")
+                  for _, layout in _FAMILIES[family][1]]
     params = original["model"]["params"]
     alphas = scaled_linear_alphas_cumprod(int(params.get("timesteps", 1000)), float(params.get("linear_start", 0.00085)),
                                           float(params.get("linear_end", 0.012)))
