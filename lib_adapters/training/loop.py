@@ -301,7 +301,8 @@ class Trainer:
     # -- saving and samples -------------------------------------------------------------------------
     def _export_info(self) -> ExportInfo:
         return ExportInfo(self.config, self.backend.model_info(), self.step, len(self.records),
-                          tag_frequency(self.records), self.started_at, self.session_id)
+                          tag_frequency(self.records), self.started_at, self.session_id,
+                          records=tuple(self.records), plan=self.plan)
 
     def save_checkpoint(self) -> Path:
         weights, state_path = checkpoint_paths(self.config, self.step)

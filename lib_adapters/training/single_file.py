@@ -13,6 +13,7 @@ checkpoint is read, so a missing one is said at once rather than after loading g
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 import warnings
 from pathlib import Path
@@ -70,6 +71,18 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a format problem for the user
         raise FormatError(f"cannot read {path.name}: {exc}; is the file complete (re-download it)?") from None
     return state.get("state_dict", state) if isinstance(state, dict) else {}
+
+
+def checkpoint_hashes(path: Path) -> tuple[str, str]:
+    """(sha256 of the whole file, the old 8-digit hash: sha256 of 64 KiB at 1 MiB) as the WebUI and kohya compute
+    them (``ss_new_sd_model_hash``, ``ss_sd_model_hash``)."""
+    full, legacy = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            full.update(block)
+        f.seek(0x100000)
+        legacy.update(f.read(0x10000))
+    return full.hexdigest(), legacy.hexdigest()[:8]
 
 
 def original_config(path: Path, family: str) -> dict:
@@ -181,5 +194,7 @@ def load_single_file(path: Path, dtype: torch.dtype = torch.float32, tokenizer_d
                                           float(params.get("linear_end", 0.012)))
     default = params.get("parameterization", _FAMILIES[family][2])
     del state
+    sha256, legacy = checkpoint_hashes(path)
     return DiffusersBackend(unet.to(dtype).eval(), vae.to(dtype).eval(), [e.to(dtype) for e in encoders], tokenizers,
-                            alphas, prediction_type(prediction, default), name=path.name)
+                            alphas, prediction_type(prediction, default), name=path.name, sha256=sha256,
+                            legacy_hash=legacy)

@@ -378,7 +378,7 @@ def _publish_checkpoint(config: TrainConfig, weights: Path, target: Path) -> Non
     dtype = _save_dtype(config)
     if config.method is Method.LORA:
         tensors, metadata = load_lora(weights)
-        tensors = {k: (v.float() if k.endswith(".alpha") else v.to(dtype)) for k, v in tensors.items()}
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}  # alphas too, as kohya saves them
         metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
         save_lora(target, tensors, metadata)
         return

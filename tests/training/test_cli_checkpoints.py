@@ -3,6 +3,7 @@
 into the same numbers, and the command line trains on both."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -115,7 +116,11 @@ def test_a_single_file_checkpoint_loads_offline_into_the_same_numbers(tmp_path):
                      "--output-dir", str(tmp_path / "o"), "--name", "s", "--resolution", "64", "--steps", "1",
                      "--lora-rank", "2", "--device", "cpu"], out=out)
     assert code == cli.EXIT_OK, out.getvalue()
-    assert load_lora(tmp_path / "o" / "s.safetensors")[1]["ss_sd_model_name"] == "tiny-sd1.safetensors"
+    metadata = load_lora(tmp_path / "o" / "s.safetensors")[1]
+    data = path.read_bytes()
+    assert metadata["ss_sd_model_name"] == "tiny-sd1.safetensors"
+    assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()  # as kohya and the WebUI hash it
+    assert metadata["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
 
 def test_single_files_say_what_is_missing(tmp_path):

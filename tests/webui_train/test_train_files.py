@@ -68,7 +68,7 @@ def test_a_file_that_appears_during_the_run_is_not_replaced_and_the_weights_are_
     assert users["ss_output_name"] == "late" and "ss_session_id" not in users  # still the user's file
 
 
-def test_the_api_refuses_a_taken_name_with_400_and_takes_overwrite(webui):
+def test_the_api_refuses_a_taken_name_with_400_and_takes_overwrite(webui, monkeypatch):
     client = TestClient(FastAPI())
     jobs = TrainingJobs(TrainingHost())
     register_api(client.app, jobs)
@@ -78,10 +78,13 @@ def test_the_api_refuses_a_taken_name_with_400_and_takes_overwrite(webui):
     refused = client.post(PREFIX, json=values)
     assert refused.status_code == 400 and str(users) in refused.json()["detail"]
     assert '"overwrite": true' in refused.json()["detail"] and jobs.status().state is JobState.IDLE
+    monkeypatch.setitem(webui.shared.opts.data, "CLIP_stop_at_last_layers", 2)  # the WebUI's "Clip skip"
     started = client.post(PREFIX, json=dict(values, overwrite=True))
     assert started.status_code == 200, started.text
     assert jobs.wait(TIMEOUT).state is JobState.FINISHED
-    assert load_lora(users)[1]["ss_steps"] == "1"
+    metadata = load_lora(users)[1]
+    assert metadata["ss_steps"] == "1" and metadata["ss_clip_skip"] == "2"  # kohya's keys, from the WebUI's facts
+    assert metadata["ss_new_sd_model_hash"] == webui.model.sd_checkpoint_info.sha256
 
 
 def _failing_copy(monkeypatch, target):
