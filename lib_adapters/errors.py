@@ -29,3 +29,13 @@ class InputError(AdapterError):
 
 class UnsupportedModelError(AdapterError):
     """A recognised model family that this extension does not support yet (e.g. IP-Adapter FaceID)."""
+
+
+class DiskFullError(AdapterError):
+    """A file could not be written because its disk is full (or the user's quota is used up)."""
+
+    def __init__(self, path, free: int | None):
+        self.path, self.free = path, free
+        left = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+        super().__init__(f"the disk is full: {path} could not be written ({left} on that disk). Free some space "
+                         "or write to another disk, then start again")

@@ -9,22 +9,33 @@ A checkpoint at step N is two files in ``<output_dir>/<name>-checkpoints/``:
   RNG states and the run's noise generator, and the settings that must not change on resume.
 
 Each file is written to a temporary name and moved into place with ``os.replace``; the state file is
-written last, so a checkpoint is complete exactly when its ``.state`` file exists.
+written last, so a checkpoint is complete exactly when its ``.state`` file exists. The state also holds the run's
+session id (kept over resumes: it names the run in the files it publishes) and the loss of every step so far, so a
+resumed run's summary covers the whole run; states written before these existed still load (``session_id`` then
+comes from the checkpoint's weights file, ``losses`` is None).
+
+A fresh run under a name that has checkpoints sets the earlier run's folder aside, under a name of its own
+(``<name>-checkpoints-<time of its last write>``), so that resume never picks a stale step of another run and no
+earlier checkpoint is ever deleted.
 """
 from __future__ import annotations
 
+import logging
 import random
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import FormatError, InputError, MissingFileError
+from ..errors import DiskFullError, FormatError, InputError, MissingFileError
 from ..formats.reader import torch_load
 from .config import Method, TrainConfig
-from .methods.lora_file import atomic_write
+from .outputs import atomic_write, file_run_id, remove_temp_files, temp_file_pattern
+
+log = logging.getLogger(__name__)
 
 STATE_SUFFIX = ".state"
 _STEP = re.compile(r"-step(\d+)\.state$")
@@ -48,6 +59,32 @@ def latest_checkpoint(config: TrainConfig) -> Path | None:
     found = [(int(m.group(1)), p) for p in folder.glob(f"{config.output_name}-step*{STATE_SUFFIX}")
              if (m := _STEP.search(p.name)) and p.with_suffix(".safetensors").is_file()]
     return max(found)[1] if found else None
+
+
+def set_aside_checkpoints(config: TrainConfig) -> Path | None:
+    """Before a fresh run: move an earlier run's checkpoint folder of this name to a new, unused name
+    (``<name>-checkpoints-<YYYYmmdd-HHMMSS>`` of its newest file, ``-2``, ``-3`` ... if taken). Returns it, or None
+    when there was nothing to set aside. Nothing is deleted."""
+    folder = checkpoint_dir(config)
+    if not folder.is_dir():
+        return None
+    files = list(folder.iterdir())
+    if not files:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in files)))
+    target, n = folder.with_name(f"{folder.name}-{stamp}"), 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}-{stamp}-{n}")
+    folder.rename(target)
+    log.info("earlier checkpoints of %r set aside in %s", config.output_name, target)
+    return target
+
+
+def remove_checkpoint_temp_files(config: TrainConfig) -> list[Path]:
+    """Temporary files a killed checkpoint write of this run's name left in its checkpoint folder."""
+    name = re.escape(config.output_name)
+    return remove_temp_files(checkpoint_dir(config), temp_file_pattern(name + r"-step\d+\.(?:safetensors|state)"))
 
 
 def resume_signature(config: TrainConfig) -> dict:
@@ -124,15 +161,31 @@ class Snapshot:
     scaler: dict | None
     rng: dict
     signature: dict
+    session_id: str | None = None  # the run's id, the same over resumes (None: unknown, from an older state)
+    losses: list[float] | None = None  # the loss of every step 1..step (None: an older state did not keep them)
+    seconds: float = 0.0  # training time of the run up to this step, over all its sessions
 
     def to_dict(self) -> dict:
-        return {"format": 1, "step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
-                "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler, "rng": self.rng,
-                "signature": self.signature}
+        out = {"format": 1, "step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
+               "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler, "rng": self.rng,
+               "signature": self.signature, "session_id": self.session_id, "seconds": float(self.seconds)}
+        if self.losses is not None:  # 4 bytes a step
+            out["losses"] = torch.tensor(self.losses, dtype=torch.float32)
+        return out
 
 
 def write_state(path: Path, snapshot: Snapshot) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(snapshot.to_dict(), tmp))
+    """Write the ``.state`` file that completes the checkpoint whose weights were just written beside it. If the disk
+    is full, those weights are removed again (they are no checkpoint without it, and hold space), unless an earlier,
+    complete checkpoint of the same step owns them."""
+    path = Path(path)
+    complete_before = path.is_file()
+    try:
+        return atomic_write(path, lambda tmp: torch.save(snapshot.to_dict(), tmp))
+    except DiskFullError:
+        if not complete_before:
+            path.with_suffix(".safetensors").unlink(missing_ok=True)
+        raise
 
 
 def read_state(path: Path) -> Snapshot:
@@ -149,5 +202,8 @@ def read_state(path: Path) -> Snapshot:
         raise FormatError(f"{path} is not a readable training state ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict) or data.get("format") != 1:
         raise FormatError(f"{path} is not a training state written by this extension")
+    losses = data.get("losses")
     return Snapshot(data["step"], data["epoch"], data["batch_index"], data["optimizer"], data["scheduler"],
-                    data["scaler"], data["rng"], data["signature"])
+                    data["scaler"], data["rng"], data["signature"],
+                    session_id=data.get("session_id") or file_run_id(path.with_suffix(".safetensors")),
+                    losses=losses.tolist() if losses is not None else None, seconds=float(data.get("seconds", 0.0)))

@@ -5,9 +5,15 @@ It runs the same core as the WebUI tab (``loop.train``/``loop.resume``) over a b
 ``accelerate launch`` or ``torchrun`` it trains data-parallel (``distributed.py``): every process takes
 its rows of each global batch and only the first one prints and writes.
 
+Nothing is lost: an existing ``<output-dir>/<name>.safetensors`` is replaced only with ``--overwrite`` (or by a
+resumed run that wrote it itself); a fresh run sets an earlier run's checkpoints of the name aside
+(``checkpoints.set_aside_checkpoints``); temporary files a killed run left are removed at the next start.
+
 Exit codes: 0 done; 1 training stopped (non-finite loss: the message names the kept checkpoint);
-2 bad input (the message says what to fix; no traceback); 130 interrupted by Ctrl-C after saving a
-checkpoint (``--resume`` continues it). A second Ctrl-C stops at once.
+2 bad input (the message says what to fix; no traceback), an existing output file among them;
+3 the disk is full (the message names the file that could not be written and the free space; the
+last good checkpoint is kept and ``--resume`` continues from it); 130 interrupted by Ctrl-C after
+saving a checkpoint (``--resume`` continues it). A second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
@@ -20,17 +26,18 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AdapterError, InputError
-from .checkpoints import latest_checkpoint
+from ..errors import AdapterError, DiskFullError, InputError
+from .checkpoints import (latest_checkpoint, read_state, remove_checkpoint_temp_files, set_aside_checkpoints)
 from .config import Method, TrainConfig
 from .distributed import Shard, close, shard_from_environment
 from .errors import TrainingError
 from .loading import ModelSource, base_dtype, load_backend
 from .loop import Progress, TrainCallbacks, TrainResult, method_class, resume, train
 from .named_files import check_named_files
+from .outputs import check_replace, disk_full_error, remove_output_temp_files
 from .sampling import check_sample_image
 
-EXIT_OK, EXIT_TRAINING, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_TRAINING, EXIT_INPUT, EXIT_DISK_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _clock(seconds: float) -> str:
@@ -79,6 +86,7 @@ class RunRequest:
     resume: str | None  # None: a new run; "latest": the newest checkpoint of the name; else a .state path
     device: str = "auto"
     log_every: int = 1
+    overwrite: bool = False  # replace an existing <output-dir>/<name>.safetensors of another run
 
 
 def pick_device(name: str, shard: Shard) -> torch.device:
@@ -94,12 +102,19 @@ def pick_device(name: str, shard: Shard) -> torch.device:
 
 
 def _report(result: TrainResult, request: RunRequest, say) -> None:
-    losses = result.losses
+    """The closing summary. It covers the whole run, over its interrupts and resumes; a run resumed from a checkpoint
+    that predates the loss record can only speak of the steps of this session, and says so."""
+    losses, seconds = result.run_losses, result.run_seconds
+    if losses is not None:
+        covered = f"{len(losses)} steps in {_clock(seconds)}" + (", the whole run" if result.first_step else "")
+    else:
+        losses, seconds = result.losses, result.seconds
+        covered = (f"steps {result.first_step + 1}..{result.step} in {_clock(seconds)} only: the checkpoint resumed "
+                   "from has no record of the earlier losses")
     if losses:
         k = max(1, len(losses) // 10)
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-        say(f"loss: mean of the first {k} step(s) {first:.4f} -> last {k} step(s) {last:.4f}"
-            f" ({len(losses)} steps in {_clock(result.seconds)})")
+        say(f"loss: mean of the first {k} step(s) {first:.4f} -> last {k} step(s) {last:.4f} ({covered})")
     if result.interrupted:
         say(f"interrupted at step {result.step}; checkpoint {result.checkpoints[-1] if result.checkpoints else '-'}; "
             f"continue with the same options and --resume")
@@ -132,6 +147,7 @@ def run(request: RunRequest, shard: Shard | None = None, out=None) -> int:
                          "start without --resume")
     device = pick_device(request.device, shard)
     callbacks = ConsoleCallbacks(shard, device, request.log_every, out)
+    _prepare_outputs(request, shard, callbacks.say)
     started = time.perf_counter()
     backend = load_backend(request.source, device, base_dtype(config.precision, device))
     where = "the built-in tiny model" if request.source.checkpoint is None else str(request.source.checkpoint)
@@ -151,6 +167,27 @@ def run(request: RunRequest, shard: Shard | None = None, out=None) -> int:
     return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
 
 
+def _prepare_outputs(request: RunRequest, shard: Shard, say) -> None:
+    """Before the model loads: refuse to replace another run's file, clear what a killed run left, and keep an
+    earlier run's checkpoints of the name apart from this one's."""
+    config = request.config
+    state = None
+    if request.resume is not None:
+        state = latest_checkpoint(config) if request.resume == "latest" else Path(request.resume)
+    run_id = read_state(state).session_id if state is not None else None
+    check_replace(config.output_dir / f"{config.output_name}.safetensors", run_id, request.overwrite,
+                  "pass --overwrite")
+    if not shard.is_main:
+        return
+    removed = remove_output_temp_files([config.output_dir], config.output_name) + remove_checkpoint_temp_files(config)
+    for path in removed:
+        say(f"removed {path}, left by a run that was killed while writing it")
+    if state is None:
+        aside = set_aside_checkpoints(config)
+        if aside is not None:
+            say(f"an earlier run's checkpoints of {config.output_name!r} are kept in {aside}")
+
+
 def _main_thread() -> bool:
     import threading
 
@@ -163,17 +200,27 @@ def main(argv: list[str] | None = None, out=None) -> int:
 
     args = build_parser().parse_args(argv)
     shard = Shard()
+    config = None
     try:
         config = config_from_args(args)
         source = ModelSource(args.checkpoint, args.tokenizer, args.prediction_type)
         shard = shard_from_environment()
-        return run(RunRequest(config, source, args.resume, args.device, args.log_every), shard, out)
+        return run(RunRequest(config, source, args.resume, args.device, args.log_every, args.overwrite), shard, out)
+    except DiskFullError as exc:
+        _disk_full(exc, config, shard)
+        return EXIT_DISK_FULL
     except TrainingError as exc:
         _error(exc, shard)
         return EXIT_TRAINING
     except AdapterError as exc:
         _error(exc, shard)
         return EXIT_INPUT
+    except OSError as exc:  # written outside atomic_write (samples, caches)
+        full = disk_full_error(exc)
+        if full is None:
+            raise
+        _disk_full(full, config, shard)
+        return EXIT_DISK_FULL
     except KeyboardInterrupt:
         _error("stopped by Ctrl-C; checkpoints saved so far are in <output-dir>/<name>-checkpoints (--resume continues)",
                shard)
@@ -181,6 +228,12 @@ def main(argv: list[str] | None = None, out=None) -> int:
     finally:
         with contextlib.suppress(Exception):
             close(shard)
+
+
+def _disk_full(exc: DiskFullError, config: TrainConfig | None, shard: Shard) -> None:
+    kept = latest_checkpoint(config) if config is not None else None
+    _error(f"{exc}; " + (f"the last good checkpoint {kept} is kept: --resume continues from it" if kept is not None
+                         else "no checkpoint had been saved yet"), shard)
 
 
 def _error(message, shard: Shard) -> None:

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--config", type=Path, help="a JSON file with any of the settings below (flags win)")
     model.add_argument("--resume", nargs="?", const="latest", metavar="STATE",
                        help="continue from a checkpoint's .state file, or with no value from the newest one of --name")
+    model.add_argument("--overwrite", action="store_true", help="replace an existing <output-dir>/<name>.safetensors "
+                       "written by another run (without it such a run is refused, exit 2)")
     model.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     model.add_argument("--log-every", type=int, default=1, metavar="N", help="print progress every N steps")
     _add_fields(parser.add_argument_group("training (TrainConfig)"), TrainConfig, "", tuple(_NESTED))

@@ -87,6 +87,11 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)  # .state files written
     interrupted: bool = False
     seconds: float = 0.0
+    # The whole run over its sessions (interrupt + resume): every step's loss (None when resumed from a checkpoint
+    # older than this record: then only this session's are known) and the training time.
+    run_losses: list[float] | None = None
+    run_seconds: float = 0.0
+    first_step: int = 0  # where this session started
 
 
 # Each method class reads its own dataset (``load_records``) and builds itself on a model (``from_config``).
@@ -148,7 +153,11 @@ class Trainer:
         self.checkpoints: list[Path] = []
         self.last_checkpoint: Path | None = None
         self.started_at = time.time()
-        self.session_id = uuid.uuid4().hex
+        self.session_id = uuid.uuid4().hex  # a resumed run takes its saved one: it names the run in its files
+        self.losses: list[float] = []  # this session's, one per step
+        self.earlier_losses: list[float] | None = []  # the sessions' before it (resume)
+        self.earlier_seconds = 0.0
+        self._start = time.perf_counter()
 
     def _warn_capped_captions(self) -> None:
         """Once per caption file (a record is one image, whatever its repeats; a JSON list is one file)."""
@@ -187,6 +196,8 @@ class Trainer:
         self.step, self.epoch, self.batch_index = state.step, state.epoch, state.batch_index
         restore_rng(state.rng, self.generator)
         self.last_checkpoint = path
+        self.session_id = state.session_id or self.session_id
+        self.earlier_losses, self.earlier_seconds = state.losses, state.seconds
 
     def _snapshot_rng(self) -> None:
         """RNG states and data position at the current step boundary: what a checkpoint must hold, even one
@@ -318,15 +329,18 @@ class Trainer:
     # -- saving and samples -------------------------------------------------------------------------
     def _export_info(self) -> ExportInfo:
         return ExportInfo(self.config, self.backend.model_info(), self.step, len(self.records),
-                          tag_frequency(self.records), self.started_at, self.session_id)
+                          tag_frequency(self.records), self.started_at, self.session_id,
+                          records=tuple(self.records), plan=self.plan)
 
     def save_checkpoint(self) -> Path:
         weights, state_path = checkpoint_paths(self.config, self.step)
         if self.shard.is_main:  # one writer; every process holds the same weights and optimizer state
             self.method.export(weights, self._export_info(), torch.float32)
             epoch, batch_index, rng = self._boundary
+            losses, seconds = self._history()
             snapshot = Snapshot(self.step, epoch, batch_index, self.optimizer.state_dict(), self.scheduler.state_dict(),
-                                self.scaler.state_dict() if self.scaler else None, rng, resume_signature(self.config))
+                                self.scaler.state_dict() if self.scaler else None, rng, resume_signature(self.config),
+                                self.session_id, losses, seconds)
             write_state(state_path, snapshot)
         self.checkpoints.append(state_path)
         self.last_checkpoint = state_path
@@ -352,8 +366,8 @@ class Trainer:
     def run(self, resume_from: Path | None = None) -> TrainResult:
         config = self.config
         self._updating, self._failed = False, False
-        losses: list[float] = []
-        start = time.perf_counter()
+        losses = self.losses
+        start = self._start = time.perf_counter()
         first_step = None
         try:
             self._setup(resume_from)
@@ -361,7 +375,7 @@ class Trainer:
             while self.step < config.steps:
                 if self.callbacks.interrupted():
                     self.save_checkpoint()
-                    return TrainResult(None, self.step, losses, self.checkpoints, True, time.perf_counter() - start)
+                    return self._result(None, True, first_step)
                 losses.append(self._optimizer_step())
                 self._report(losses[-1], start, first_step)
                 if config.save_every and self.step % config.save_every == 0 and self.step < config.steps:
@@ -372,7 +386,7 @@ class Trainer:
             output = config.output_dir / f"{config.output_name}.safetensors"
             if self.shard.is_main:
                 output = self.method.export(output, self._export_info())
-            return TrainResult(output, self.step, losses, self.checkpoints, False, time.perf_counter() - start)
+            return self._result(output, False, first_step)
         except BaseException:
             if first_step is not None and not self._failed and not self._updating and self.step > first_step:
                 log.warning("training stopped by an error at step %d; saving a checkpoint first", self.step)
@@ -383,6 +397,16 @@ class Trainer:
             if getattr(self, "method", None) is not None:
                 self.method.close()
             self.backend.restore()
+
+    def _history(self) -> tuple[list[float] | None, float]:
+        """Every step's loss and the training time of the whole run so far, over its sessions."""
+        losses = None if self.earlier_losses is None else self.earlier_losses + self.losses
+        return losses, self.earlier_seconds + time.perf_counter() - self._start
+
+    def _result(self, output: Path | None, interrupted: bool, first_step: int) -> TrainResult:
+        run_losses, run_seconds = self._history()
+        return TrainResult(output, self.step, list(self.losses), self.checkpoints, interrupted,
+                           time.perf_counter() - self._start, run_losses, run_seconds, first_step)
 
     def _report(self, loss: float, start: float, first_step: int) -> None:
         elapsed = time.perf_counter() - start

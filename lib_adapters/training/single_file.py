@@ -7,11 +7,13 @@ file when there is one (the WebUI's own convention), else the released config of
 diffusers' key converters (``diffusers.loaders.single_file_utils``, diffusers >= 0.28) turn the UNet and
 VAE weights into diffusers layouts; text encoder configs are read from the weights' shapes (CLIP heads
 are 64 wide). The CLIP tokenizer comes from ``--tokenizer DIR`` or from the local Hugging Face cache
-(``openai/clip-vit-large-patch14``, which the WebUI downloads on its first start).
+(``openai/clip-vit-large-patch14``, which the WebUI downloads on its first start); it is looked up before the
+checkpoint is read, so a missing one is said at once rather than after loading gigabytes.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 import warnings
 from pathlib import Path
@@ -69,6 +71,18 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a format problem for the user
         raise FormatError(f"cannot read {path.name}: {exc}; is the file complete (re-download it)?") from None
     return state.get("state_dict", state) if isinstance(state, dict) else {}
+
+
+def checkpoint_hashes(path: Path) -> tuple[str, str]:
+    """(sha256 of the whole file, the old 8-digit hash: sha256 of 64 KiB at 1 MiB) as the WebUI and kohya compute
+    them (``ss_new_sd_model_hash``, ``ss_sd_model_hash``)."""
+    full, legacy = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            full.update(block)
+        f.seek(0x100000)
+        legacy.update(f.read(0x10000))
+    return full.hexdigest(), legacy.hexdigest()[:8]
 
 
 def original_config(path: Path, family: str) -> dict:
@@ -159,6 +173,7 @@ def load_single_file(path: Path, dtype: torch.dtype = torch.float32, tokenizer_d
     from .backends.diffusers import DiffusersBackend
 
     utils = _converters()
+    tokenizer = _tokenizer(tokenizer_dir, None)  # before reading gigabytes: a missing tokenizer is said at once
     state = read_checkpoint(path)
     family = detect_family(state)
     original = original_config(path, family)
@@ -172,12 +187,14 @@ def load_single_file(path: Path, dtype: torch.dtype = torch.float32, tokenizer_d
     _load_strict(vae, utils.convert_ldm_vae_checkpoint(state, vae_config), "VAE", path)
     encoders = [_text_encoder(state, prefix, layout, path, utils) for prefix, layout in _FAMILIES[family][1]]
     # diffusers' SD2 tokenizer and SDXL's second one pad with "!" (OpenCLIP's zero padding), CLIP-L's with <|endoftext|>
-    pads = [None if layout == "hf" else "!" for _, layout in _FAMILIES[family][1]]
-    tokenizers = [_tokenizer(tokenizer_dir, pad) for pad in pads]
+    tokenizers = [tokenizer if layout == "hf" else _tokenizer(tokenizer_dir, "!")
+                  for _, layout in _FAMILIES[family][1]]
     params = original["model"]["params"]
     alphas = scaled_linear_alphas_cumprod(int(params.get("timesteps", 1000)), float(params.get("linear_start", 0.00085)),
                                           float(params.get("linear_end", 0.012)))
     default = params.get("parameterization", _FAMILIES[family][2])
     del state
+    sha256, legacy = checkpoint_hashes(path)
     return DiffusersBackend(unet.to(dtype).eval(), vae.to(dtype).eval(), [e.to(dtype) for e in encoders], tokenizers,
-                            alphas, prediction_type(prediction, default), name=path.name)
+                            alphas, prediction_type(prediction, default), name=path.name, sha256=sha256,
+                            legacy_hash=legacy)

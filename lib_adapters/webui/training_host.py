@@ -126,7 +126,8 @@ class TrainingHost:
         return next(model.model.diffusion_model.parameters()).device
 
     def make_backend(self, method: str = "lora") -> LdmBackend:
-        return LdmBackend(self._sd_model())
+        from modules import shared
+        return LdmBackend(self._sd_model(), clip_skip=getattr(shared.opts, "CLIP_stop_at_last_layers", None))
 
     @contextlib.contextmanager
     def training_model(self, backend: LdmBackend):

@@ -13,6 +13,12 @@ models/adapters (T2I- and IP-Adapters), and that list is refreshed before the qu
 so the very next generation can use it. Checkpoints (``.state`` + weights, for resume), sample images
 and caches stay in the host's work dir (``outputs/adapters-training``), so the lists only ever show
 finished or interrupted runs.
+
+Nothing is lost: a file of that name written by another run is replaced only when the request says
+``overwrite`` (refused before the run starts, and checked again before publishing); a resumed run may
+replace what it published itself when interrupted (the file's session id is the run's). A fresh run
+sets an earlier run's checkpoints of the name aside under a name of their own; temporary files that a
+killed run left are removed when that name's next run starts.
 """
 from __future__ import annotations
 
@@ -32,16 +38,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import AdapterError, InputError, MissingFileError
+from ..errors import AdapterError, DiskFullError, InputError, MissingFileError
 from ..preprocess.registry import get_preprocessor
-from ..training.checkpoints import check_signature, checkpoint_dir, latest_checkpoint, read_state
+from ..training.checkpoints import (check_signature, checkpoint_dir, latest_checkpoint, read_state,
+                                    remove_checkpoint_temp_files, set_aside_checkpoints)
 from ..training.conditions import load_t2i_records
 from ..training.config import Method, TrainConfig
 from ..training.data import DatasetInvalidError, ProblemKind
 from ..training.errors import NonFiniteLossError
 from ..training.loop import Progress, TrainCallbacks, method_class, train
 from ..training.sampling import check_sample_image
-from ..training.methods.lora_file import atomic_write, load_lora, save_lora
+from ..training.methods.lora_file import load_lora, save_lora
+from ..training.outputs import (OutputExistsError, atomic_write, check_replace, disk_full_error, file_run_id,
+                                remove_output_temp_files)
 from .training_host import TrainingHost
 from .training_request import FilePlaces, TrainRequest
 
@@ -51,6 +60,8 @@ __all__ = ["JobState", "TrainRequest", "FilePlaces", "JobStatus", "TrainingJobs"
            "validate_dataset"]
 
 LOG_LINES = 200
+HOW_TO_OVERWRITE = ('tick "Overwrite an existing file of this name" in the Train Adapter tab (API: "overwrite": '
+                    'true)')
 _SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -180,22 +191,27 @@ class TrainingJobs:
                                        places=self.host.places(request.method))
             validate_dataset(config)
             self.host.check_files(config)
-            resume_from = None
+            resume_from, run_id = None, None
             if resume:
                 resume_from = latest_checkpoint(config)
                 if resume_from is None:
                     raise MissingFileError(
                         f"there is no checkpoint of {config.output_name!r} in {checkpoint_dir(config)} to resume; "
                         "start a new run instead")
-                check_signature(read_state(resume_from).signature, config, resume_from)
-            else:
-                _set_aside_old_checkpoints(config)
+                state = read_state(resume_from)
+                check_signature(state.signature, config, resume_from)
+                run_id = state.session_id
+            target = self._target(request, config)
+            check_replace(target, run_id, request.overwrite, HOW_TO_OVERWRITE)
+            cleared = self._prepare_outputs(config, target, fresh=not resume)
             job = _Job(request, config, resume_from, id_task)
             self._job = job
             self.host.queue_task(id_task)
             verb = f"resuming from step {job.step} ({resume_from.name})" if resume_from else "starting"
             self._log(job, f"{verb}: {request.method} '{config.output_name}', {config.steps} steps, "
                            f"{config.precision.value}, dataset {config.dataset_dir}")
+            for line in cleared:
+                self._log(job, line)
             job.thread = threading.Thread(target=self._run, args=(job,), name="adapters-training", daemon=True)
             job.thread.start()
             return self.status()
@@ -263,6 +279,8 @@ class TrainingJobs:
                 where = (f"{published} is in {self.host.list_name(job.request.method)}" if published
                          else "nothing was exported")
                 self._log(job, f"{'interrupted' if result.interrupted else 'finished'} at step {result.step}; {where}")
+        except DiskFullError as exc:
+            error = self._disk_full(job, exc)
         except NonFiniteLossError as exc:
             error = " ".join(part for part in (str(exc), self.host.non_finite_advice(exc)) if part)
             with self._lock:
@@ -271,8 +289,12 @@ class TrainingJobs:
         except AdapterError as exc:
             error = str(exc)
         except BaseException as exc:  # noqa: BLE001  (a thread must record every failure)
-            log.error("adapters training failed:\n%s", traceback.format_exc())
-            error = f"{type(exc).__name__}: {exc}"
+            full = disk_full_error(exc) if isinstance(exc, OSError) else None  # written outside atomic_write
+            if full is not None:
+                error = self._disk_full(job, full)
+            else:
+                log.error("adapters training failed:\n%s", traceback.format_exc())
+                error = f"{type(exc).__name__}: {exc}"
         finally:
             with self._lock:
                 job.state = state if error is None else JobState.FAILED
@@ -283,20 +305,49 @@ class TrainingJobs:
                 self._log(job, f"failed: {error}")
             job.done.set()
 
+    def _disk_full(self, job: _Job, exc: DiskFullError) -> str:
+        with self._lock:
+            kept = job.checkpoint
+        return f"{exc}; " + (f"Resume continues from the last good checkpoint {kept}" if kept
+                             else "no checkpoint had been saved yet")
+
+    def _target(self, request: TrainRequest, config: TrainConfig) -> Path:
+        """Where the run's file is published: ``<output_name>.safetensors`` in its list's folder."""
+        return self.host.output_dir(request.method) / f"{config.output_name}.safetensors"
+
+    @staticmethod
+    def _prepare_outputs(config: TrainConfig, target: Path, *, fresh: bool) -> list[str]:
+        """Temporary files a killed run of this name left, removed; on a fresh run, an earlier run's checkpoints
+        set aside. Returns what was done, for the log."""
+        lines = [f"removed {p}, left by a run that was killed while writing it"
+                 for p in remove_output_temp_files([target.parent, config.output_dir], config.output_name)
+                 + remove_checkpoint_temp_files(config)]
+        aside = set_aside_checkpoints(config) if fresh else None
+        if aside is not None:
+            lines.append(f"an earlier run's checkpoints of '{config.output_name}' are kept in {aside}")
+        return lines
+
     def _publish(self, job: _Job, result) -> Path | None:
         """Put the run's file into its list's folder (the final file, or the newest checkpoint's weights on
-        interrupt, in the save precision) and refresh that list (Lora list, or the Adapters panel's models)."""
+        interrupt, in the save precision) and refresh that list (Lora list, or the Adapters panel's models).
+        A file of another run that appeared there meanwhile is not replaced without ``overwrite``."""
         config = job.config
-        target = self.host.output_dir(job.request.method) / f"{config.output_name}.safetensors"
+        target = self._target(job.request, config)
         if result.output is not None:
             source = Path(result.output)
-            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))  # never a half-copied file in the list
-            source.unlink()
         elif result.step > 0 and (result.checkpoints or job.checkpoint):  # step 0: an untrained (no-op) file
-            state = Path(result.checkpoints[-1] if result.checkpoints else job.checkpoint)
-            _publish_checkpoint(config, state.with_suffix(".safetensors"), target)
+            source = Path(result.checkpoints[-1] if result.checkpoints else job.checkpoint).with_suffix(".safetensors")
         else:
             return None
+        try:
+            check_replace(target, file_run_id(source), job.request.overwrite, HOW_TO_OVERWRITE)
+        except OutputExistsError as exc:
+            raise OutputExistsError(f"{exc} The trained weights are kept in {source}.") from None
+        if result.output is not None:
+            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))  # never a half-copied file in the list
+            source.unlink()
+        else:
+            _publish_checkpoint(config, source, target)
         with self._lock:
             job.output = str(target)
         self.host.refresh_networks(job.request.method)
@@ -331,7 +382,7 @@ def _publish_checkpoint(config: TrainConfig, weights: Path, target: Path) -> Non
     dtype = _save_dtype(config)
     if config.method is Method.LORA:
         tensors, metadata = load_lora(weights)
-        tensors = {k: (v.float() if k.endswith(".alpha") else v.to(dtype)) for k, v in tensors.items()}
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}  # alphas too, as kohya saves them
         metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
         save_lora(target, tensors, metadata)
         return
@@ -340,18 +391,6 @@ def _publish_checkpoint(config: TrainConfig, weights: Path, target: Path) -> Non
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata))
-
-
-def _set_aside_old_checkpoints(config: TrainConfig) -> None:
-    """A fresh run under a name that has checkpoints: keep the old ones (one generation back) out of the way,
-    so that "resume" never picks a stale, later step of an earlier run."""
-    folder = checkpoint_dir(config)
-    if folder.is_dir() and any(folder.iterdir()):
-        previous = folder.with_name(folder.name + "-previous")
-        if previous.exists():
-            shutil.rmtree(previous)
-        folder.rename(previous)
-        log.info("adapters training: earlier checkpoints of %r moved to %s", config.output_name, previous)
 
 
 def replace_request(request: TrainRequest, **changes) -> TrainRequest:

@@ -102,6 +102,7 @@ class TrainRequest:
     cache_latents: bool = False
     buckets: bool = True
     save_precision: str = "fp16"  # dtype of the published file's tensors (every method)
+    overwrite: bool = False  # replace an existing published file of this name written by another run
     # LoRA
     rank: int = 16
     alpha: float = 16.0

@@ -71,6 +71,9 @@ class TrainTab:
             i["method"] = gr.Dropdown(label="Method", choices=[m.label for m in METHODS], value=METHODS[0].label,
                                       elem_id=eid("method"))
             i["output_name"] = gr.Textbox(label="Output name", placeholder="my_style", elem_id=eid("output_name"))
+        # off: a run whose name is taken by another run's file is refused, the file left as it is
+        i["overwrite"] = gr.Checkbox(label="Overwrite an existing file of this name", value=False,
+                                     elem_id=eid("overwrite"))
         first = METHODS[0]
         i["dataset_dir"] = gr.Textbox(label=first.dataset_label, placeholder=first.dataset_hint,
                                       elem_id=eid("dataset_dir"))

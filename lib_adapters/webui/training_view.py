@@ -23,7 +23,7 @@ COMMON_FIELDS: tuple[str, ...] = (
     "dataset_dir", "output_name", "resolution", "steps", "batch_size", "grad_accumulation", "learning_rate",
     "precision", "save_every", "sample_every", "sample_prompts", "lr_schedule", "warmup_steps", "optimizer", "seed",
     "min_snr_gamma", "noise_offset", "sample_steps", "gradient_checkpointing", "cache_latents", "buckets",
-    "save_precision", "sample_image",
+    "save_precision", "sample_image", "overwrite",
 )
 
 SCRATCH = "None (from scratch)"  # the init-from dropdowns' first choice: sent as ""

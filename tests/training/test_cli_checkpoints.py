@@ -3,6 +3,7 @@
 into the same numbers, and the command line trains on both."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -115,7 +116,11 @@ def test_a_single_file_checkpoint_loads_offline_into_the_same_numbers(tmp_path):
                      "--output-dir", str(tmp_path / "o"), "--name", "s", "--resolution", "64", "--steps", "1",
                      "--lora-rank", "2", "--device", "cpu"], out=out)
     assert code == cli.EXIT_OK, out.getvalue()
-    assert load_lora(tmp_path / "o" / "s.safetensors")[1]["ss_sd_model_name"] == "tiny-sd1.safetensors"
+    metadata = load_lora(tmp_path / "o" / "s.safetensors")[1]
+    data = path.read_bytes()
+    assert metadata["ss_sd_model_name"] == "tiny-sd1.safetensors"
+    assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()  # as kohya and the WebUI hash it
+    assert metadata["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
 
 def test_single_files_say_what_is_missing(tmp_path):
@@ -124,9 +129,28 @@ def test_single_files_say_what_is_missing(tmp_path):
     _, path = _single_file(tmp_path)
     with pytest.raises(MissingFileError, match="vocab.json and merges.txt.*--tokenizer"):
         load_single_file(path, tokenizer_dir=tmp_path / "empty")
+    tokenizer = write_tiny_clip_tokenizer(tmp_path / "tok")
     save_file({"model.diffusion_model.x": torch.zeros(1)}, str(tmp_path / "unet-only.safetensors"))
     with pytest.raises(FormatError, match="not an SD1.x, SD2.x or SDXL checkpoint"):
-        load_single_file(tmp_path / "unet-only.safetensors")
+        load_single_file(tmp_path / "unet-only.safetensors", tokenizer_dir=tokenizer)
     (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00")
     with pytest.raises(FormatError, match="cannot read cut.safetensors"):
-        load_single_file(tmp_path / "cut.safetensors")
+        load_single_file(tmp_path / "cut.safetensors", tokenizer_dir=tokenizer)
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_a_missing_tokenizer_exits_2_before_the_checkpoint_is_read(tmp_path, monkeypatch, capsys, given):
+    from lib_adapters.training import single_file
+
+    _, path = _single_file(tmp_path)
+    reads = []
+    monkeypatch.setattr(single_file, "read_checkpoint", lambda p: reads.append(p) or pytest.fail("checkpoint read"))
+    monkeypatch.setattr(single_file, "_TOKENIZER_REPO", "nobody/no-such-tokenizer")  # not in the local HF cache
+    make_shapes_dataset(tmp_path / "ds", "1_shapes", count=1)
+    tokenizer = ["--tokenizer", str(tmp_path / "empty")] if given else []
+    code = cli.main(["--checkpoint", str(path), *tokenizer, "--dataset", str(tmp_path / "ds"), "--output-dir",
+                     str(tmp_path / "o"), "--name", "s", "--resolution", "64", "--steps", "1", "--device", "cpu"],
+                    out=io.StringIO())
+    error = capsys.readouterr().err
+    assert code == cli.EXIT_INPUT and reads == [] and "vocab.json and merges.txt" in error and "--tokenizer" in error
+    assert "Traceback" not in error

@@ -43,7 +43,8 @@ def test_loss_falls_on_a_small_dataset(tmp_path):
     assert result.output == tmp_path / "out" / "tiny.safetensors" and metadata["ss_steps"] == "150"
     assert tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight"].dtype == torch.float16
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if k.endswith("lora_up.weight"))
-    assert metadata["ss_num_train_images"] == "4" and "a red circle" in metadata["ss_tag_frequency"]
+    # kohya counts images with their repeats: 4 images in 2_shapes
+    assert metadata["ss_num_train_images"] == "8" and "a red circle" in metadata["ss_tag_frequency"]
 
 
 class _StopAt(TrainCallbacks):

@@ -250,3 +250,70 @@ def test_diffusers_load_lora_weights_needs_its_peft_backend():
 
     with pytest.raises(ValueError, match="PEFT backend is required"):
         StableDiffusionLoraLoaderMixin.load_lora_into_unet({}, None, nn.Linear(1, 1))
+
+
+def _two_repeat_folders(root):
+    """3_red: a square and a slightly wide image; 2_blue: a 3:1 image and a square (sizes chosen for two buckets)."""
+    from PIL import Image
+
+    for folder, sizes in (("3_red", [(128, 128), (136, 128)]), ("2_blue", [(192, 64), (128, 128)])):
+        (root / folder).mkdir(parents=True)
+        for i, size in enumerate(sizes):
+            Image.new("RGB", size, (200, 40 * i, 40)).save(root / folder / f"{i}.png")
+            (root / folder / f"{i}.txt").write_text(f"{folder[2:]} thing, shape {i}")
+    return root
+
+
+def test_kohya_metadata_keys_and_value_formats_for_a_dataset_with_two_repeat_folders(tmp_path):
+    from lib_adapters.training.backends.ldm import LdmBackend
+    from lib_adapters.training.loop import train
+    from lib_adapters.training.methods.lora_file import optimizer_name
+
+    model, _ = tiny("sd1")
+    checkpoint = tmp_path / "model.safetensors"  # the loaded checkpoint's file: the WebUI hashes it
+    checkpoint.write_bytes(bytes(range(256)) * 5000)
+    from modules import sd_models
+    model.sd_checkpoint_info = sd_models.CheckpointInfo(str(checkpoint), sha256=hashlib.sha256(
+        checkpoint.read_bytes()).hexdigest())
+    backend = LdmBackend(model, clip_skip=2)  # the WebUI's "Clip skip" 2
+    config = TrainConfig(_two_repeat_folders(tmp_path / "ds"), tmp_path / "out", "kohya", resolution=128, steps=4,
+                         batch_size=2, grad_accumulation=2, learning_rate=1e-3,
+                         lora=LoraConfig(rank=2, alpha=1.0, save_precision="fp16"))
+    tensors, md = load_lora(train(config, backend).output)
+    # kohya's rules (train_network.py, train_util.py), by hand for this dataset:
+    # 2 images x 3 repeats + 2 images x 2 repeats
+    assert md["ss_num_train_images"] == "10"
+    assert json.loads(md["ss_dataset_dirs"]) == {"3_red": {"n_repeats": 3, "img_count": 2},
+                                                 "2_blue": {"n_repeats": 2, "img_count": 2}}
+    assert md["ss_dataset_dirs"].startswith('{"2_blue": {"n_repeats": 2, "img_count": 2}')  # json.dumps' spacing
+    # buckets in use sorted by (w, h): 128x128 holds 3+3+2 = 8 images with repeats, 192x64 the 3:1 image twice;
+    # mean |bucket w/h - image w/h| over the 4 images: (0 + (136/128 - 1) + 0 + 0) / 4
+    assert md["ss_bucket_info"] == json.dumps({"buckets": {"0": {"resolution": [128, 128], "count": 8},
+                                                           "1": {"resolution": [192, 64], "count": 2}},
+                                               "mean_img_ar_error": 0.015625})
+    # batches of 2 within a bucket: 4 + 1; 4 steps of 2 batches, 3 steps an epoch: 2 epochs
+    assert md["ss_num_batches_per_epoch"] == "5" and md["ss_num_epochs"] == "2"
+    assert md["ss_resolution"] == "(128, 128)" and md["ss_clip_skip"] == "2"
+    assert md["ss_shuffle_caption"] == "False" and md["ss_keep_tokens"] == "0" and md["ss_flip_aug"] == "False"
+    data = checkpoint.read_bytes()
+    assert md["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]  # kohya's model_hash
+    assert md["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()  # kohya's calculate_sha256
+    assert md["ss_sd_model_name"] == "model.safetensors"
+    adamw = torch.optim.AdamW
+    assert md["ss_optimizer"] == f"{adamw.__module__}.{adamw.__name__}" == "torch.optim.adamw.AdamW"
+    from dataclasses import replace
+    assert optimizer_name(replace(config, weight_decay=0.05)) == "torch.optim.adamw.AdamW(weight_decay=0.05)"
+    assert optimizer_name(replace(config, optimizer="adamw8bit")) == "bitsandbytes.optim.adamw.AdamW8bit"
+    # every tensor in the save precision, the alphas included (kohya saves them so)
+    alphas = [t for k, t in tensors.items() if k.endswith(".alpha")]
+    assert alphas and all(t.dtype == torch.float16 and float(t) == 1.0 for t in alphas)
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    # the WebUI's Lora extension maps every module of the file
+    matched, failed = match_keys(tensors, model)
+    assert failed == {} and all(accepts_lora(e) for e in matched.values())
+
+    unbucketed = replace(config, output_name="flat", buckets=False, steps=1, grad_accumulation=1)
+    _, md = load_lora(train(unbucketed, LdmBackend(model)).output)
+    # one 128x128 bucket for all: 10 images with repeats in 5 batches; kohya writes json.dumps(None)
+    assert md["ss_bucket_info"] == "null" and md["ss_num_batches_per_epoch"] == "5" and md["ss_num_epochs"] == "1"
+    assert md["ss_clip_skip"] == "None"

@@ -99,6 +99,15 @@ def test_request_adjustments_and_refusals(built_tab):
         build_request("DreamBooth", base)
 
 
+def test_the_overwrite_checkbox_is_off_and_goes_into_the_request(built_tab):
+    box = built_tab.inputs["overwrite"]
+    assert box.label == "Overwrite an existing file of this name" and box.value is False
+    base = {**_widget_defaults(built_tab), "dataset_dir": "/d", "output_name": "o"}
+    assert build_request("LoRA", base)[0].overwrite is False
+    request, _ = build_request("T2I-Adapter", {**base, "overwrite": True})
+    assert request.overwrite is True and TrainRequest.from_dict(request.to_dict()).overwrite is True
+
+
 def _accepted(request: TrainRequest) -> TrainRequest:
     """The request as the job manager and the API take it: through JSON, then the core's config checks."""
     again = TrainRequest.from_dict(request.to_dict())

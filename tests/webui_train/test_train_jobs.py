@@ -328,22 +328,26 @@ def test_medvram_lowvram_and_no_model_are_refused_before_anything_starts(webui, 
     assert jobs.status().state is JobState.IDLE
 
 
-def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside_so_resume_never_picks_a_stale_step(webui):
+def test_fresh_runs_set_earlier_checkpoints_aside_each_under_its_own_name_and_delete_none(webui):
     host = TrainingHost()
-    old = host.work_dir() / "again-checkpoints"
+    work = host.work_dir()
+    old = work / "again-checkpoints"
     old.mkdir(parents=True)
     for suffix in (".state", ".safetensors"):
         (old / f"again-step000900{suffix}").write_bytes(b"old run")
     jobs = TrainingJobs(host)
-    with webui.queue_lock:
-        jobs.start(request(webui, "again"))
-        jobs.interrupt()
-    assert jobs.wait(TIMEOUT).state is JobState.INTERRUPTED
-    previous = host.work_dir() / "again-checkpoints-previous"
-    assert sorted(p.name for p in previous.iterdir()) == ["again-step000900.safetensors", "again-step000900.state"]
-    assert not (old / "again-step000900.state").exists()
-    with pytest.raises(MissingFileError, match="no checkpoint of 'again'"):
-        jobs.resume(request(webui, "again"))
+    for overwrite in (False, True):  # the second run replaces the first one's file: it must say so
+        jobs.start(request(webui, "again", steps=2, overwrite=overwrite))
+        assert jobs.wait(TIMEOUT).state is JobState.FINISHED
+    aside = sorted(p for p in work.iterdir() if p.name.startswith("again-checkpoints-"))
+    assert len(aside) == 2, aside  # the fake run's folder, then the first real run's: both kept
+    contents = [sorted(p.name for p in folder.iterdir()) for folder in aside]
+    assert ["again-step000900.safetensors", "again-step000900.state"] in contents
+    assert ["again-step000002.safetensors", "again-step000002.state"] in contents
+    assert b"old run" in [(folder / "again-step000900.state").read_bytes() for folder in aside
+                          if (folder / "again-step000900.state").exists()]
+    assert sorted(p.name for p in old.iterdir()) == ["again-step000002.safetensors", "again-step000002.state"]
+    assert any("earlier run's checkpoints of 'again' are kept in" in line for line in jobs.status().log)
 
 
 def test_sdxl_through_the_jobs_and_the_next_generation(webui):

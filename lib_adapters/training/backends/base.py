@@ -58,6 +58,8 @@ class ModelInfo:
     parameterization: Parameterization
     name: str  # checkpoint file name or model id
     sha256: str | None  # checkpoint hash when known
+    legacy_hash: str | None = None  # the WebUI's old 8-digit hash (sha256 of 64 KiB at 1 MiB) when known
+    clip_skip: int | None = None  # CLIP layers skipped at the end when encoding prompts (None: none, i.e. 1)
 
     @property
     def base_model_version(self) -> str:

@@ -22,7 +22,7 @@ from .base import (Conditioning, ModelInfo, Parameterization, SizeCondition, Tex
 class DiffusersBackend(TrainingBackend):
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoders: list[nn.Module], tokenizers: list,
                  alphas_cumprod: torch.Tensor, parameterization: str = "eps", *, arch: BaseArch | None = None,
-                 name: str = "diffusers", sha256: str | None = None):
+                 name: str = "diffusers", sha256: str | None = None, legacy_hash: str | None = None):
         if len(text_encoders) not in (1, 2) or len(tokenizers) != len(text_encoders):
             raise IncompatibleModelError("the diffusers backend needs one (SD1/SD2) or two (SDXL) text encoders, "
                                          "each with its tokenizer")
@@ -34,7 +34,7 @@ class DiffusersBackend(TrainingBackend):
         self._parameterization = Parameterization(parameterization)
         self.arch = arch or (BaseArch.SDXL if len(text_encoders) == 2 else
                              BaseArch.SD2 if unet.config.cross_attention_dim == 1024 else BaseArch.SD1)
-        self.name, self.sha256 = name, sha256
+        self.name, self.sha256, self.legacy_hash = name, sha256, legacy_hash
 
     def text_encoders(self) -> list[TextEncoderPart]:
         prefixes = ["lora_te"] if len(self.encoders) == 1 else ["lora_te1", "lora_te2"]
@@ -55,7 +55,7 @@ class DiffusersBackend(TrainingBackend):
         return CacheIdentity(model=self.sha256 or module_fingerprint(self._unet), vae=module_fingerprint(self.vae))
 
     def model_info(self) -> ModelInfo:
-        return ModelInfo(self.arch, self._parameterization, self.name, self.sha256)
+        return ModelInfo(self.arch, self._parameterization, self.name, self.sha256, self.legacy_hash)
 
     # -- computation --------------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

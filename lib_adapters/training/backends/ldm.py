@@ -39,8 +39,9 @@ def _text_encoder_part(prefix: str, embedder: nn.Module) -> TextEncoderPart | No
 
 
 class LdmBackend(TrainingBackend):
-    def __init__(self, sd_model: nn.Module):
+    def __init__(self, sd_model: nn.Module, clip_skip: int | None = None):
         self.sd_model = sd_model
+        self.clip_skip = clip_skip  # the WebUI's "Clip skip" setting, which its text encoder applies (metadata only)
         self._unet = sd_model.model.diffusion_model
         self.arch = detect_unet_arch(self._unet)
         self.is_sgm = hasattr(sd_model, "conditioner") and self.arch is BaseArch.SDXL
@@ -78,7 +79,10 @@ class LdmBackend(TrainingBackend):
         checkpoint = getattr(self.sd_model, "sd_checkpoint_info", None)
         name = getattr(checkpoint, "filename", None) or getattr(self.sd_model, "sd_model_checkpoint", None) or "unknown"
         sha256 = getattr(checkpoint, "sha256", None)
-        return ModelInfo(self.arch, self._parameterization, str(name).replace("\\", "/").rsplit("/", 1)[-1], sha256)
+        legacy = getattr(checkpoint, "hash", None)  # the WebUI's CheckpointInfo.hash: model_hash(filename)
+        return ModelInfo(self.arch, self._parameterization, str(name).replace("\\", "/").rsplit("/", 1)[-1], sha256,
+                         legacy if legacy not in (None, "", "NOFILE") else None,
+                         self.clip_skip if self.clip_skip and self.clip_skip > 1 else None)
 
     # -- computation --------------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

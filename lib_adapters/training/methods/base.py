@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from ..backends.base import ModelInfo
-from ..buckets import Placement
+from ..buckets import BatchPlan, Placement
 from ..config import TrainConfig
 from ..data import ImageRecord, load_records
 from ..objective import sample_timesteps
@@ -35,6 +35,8 @@ class ExportInfo:
     tag_frequency: dict = field(default_factory=dict)
     started_at: float = 0.0
     session_id: str = ""
+    records: tuple[ImageRecord, ...] = ()  # the dataset (kohya's image counts per folder, with repeats)
+    plan: BatchPlan | None = None  # its batches and buckets (kohya's batches per epoch and bucket table)
 
 
 @dataclass(frozen=True)

@@ -204,9 +204,11 @@ class LoraMethod(MethodBase):
         self.network.load_kohya_state_dict(state)
 
     def export(self, path: Path, info: ExportInfo, dtype: torch.dtype | None = None) -> Path:
-        """Write the kohya file (``dtype`` overrides the configured save precision; alphas stay fp32)."""
+        """Write the kohya file (``dtype`` overrides the configured save precision). Every tensor, the ``.alpha``
+        scalars included, is in that precision, as kohya saves them (alphas are small integers or halves: exact in
+        fp16/bf16)."""
         dtype = dtype or _DTYPES[self.config.save_precision.value]
-        tensors = {k: (v.float() if k.endswith(".alpha") else v) for k, v in self.network.kohya_state_dict(dtype).items()}
+        tensors = self.network.kohya_state_dict(dtype)
         return save_lora(path, tensors, kohya_metadata(info, self.config, self.trains_text_encoder))
 
     def load_trainable_file(self, path: Path) -> None:

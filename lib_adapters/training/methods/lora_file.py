@@ -6,13 +6,19 @@ The metadata is what the WebUI's Lora extension reads: ``ss_output_name`` (the a
 follow kohya's ``precalculate_safetensors_hashes``: sha256 of the tensor payload of the file as
 serialised with only the ``ss_*`` metadata (so later user edits do not change it), and the legacy
 8-digit hash of 64 KiB at 1 MiB.
+
+The ``ss_*`` keys and their spellings are those of kohya's ``train_network.py`` (values ``str()`` of
+Python values: "True", "None", "(512, 512)"; JSON where kohya dumps JSON), so LoRA viewers show the same
+for our files as for kohya's: images counted with their repeats, ``ss_dataset_dirs``, the epochs and
+batches per epoch, ``ss_bucket_info`` as ``BaseDataset.make_buckets`` fills it, the optimizer by its
+qualified class name, the checkpoint's hashes when the backend knows them. What we do not do (caption
+shuffling, kept tokens, flipping) is written as kohya writes its defaults.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import math
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +32,7 @@ from ...arch import BaseArch
 from ...errors import FormatError, MissingFileError
 from ..backends.base import Parameterization
 from ..config import LoraConfig
+from ..outputs import atomic_write
 from .base import ExportInfo
 
 MODELSPEC_ARCHITECTURE = {BaseArch.SD1: "stable-diffusion-v1", BaseArch.SD2: "stable-diffusion-v2-512",
@@ -56,7 +63,8 @@ def kohya_metadata(info: ExportInfo, lora: LoraConfig, trains_text_encoder: bool
         "ss_training_finished_at": str(time.time()),
         "ss_output_name": c.output_name,
         "ss_sd_model_name": model.name,
-        "ss_new_sd_model_hash": model.sha256 or "",
+        **({"ss_sd_model_hash": model.legacy_hash} if model.legacy_hash else {}),
+        **({"ss_new_sd_model_hash": model.sha256} if model.sha256 else {}),
         "ss_base_model_version": model.base_model_version,
         "ss_v2": str(model.arch is BaseArch.SD2),
         "ss_network_module": "networks.lora",
@@ -68,7 +76,7 @@ def kohya_metadata(info: ExportInfo, lora: LoraConfig, trains_text_encoder: bool
         "ss_learning_rate": str(c.learning_rate),
         "ss_unet_lr": str(c.learning_rate),
         "ss_text_encoder_lr": str(lora.text_encoder_lr or c.learning_rate) if trains_text_encoder else "0",
-        "ss_optimizer": c.optimizer.value,
+        "ss_optimizer": optimizer_name(c),
         "ss_lr_scheduler": c.lr_schedule.value,
         "ss_lr_warmup_steps": str(c.warmup_steps),
         "ss_max_grad_norm": str(c.max_grad_norm or 0.0),
@@ -79,7 +87,11 @@ def kohya_metadata(info: ExportInfo, lora: LoraConfig, trains_text_encoder: bool
         "ss_steps": str(info.step),
         "ss_max_train_steps": str(c.steps),
         "ss_batch_size_per_device": str(c.batch_size),
-        "ss_num_train_images": str(info.num_images),
+        **dataset_metadata(info),
+        "ss_clip_skip": str(model.clip_skip),  # "None" when no layer is skipped, as kohya's default
+        "ss_shuffle_caption": "False",
+        "ss_keep_tokens": "0",
+        "ss_flip_aug": "False",
         "ss_resolution": f"({c.resolution}, {c.resolution})",
         "ss_enable_bucket": str(c.buckets),
         "ss_cache_latents": str(c.cache_latents),
@@ -98,19 +110,45 @@ def kohya_metadata(info: ExportInfo, lora: LoraConfig, trains_text_encoder: bool
     return metadata
 
 
-def atomic_write(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` then move the result over ``path`` in one step (no half-written file, ever)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def optimizer_name(config) -> str:
+    """kohya's ``ss_optimizer``: the optimizer class's module and name, with the arguments given beyond its defaults
+    (``optimizer_args``) in parentheses; our only such argument is a weight decay other than AdamW's 0.01."""
+    name = _OPTIMIZER_CLASSES[config.optimizer.value]
+    return name + (f"(weight_decay={config.weight_decay})" if config.weight_decay != 0.01 else "")
+
+
+_OPTIMIZER_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"}
+
+
+def dataset_metadata(info: ExportInfo) -> dict[str, str]:
+    """kohya's dataset keys. ``ss_num_train_images`` counts every image as often as it repeats (images x repeats);
+    ``ss_dataset_dirs`` gives each folder's repeats and image count; an epoch is one pass over the images with their
+    repeats, in batches of one bucket (``ss_num_batches_per_epoch``), and ``ss_num_epochs`` is how many epochs the
+    run's optimizer steps take (each step uses ``grad_accumulation`` batches)."""
+    c, records, plan = info.config, info.records, info.plan
+    if plan is None:  # an export without the run's dataset (tests, tools): what is known
+        return {"ss_num_train_images": str(info.num_images)}
+    dirs: dict[str, dict[str, int]] = {}
+    for record in records:
+        entry = dirs.setdefault(record.folder, {"n_repeats": record.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    batches = sum(math.ceil(n / plan.batch_size) for n in plan.bucket_counts.values())
+    steps_per_epoch = math.ceil(batches / c.grad_accumulation)
+    return {"ss_num_train_images": str(sum(r.repeats for r in records)),
+            "ss_dataset_dirs": json.dumps(dirs),
+            "ss_num_batches_per_epoch": str(batches),
+            "ss_num_epochs": str(math.ceil(c.steps / steps_per_epoch)),
+            "ss_bucket_info": json.dumps(bucket_info(records, plan) if c.buckets else None)}
+
+
+def bucket_info(records, plan) -> dict:
+    """As kohya's ``make_buckets`` fills ``bucket_info``: the buckets in use sorted by (width, height), numbered from 0,
+    each with its resolution [w, h] and image count (repeats included), and the mean |bucket w/h - image w/h| over the
+    images (without repeats)."""
+    buckets = {i: {"resolution": [b.width, b.height], "count": n}
+               for i, (b, n) in enumerate(plan.bucket_counts.items())}
+    errors = [abs(p.bucket.width / p.bucket.height - r.width / r.height) for r, p in zip(records, plan.placements)]
+    return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
 
 
 def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:

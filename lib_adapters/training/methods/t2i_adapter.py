@@ -249,4 +249,5 @@ def t2i_metadata(info: ExportInfo, t2i: T2IConfig, cfg: SpatialAdapterConfig) ->
         "t2i_adapter.batch_size": str(c.batch_size),
         "t2i_adapter.timesteps": t2i.timesteps.value,
         "t2i_adapter.seed": str(c.seed),
+        "t2i_adapter.session_id": info.session_id,  # the run (kept over resumes): who may replace the published file
     }

@@ -1,0 +1,252 @@
+"""IP-Adapter FaceID files: which FaceID, for which base, read from keys and shapes.
+
+The files are IP-Adapter files (``image_proj.*`` / ``ip_adapter.*``, nested ``.bin`` or flat
+``.safetensors``, read as ``formats/ip.py`` reads them) whose projection takes a face embedding:
+
+=================  ==========================================================  ============
+variant            ``image_proj``                                              tokens
+=================  ==========================================================  ============
+FaceID             ``proj.0`` [1024, 512], ``proj.2`` [4 D, 1024], ``norm``    4
+FaceID Portrait    the same with ``proj.2`` [16 D, 1024], no LoRA               16 per face
+Portrait unnorm    a Plus ``Resampler`` (``latents`` ...) with ``proj_in`` [.., 512]  16 per face
+FaceID Plus (v2)   FaceID's keys + ``perceiver_resampler.*`` over CLIP ViT-H   4
+=================  ==========================================================  ============
+
+D is the UNet's context width (768 SD1.5, 2048 SDXL), read with the site count from ``to_k_ip``.
+FaceID and FaceID Plus files also hold, in ``ip_adapter``, the LoRA the reference trained with every
+attention processor (``{n}.to_{q,k,v,out}_lora.{down,up}.weight``; even n: self-attention, odd n:
+the cross-attention of IP site n); they are read into ``AttentionLoRA`` records, so every key is
+consumed. Plus and Plus v2 have identical keys: v2 (trained with the shortcut) can only be told by
+its name ("v2" in it, as every front end does) or by the caller.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..errors import FormatError
+from ..models.faceid import FACE_EMBEDDING_DIM, FaceIDAdapterModel, FaceIDConfig, FaceIDKind
+from ..unet.layout import BoundLayout
+from .detect import ModelFamily, detect_family
+from .ip import DIM_HEAD, EncoderNeed, LoadedIPAdapter, _split
+from .reader import read_state_dict
+from .t2i import load_strict
+
+StateDict = Mapping[str, torch.Tensor]
+PORTRAIT_TOKENS = 16
+LORA_PARTS = ("q", "k", "v", "out")
+_LORA_KEY = re.compile(r"(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
+_KV_KEY = re.compile(r"(\d+)\.to_(k|v)_ip\.weight$")
+
+
+class FaceIDVariant(str, Enum):
+    FACEID = "FaceID"
+    PLUS = "FaceID Plus"
+    PLUS_V2 = "FaceID Plus v2"
+    PORTRAIT = "FaceID Portrait"
+
+
+@dataclass(frozen=True)
+class AttentionLoRA:
+    """One attention processor's LoRA as the reference trained it: ``W + up @ down`` for q, k, v, out."""
+
+    number: int  # even: the self-attention before IP site number + 1; odd: the cross-attention of IP site number
+    rank: int
+    down: Mapping[str, torch.Tensor]  # "q" | "k" | "v" | "out" -> [rank, in]
+    up: Mapping[str, torch.Tensor]  # -> [out, rank]
+
+    @property
+    def is_cross_attention(self) -> bool:
+        return self.number % 2 == 1
+
+    def delta(self, part: str) -> torch.Tensor:
+        return self.up[part].float() @ self.down[part].float()
+
+
+@dataclass(frozen=True)
+class LoadedFaceIDAdapter:
+    """A FaceID file, ready for the IP-Adapter runtime (``model.image_proj``, ``model.site(n)``)."""
+
+    name: str
+    model: FaceIDAdapterModel
+    config: FaceIDConfig
+    variant: FaceIDVariant
+    site_hidden: dict[int, int]
+    lora: dict[int, AttentionLoRA] = field(default_factory=dict)  # processor number -> its LoRA; {} for Portrait
+
+    @property
+    def projection(self) -> FaceIDConfig:
+        return self.config
+
+    @property
+    def encoder_need(self) -> EncoderNeed | None:
+        """Plus needs CLIP hidden states of the aligned face crop; the others no CLIP encoder at all."""
+        return EncoderNeed(hidden_states=True, width=self.config.clip_dim) if self.config.kind.uses_clip else None
+
+    @property
+    def shortcut(self) -> bool:
+        """Plus v2 adds the identity tokens back onto the perceiver's output, weighted by ``s_scale``."""
+        return self.variant is FaceIDVariant.PLUS_V2
+
+    @property
+    def normed_embedding(self) -> bool:
+        """Feed ``FaceResult.normed_embedding`` (True) or the raw ``embedding`` (Portrait unnorm)."""
+        return self.config.kind.normed_embedding
+
+    @property
+    def tokens_per_face(self) -> int:
+        return self.config.num_tokens
+
+    def check_compatible(self, bound: BoundLayout, label: str) -> None:
+        LoadedIPAdapter.check_compatible(self, bound, label)  # type: ignore[arg-type]  # same fields, same rule
+
+    def tokens(self, face_embeds: torch.Tensor, clip_hidden: torch.Tensor | None = None,
+               s_scale: float = 1.0) -> torch.Tensor:
+        """Context tokens [N, tokens_per_face, D] for N faces ([N, 512] embeddings; Plus: and their
+        crops' CLIP hidden states [N, 257, 1280]). The "no face" tokens are ``tokens(zeros, empty_clip)``."""
+        with torch.no_grad():
+            clip = clip_hidden.float() if clip_hidden is not None else None
+            return self.model.image_proj(face_embeds.float(), clip, s_scale=s_scale, shortcut=self.shortcut)
+
+
+def faceid_kind(image_proj: StateDict) -> FaceIDKind | None:
+    """The FaceID projection these ``image_proj`` keys belong to, or None for other IP-Adapters."""
+    if "perceiver_resampler.proj_in.weight" in image_proj:
+        return FaceIDKind.PLUS
+    if "proj.0.weight" in image_proj and "norm.weight" in image_proj and "proj.3.weight" not in image_proj:
+        return FaceIDKind.MLP
+    proj_in = image_proj.get("proj_in.weight")
+    if "latents" in image_proj and proj_in is not None and int(proj_in.shape[1]) == FACE_EMBEDDING_DIM:
+        return FaceIDKind.RESAMPLER  # no CLIP encoder has 512-wide hidden states: a face embedding
+    return None
+
+
+def is_faceid_state_dict(sd: StateDict) -> bool:
+    """True for FaceID files (flat ``image_proj.*``/``ip_adapter.*`` keys), False for other IP-Adapters."""
+    proj = {k[len("image_proj."):]: v for k, v in sd.items() if k.startswith("image_proj.")}
+    return faceid_kind(proj) is not None or any(_LORA_KEY.match(k[len("ip_adapter."):]) for k in sd
+                                                   if k.startswith("ip_adapter."))
+
+
+def _layer_count(proj: StateDict, prefix: str) -> int:
+    return len({int(m.group(1)) for k in proj for m in [re.match(rf"{re.escape(prefix)}layers\.(\d+)\.0\.to_q\.", k)]
+                if m})
+
+
+def _shape(proj: StateDict, key: str, source: str) -> tuple[int, ...]:
+    if key not in proj:
+        raise FormatError(f"{source}: the FaceID image projection lacks image_proj.{key}; the file is incomplete.")
+    return tuple(int(d) for d in proj[key].shape)
+
+
+def faceid_config(proj: StateDict, kind: FaceIDKind, context_dim: int, source: str) -> FaceIDConfig:
+    if kind is FaceIDKind.RESAMPLER:
+        latents = _shape(proj, "latents", source)
+        dim = latents[2]
+        return FaceIDConfig(kind, context_dim=context_dim, num_tokens=latents[1],
+                            id_dim=_shape(proj, "proj_in.weight", source)[1], id_hidden=0, perceiver_dim=dim,
+                            perceiver_depth=_layer_count(proj, ""),
+                            perceiver_heads=_shape(proj, "layers.0.0.to_q.weight", source)[0] // DIM_HEAD,
+                            perceiver_ff_mult=_shape(proj, "layers.0.1.1.weight", source)[0] // dim)
+    hidden, id_dim = _shape(proj, "proj.0.weight", source)
+    out = _shape(proj, "proj.2.weight", source)[0]
+    width = _shape(proj, "norm.weight", source)[0]
+    if width != context_dim or out % width:
+        raise FormatError(f"{source}: image_proj gives tokens {width} wide ({out} values) but ip_adapter expects "
+                          f"{context_dim}-wide context tokens; the file mixes two models.")
+    if kind is FaceIDKind.MLP:
+        return FaceIDConfig(kind, context_dim=context_dim, num_tokens=out // width, id_dim=id_dim, id_hidden=hidden)
+    pre = "perceiver_resampler."
+    dim, clip_dim = _shape(proj, pre + "proj_in.weight", source)
+    if dim != context_dim or _shape(proj, pre + "proj_out.weight", source)[0] != context_dim:
+        raise FormatError(f"{source}: the FaceID Plus perceiver is {dim} wide, expected the context width "
+                          f"{context_dim}; the file is not a FaceID Plus model this extension knows.")
+    return FaceIDConfig(kind, context_dim=context_dim, num_tokens=out // width, id_dim=id_dim, id_hidden=hidden,
+                        clip_dim=clip_dim, perceiver_dim=dim, perceiver_depth=_layer_count(proj, pre),
+                        perceiver_heads=_shape(proj, pre + "layers.0.0.to_q.weight", source)[0] // DIM_HEAD,
+                        perceiver_ff_mult=_shape(proj, pre + "layers.0.1.1.weight", source)[0] // dim)
+
+
+def _variant(cfg: FaceIDConfig, name: str, plus_v2: bool | None) -> FaceIDVariant:
+    if cfg.kind is FaceIDKind.PLUS:
+        v2 = ("v2" in name.lower()) if plus_v2 is None else plus_v2
+        return FaceIDVariant.PLUS_V2 if v2 else FaceIDVariant.PLUS
+    if cfg.kind is FaceIDKind.RESAMPLER or cfg.num_tokens == PORTRAIT_TOKENS:
+        return FaceIDVariant.PORTRAIT
+    return FaceIDVariant.FACEID
+
+
+def _split_ip(ip: StateDict, source: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``ip_adapter`` keys -> (to_k_ip/to_v_ip, LoRA); anything else is a ``FormatError``."""
+    kv = {k: v for k, v in ip.items() if _KV_KEY.match(k)}
+    lora = {k: v for k, v in ip.items() if _LORA_KEY.match(k)}
+    other = sorted(set(ip) - set(kv) - set(lora))
+    if other:
+        raise FormatError(f"{source}: unexpected ip_adapter keys in a FaceID file: {', '.join(other[:3])}. The file is "
+                          "damaged or a variant this extension does not know.")
+    return kv, lora
+
+
+def _lora_records(lora: StateDict, site_hidden: dict[int, int], context_dim: int, source: str
+                  ) -> dict[int, AttentionLoRA]:
+    if not lora:
+        return {}
+    numbers = sorted({int(_LORA_KEY.match(k).group(1)) for k in lora})  # type: ignore[union-attr]
+    expected = list(range(2 * len(site_hidden)))
+    if numbers != expected or sorted(site_hidden) != expected[1::2]:
+        raise FormatError(f"{source}: the FaceID LoRA covers attention processors {numbers[:4]}..{numbers[-1]}, "
+                          f"expected 0..{expected[-1]} (every self- and cross-attention); the file is incomplete.")
+    records = {}
+    downs = [v for k, v in lora.items() if k.endswith(".down.weight")]
+    rank = int(downs[0].shape[0]) if downs else 0  # no down weights: the first check below names one
+    for n in numbers:
+        hidden = site_hidden[n + 1 - n % 2]
+        kv_in = context_dim if n % 2 else hidden
+        down, up = {}, {}
+        for part in LORA_PARTS:
+            width = kv_in if part in ("k", "v") else hidden
+            for side, shape, store in (("down", (rank, width), down), ("up", (hidden, rank), up)):
+                key = f"{n}.to_{part}_lora.{side}.weight"
+                if key not in lora or tuple(lora[key].shape) != shape:
+                    found = tuple(lora[key].shape) if key in lora else "missing"
+                    raise FormatError(f"{source}: ip_adapter.{key} is {found}, expected {shape}; the FaceID LoRA "
+                                      "does not fit the file's attention sites.")
+                store[part] = lora[key]
+        records[n] = AttentionLoRA(number=n, rank=rank, down=down, up=up)
+    return records
+
+
+def faceid_from_state_dict(sd: StateDict, name: str = "ip-adapter-faceid", plus_v2: bool | None = None
+                           ) -> LoadedFaceIDAdapter:
+    """Load a flat FaceID state dict; ``plus_v2`` overrides the name's hint for Plus files."""
+    family, _, sd = detect_family(sd, name)
+    if family is not ModelFamily.IP_ADAPTER:
+        raise FormatError(f"{name}: this is a {family.value} file, not an IP-Adapter FaceID.")
+    proj, ip = _split(sd)
+    kind = faceid_kind(proj)
+    if kind is None:
+        raise FormatError(f"{name}: this IP-Adapter takes CLIP image features, not a face embedding; it is not a "
+                          "FaceID model. Load it as a regular IP-Adapter.")
+    kv, lora = _split_ip(ip, name)
+    numbers = sorted({int(_KV_KEY.match(k).group(1)) for k in kv})  # type: ignore[union-attr]
+    if not numbers:
+        raise FormatError(f"{name}: no ip_adapter.N.to_k_ip weights found.")
+    context_dim = int(kv[f"{numbers[0]}.to_k_ip.weight"].shape[1])
+    site_hidden = {n: int(kv[f"{n}.to_k_ip.weight"].shape[0]) for n in numbers}
+    cfg = faceid_config(proj, kind, context_dim, name)
+    model = FaceIDAdapterModel(cfg, site_hidden)
+    load_strict(model, {f"image_proj.{k}": v for k, v in proj.items()} | {f"ip_adapter.{k}": v for k, v in kv.items()},
+                name)
+    return LoadedFaceIDAdapter(name=name, model=model.eval().requires_grad_(False), config=cfg,
+                               variant=_variant(cfg, name, plus_v2), site_hidden=site_hidden,
+                               lora=_lora_records(lora, site_hidden, context_dim, name))
+
+
+def load_faceid_adapter(path: str | Path, plus_v2: bool | None = None) -> LoadedFaceIDAdapter:
+    path = Path(path)
+    return faceid_from_state_dict(read_state_dict(path), name=path.stem, plus_v2=plus_v2)
