@@ -10,9 +10,9 @@ caption ``x.txt``):
 
 A missing condition is generated once with the chosen preprocessor, at the image's size, and kept in
 the run's cache folder (``TrainConfig.cache_dir``/t2i-conditions/<preprocessor>/, under the output folder:
-the dataset folder is never written); it is made again when the image is newer. Everything is checked before training: ``load_t2i_records`` raises one
-``DatasetInvalidError`` naming every bad file, or the preprocessor's own ``MissingFileError`` when
-its weights are not there.
+the dataset folder is never written); it is made again when the image is newer. Everything is checked
+before training: ``load_t2i_records`` raises one ``DatasetInvalidError`` naming every bad file, or the
+preprocessor's own ``MissingFileError`` when its weights are not there.
 """
 from __future__ import annotations
 

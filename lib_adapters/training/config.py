@@ -178,7 +178,7 @@ class T2IConfig:
     condition: str = "depth"  # the condition's name: ``x.<condition>.png`` beside ``x.png``
     condition_channels: int = 3  # 3 for RGB-like maps (depth, seg, openpose, colour), 1 for edges/sketches
     num_res_blocks: int | None = None  # per level; None: the released adapters' 2 (full) or 4 (light)
-    preprocessor: str | None = None  # generates missing conditions (kept in TrainConfig.cache_dir); None: all must exist
+    preprocessor: str | None = None  # makes missing conditions (kept in TrainConfig.cache_dir); None: all must exist
     preprocessor_weights_dir: Path | None = None  # the annotator weights folder, for preprocessors that need one
     init_from: Path | None = None  # an adapter file to fine-tune; None: start from scratch
     timesteps: TimestepSampling = TimestepSampling.UNIFORM

@@ -205,4 +205,5 @@ def register_api(app, jobs: TrainingJobs) -> None:
     app.add_api_route(f"{PREFIX}/resume", resume, methods=["POST"], openapi_extra=body_schema, **common)
 
 
-__all__ = ["register_api", "register_if_enabled", "api_enabled", "credentials", "PREFIX", "TrainRequestModel", "TrainStatusModel", "JobState"]
+__all__ = ["register_api", "register_if_enabled", "api_enabled", "credentials", "PREFIX", "TrainRequestModel",
+           "TrainStatusModel", "JobState"]

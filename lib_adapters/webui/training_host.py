@@ -41,10 +41,10 @@ from ..errors import InputError, MissingFileError
 from ..training.backends.ldm import LdmBackend
 from ..training.config import Method, TrainConfig
 from ..training.errors import NonFiniteLossError
-from ..training.nonfinite import InputSource
 from ..training.ip_data import reference_encoder
-from ..training.named_files import check_named_files
 from ..training.loop import Progress
+from ..training.named_files import check_named_files
+from ..training.nonfinite import InputSource
 from .training_request import FilePlaces
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,8 @@ _VALUED: dict[str, object] = {
     "loglevel": None, "data-dir": None, "models-dir": None, "config": None, "ckpt": None, "ckpt-dir": None,
     "vae-dir": None, "embeddings-dir": None, "hypernetwork-dir": None, "lora-dir": None,
     "lyco-dir-backcompat": None, "ui-settings-file": None, "ui-config-file": None, "styles-file": None,
-    "api-auth": None, "gradio-auth": None, "gradio-auth-path": None, "server-name": None, "ngrok": None, "device-id": None,
+    "api-auth": None, "gradio-auth": None, "gradio-auth-path": None, "server-name": None, "ngrok": None,
+    "device-id": None,
     "freeze-settings-in-sections": None, "freeze-specific-settings": None, "cors-allow-origins": None,
 }
 for _name, _default in _VALUED.items():
