@@ -1,5 +1,5 @@
-"""The built-in tiny model as diffusers components, and its word-hash tokenizer: what the headless trainer
-trains when no checkpoint is given (offline, seconds per step on a CPU).
+"""The built-in tiny model as diffusers component configs, and its word-hash tokenizer: what the headless trainer
+trains when no checkpoint is given (offline, seconds per step on a CPU; ``training.loading.load_tiny`` builds it).
 
 The UNet has SD1.x's block structure at toy width (the diffusers twin of ``tiny.TINY_SD1``: 32/64/128/128
 channels, two res blocks per level, cross-attention at the first three levels, 4 heads, context 32), so
@@ -7,7 +7,6 @@ a LoRA trained on it has SD1.x kohya names and maps onto the stub WebUI's tiny l
 Text: a random 2-layer ``CLIPTextModel`` (width 32) behind ``WordHashTokenizer``, a deterministic tokenizer
 with the small HF-like surface the backends use (the stub WebUI model shares both). VAE: diffusers'
 ``AutoencoderKL``, 4 levels of 32 channels. Schedule: SD's scaled-linear betas, eps prediction.
-Weights are drawn from ``seed`` inside ``torch.random.fork_rng``: building never disturbs the caller's RNG.
 """
 from __future__ import annotations
 
@@ -16,8 +15,6 @@ import zlib
 
 import torch
 from torch import nn
-
-from .tiny import scaled_linear_alphas_cumprod
 
 VOCAB_SIZE = 1000
 BOS_ID, EOS_ID = 998, 999
@@ -73,17 +70,3 @@ def tiny_vae_config() -> dict:
                 block_out_channels=(32,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=32,
                 sample_size=64, scaling_factor=0.18215)
 
-
-def build_tiny_diffusers_backend(seed: int = 0):
-    """A ``DiffusersBackend`` over freshly built tiny components (CPU, fp32)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from .training.backends.diffusers import DiffusersBackend
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**tiny_unet_config()).eval()
-        vae = AutoencoderKL(**tiny_vae_config()).eval()
-        text_encoder = tiny_clip_text_model(32)
-    return DiffusersBackend(unet, vae, [text_encoder], [WordHashTokenizer()], scaled_linear_alphas_cumprod(),
-                            "eps", name=f"tiny-sd1-seed{seed}")

@@ -7,9 +7,10 @@ this file only registers callbacks.
 """
 from modules import script_callbacks
 
-from lib_adapters.webui import training_api
-from lib_adapters.webui.training_jobs import TrainingHost, TrainingJobs
-from lib_adapters.webui.training_tab import ELEM_PREFIX, TITLE, TrainTab
+from lib_adapters.webui.training import api as training_api
+from lib_adapters.webui.training.host import TrainingHost
+from lib_adapters.webui.training.jobs import TrainingJobs
+from lib_adapters.webui.training.tab import ELEM_PREFIX, TITLE, TrainTab
 
 _jobs = None
 

@@ -1,10 +1,13 @@
-"""The dependency rule of design.md, enforced on the source: scripts -> lib_adapters.webui -> core."""
+"""The dependency rule of design.md, enforced on the source: scripts -> lib_adapters.webui -> core, and no import
+cycle inside lib_adapters."""
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBUI_ONLY = {"modules", "gradio", "launch"}
@@ -63,3 +66,93 @@ def test_importing_the_core_has_no_side_effects():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- import cycles ------------------------------------------------------------------------------------------------
+PACKAGE = ROOT / "lib_adapters"
+# formats <-> models: the inference side's refactor (issue 11, point 4) breaks it; remove this entry when it lands.
+KNOWN_CYCLES = {"lib_adapters": [{"lib_adapters.formats", "lib_adapters.models"}]}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _imported(name: str, path: Path) -> set[str]:
+    """Every lib_adapters module ``name`` imports, at module level or inside functions (a cycle of lazy imports is
+    still a cycle: it only hides which side owns what)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            candidates = [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for candidate in candidates:
+            while candidate and candidate not in MODULES:  # an attribute: its module
+                candidate = candidate.rpartition(".")[0]
+            if candidate.startswith("lib_adapters") and candidate != name:
+                found.add(candidate)
+    return found
+
+
+IMPORTS = {name: _imported(name, path) for name, path in MODULES.items()}
+PACKAGES = sorted(name for name, path in MODULES.items() if path.name == "__init__.py")
+
+
+def _child(package: str, module: str) -> str | None:
+    """The direct child of ``package`` (a module or a sub-package) that holds ``module``."""
+    if not module.startswith(package + "."):
+        return None
+    return package + "." + module[len(package) + 1:].split(".")[0]
+
+
+def _cycles(package: str) -> list[set[str]]:
+    """Groups of ``package``'s direct children that import each other (strongly connected components)."""
+    edges: dict[str, set[str]] = {}
+    for module, imported in IMPORTS.items():
+        source = _child(package, module)
+        for target in filter(None, (_child(package, i) for i in imported)):
+            if source is not None and target != source:
+                edges.setdefault(source, set()).add(target)
+    reach = {node: _reachable(node, edges) for node in edges}
+    groups = {frozenset(n for n in reach if n in reach[node] and node in reach[n]) | {node} for node in reach}
+    return sorted((set(g) for g in groups if len(g) > 1), key=sorted)
+
+
+def _reachable(start: str, edges: dict[str, set[str]]) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in edges.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_import_cycle_between_the_parts_of_a_package(package):
+    """Inside every package, its modules and sub-packages import one another one way only (design.md's layers)."""
+    cycles = [c for c in _cycles(package) if c not in KNOWN_CYCLES.get(package, [])]
+    assert cycles == []
+
+
+def test_the_cycle_check_finds_a_lazy_cycle(tmp_path, monkeypatch):
+    """The check above is not vacuous: an import inside a function is read, relative to its package, and two modules
+    importing each other that way are a cycle."""
+    lazy = tmp_path / "a.py"
+    lazy.write_text("def f():\n    from ..training.loop import train\n    from . import cli\n")
+    assert _imported("lib_adapters.training.a", lazy) == {"lib_adapters.training.loop", "lib_adapters.training.cli"}
+    monkeypatch.setitem(IMPORTS, "lib_adapters.x.a", {"lib_adapters.x.b.c"})
+    monkeypatch.setitem(IMPORTS, "lib_adapters.x.b.c", {"lib_adapters.x.a"})
+    assert _cycles("lib_adapters.x") == [{"lib_adapters.x.a", "lib_adapters.x.b"}]

@@ -7,7 +7,7 @@ its rows of each global batch and only the first one prints and writes.
 
 Nothing is lost: an existing ``<output-dir>/<name>.safetensors`` is replaced only with ``--overwrite`` (or by a
 resumed run that wrote it itself); a fresh run sets an earlier run's checkpoints of the name aside
-(``checkpoints.set_aside_checkpoints``); temporary files a killed run left are removed at the next start.
+(``run_checkpoints.set_aside_checkpoints``); temporary files a killed run left are removed at the next start.
 
 Exit codes: 0 done; 1 training stopped (non-finite loss: the message names the kept checkpoint);
 2 bad input (the message says what to fix; no traceback), an existing output file among them;
@@ -27,23 +27,18 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError, DiskFullError, InputError
-from .checkpoints import (latest_checkpoint, read_state, remove_checkpoint_temp_files, set_aside_checkpoints)
+from .run_checkpoints import (latest_checkpoint, read_state, remove_checkpoint_temp_files, set_aside_checkpoints)
 from .config import Method, TrainConfig
 from .distributed import Shard, close, shard_from_environment
 from .errors import TrainingError
 from .loading import ModelSource, base_dtype, load_backend
-from .loop import Progress, TrainCallbacks, TrainResult, method_class, resume, train
+from .loop import TrainResult, method_class, resume, train
+from .progress import Progress, TrainCallbacks, format_duration
 from .named_files import check_named_files
 from .outputs import check_replace, disk_full_error, remove_output_temp_files
 from .sampling import check_sample_image
 
 EXIT_OK, EXIT_TRAINING, EXIT_INPUT, EXIT_DISK_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
 class ConsoleCallbacks(TrainCallbacks):
@@ -70,7 +65,7 @@ class ConsoleCallbacks(TrainCallbacks):
     def on_progress(self, p: Progress) -> None:
         if p.step % self.log_every == 0 or p.step == p.total:
             self.say(f"step {p.step}/{p.total}  loss {p.loss:.4f}  lr {p.lr:.2e}  epoch {p.epoch}  "
-                     f"elapsed {_clock(p.elapsed)}  ETA {_clock(p.eta)}")
+                     f"elapsed {format_duration(p.elapsed)}  ETA {format_duration(p.eta)}")
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.say(f"checkpoint at step {step}: {path}")
@@ -106,10 +101,10 @@ def _report(result: TrainResult, request: RunRequest, say) -> None:
     that predates the loss record can only speak of the steps of this session, and says so."""
     losses, seconds = result.run_losses, result.run_seconds
     if losses is not None:
-        covered = f"{len(losses)} steps in {_clock(seconds)}" + (", the whole run" if result.first_step else "")
+        covered = f"{len(losses)} steps in {format_duration(seconds)}" + (", the whole run" if result.first_step else "")
     else:
         losses, seconds = result.losses, result.seconds
-        covered = (f"steps {result.first_step + 1}..{result.step} in {_clock(seconds)} only: the checkpoint resumed "
+        covered = (f"steps {result.first_step + 1}..{result.step} in {format_duration(seconds)} only: the checkpoint resumed "
                    "from has no record of the earlier losses")
     if losses:
         k = max(1, len(losses) // 10)

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, MissingFileError
-from .backends.base import TrainingBackend
+from ..tiny import scaled_linear_alphas_cumprod
+from .backends.base import PREDICTION_NAMES, TrainingBackend, prediction_type
 from .config import Precision
 
-_PREDICTION_TYPES = {"epsilon": "eps", "eps": "eps", "v_prediction": "v", "v": "v"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -33,7 +33,7 @@ class ModelSource:
         for name in ("checkpoint", "tokenizer_dir"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
-        if self.prediction_type is not None and self.prediction_type not in _PREDICTION_TYPES:
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_NAMES:
             raise InputError(f"prediction type must be eps or v (epsilon / v_prediction); got {self.prediction_type!r}")
 
 
@@ -42,10 +42,6 @@ def base_dtype(precision: Precision, device: torch.device) -> torch.dtype:
     if device.type != "cuda" or precision is Precision.FP32:
         return torch.float32
     return torch.float16 if precision is Precision.FP16 else torch.bfloat16
-
-
-def prediction_type(value: str | None, default: str) -> str:
-    return _PREDICTION_TYPES[value] if value is not None else _PREDICTION_TYPES.get(default, "eps")
 
 
 def require_diffusers() -> None:
@@ -61,9 +57,7 @@ def load_backend(source: ModelSource, device: torch.device, dtype: torch.dtype =
     require_diffusers()
     path = source.checkpoint
     if path is None:
-        from ..tiny_diffusers import build_tiny_diffusers_backend
-
-        backend = build_tiny_diffusers_backend(source.tiny_seed)  # eps-prediction, like SD1.x
+        backend = load_tiny(source.tiny_seed)  # eps-prediction, like SD1.x
     elif not path.exists():
         raise MissingFileError(f"the checkpoint {path} does not exist; pass a diffusers-format folder (with "
                                f"model_index.json) or a .safetensors/.ckpt file")
@@ -119,3 +113,20 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32, pred
     parameterization = prediction_type(prediction, scheduler.config.get("prediction_type", "epsilon"))
     return DiffusersBackend(unet.eval(), vae.eval(), [e.eval() for e in encoders], tokenizers,
                             scheduler.alphas_cumprod, parameterization, name=folder.name)
+
+
+def load_tiny(seed: int = 0):
+    """A ``DiffusersBackend`` over the built-in tiny model (``tiny_diffusers``), freshly built from ``seed`` (CPU, fp32).
+    Weights are drawn inside ``torch.random.fork_rng``: building never disturbs the caller's RNG."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ..tiny_diffusers import WordHashTokenizer, tiny_clip_text_model, tiny_unet_config, tiny_vae_config
+    from .backends.diffusers import DiffusersBackend
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**tiny_unet_config()).eval()
+        vae = AutoencoderKL(**tiny_vae_config()).eval()
+        text_encoder = tiny_clip_text_model(32)
+    return DiffusersBackend(unet, vae, [text_encoder], [WordHashTokenizer()], scaled_linear_alphas_cumprod(),
+                            "eps", name=f"tiny-sd1-seed{seed}")

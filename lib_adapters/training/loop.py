@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from ..errors import InputError, MissingFileError
 from .backends.base import SizeCondition, TrainingBackend
 from .buckets import BatchPlan, load_pixels
-from .checkpoints import (Snapshot, capture_rng, check_signature, checkpoint_dir, checkpoint_paths, latest_checkpoint,
+from .run_checkpoints import (Snapshot, capture_rng, check_signature, checkpoint_dir, checkpoint_paths, latest_checkpoint,
                           read_state, restore_rng, resume_signature, write_state)
 from .config import Method, Precision, TrainConfig
 from .data import CAPTION_CHUNK_TOKENS, CAPTION_MAX_CHARS, CAPTION_MAX_CHUNKS, ImageRecord, tag_frequency
@@ -43,40 +42,10 @@ from .methods.lora import LoraMethod
 from .methods.t2i_adapter import T2IAdapterMethod
 from .objective import add_noise, diffusion_loss, min_snr_weights, sample_noise, training_target
 from .optim import build_optimizer, build_scheduler
+from .progress import Progress, TrainCallbacks
 from .sampling import SampleRequest, Sampler, check_sample_image, euler_sampler
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Progress:
-    step: int  # optimizer steps done
-    total: int
-    loss: float
-    lr: float
-    epoch: int
-    elapsed: float  # seconds in this session
-    eta: float  # seconds left, extrapolated from this session's pace
-
-
-class TrainCallbacks:
-    """Hooks for a UI; every method has a no-op default. ``interrupted()`` is polled before each step."""
-
-    def on_progress(self, progress: Progress) -> None:
-        pass
-
-    def interrupted(self) -> bool:
-        return False
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        pass
-
-    def on_sample(self, step: int, images: list[Image.Image], paths: list[Path]) -> None:
-        pass
-
-    def on_warning(self, message: str) -> None:
-        """Something the user should know that does not stop the run (e.g. a caption was capped)."""
-        log.warning(message)
 
 
 @dataclass(frozen=True)

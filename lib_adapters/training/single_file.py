@@ -22,7 +22,7 @@ import torch
 
 from ..errors import FormatError, InputError, MissingFileError
 from ..tiny import scaled_linear_alphas_cumprod
-from .loading import prediction_type
+from .backends.base import prediction_type
 
 _VAE_DDCONFIG = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
                      num_res_blocks=2, attn_resolutions=[], dropout=0.0)

@@ -18,7 +18,7 @@ from train_helpers import make_shapes_dataset
 pytest.importorskip("diffusers")
 
 from lib_adapters.training import cli  # noqa: E402
-from lib_adapters.training.checkpoints import latest_checkpoint, read_state  # noqa: E402
+from lib_adapters.training.run_checkpoints import latest_checkpoint, read_state  # noqa: E402
 from lib_adapters.training.cli_args import build_parser, config_from_args  # noqa: E402
 from lib_adapters.training.methods import lora_file  # noqa: E402
 from lib_adapters.training.methods.lora_file import load_lora  # noqa: E402

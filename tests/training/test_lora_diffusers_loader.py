@@ -25,8 +25,9 @@ from train_helpers import make_shapes_dataset
 pytest.importorskip("diffusers")
 pytest.importorskip("peft", reason="diffusers' load_lora_weights injects LoRA layers with peft (requirements-test.txt)")
 
-from lib_adapters.tiny_diffusers import WordHashTokenizer, build_tiny_diffusers_backend  # noqa: E402
+from lib_adapters.tiny_diffusers import WordHashTokenizer  # noqa: E402
 from lib_adapters.training.config import LoraConfig, TrainConfig  # noqa: E402
+from lib_adapters.training.loading import load_tiny  # noqa: E402
 from lib_adapters.training.loop import train  # noqa: E402
 from lib_adapters.training.methods.lora import LoraMethod  # noqa: E402
 from lib_adapters.training.methods.lora_file import load_lora  # noqa: E402
@@ -125,23 +126,23 @@ def test_diffusers_load_lora_weights_loads_a_trained_file(tmp_path, monkeypatch)
     make_shapes_dataset(tmp_path / "ds", "1_shapes", count=2)
     config = TrainConfig(tmp_path / "ds", tmp_path / "out", "trained", resolution=64, steps=3, batch_size=2,
                          learning_rate=3e-3, lora=LORA)
-    result = train(config, build_tiny_diffusers_backend(0))
+    result = train(config, load_tiny(0))
     tensors, _ = load_lora(result.output)
     modules = {k.rsplit(".", 2)[0] for k in tensors}
     unet_modules = sum(m.startswith("lora_unet_") for m in modules)
     text_modules = sum(m.startswith("lora_te_") for m in modules)
     assert unet_modules > 0 and text_modules > 0 and unet_modules + text_modules == len(modules)
 
-    base = _pipeline(build_tiny_diffusers_backend(0))
+    base = _pipeline(load_tiny(0))
     base_latents, base_text = _latents(base), _text(base)
 
-    ours_backend = build_tiny_diffusers_backend(0)
+    ours_backend = load_tiny(0)
     ours_method = LoraMethod(ours_backend, LORA)
     ours_method.load_trainable_file(result.output)  # our own application: hooks adding up(down(x)) * alpha / rank
     ours = _pipeline(ours_backend)
     ours_latents, ours_text = _latents(ours), _text(ours)
 
-    pipe = _pipeline(build_tiny_diffusers_backend(0))
+    pipe = _pipeline(load_tiny(0))
     loads = []
     _enable_diffusers_peft_backend(monkeypatch, loads)
     if not constants._required_transformers_version:  # transformers < 4.34 has no PreTrainedModel.load_adapter

@@ -12,9 +12,10 @@ from train_helpers import make_shapes_dataset, tiny
 from fixtures.clip import save_clip_vision, tiny_clip_vision
 from fixtures.ip import random_ip_state_dict
 from lib_adapters.errors import IncompatibleModelError, InputError
-from lib_adapters.training.checkpoints import checkpoint_paths
+from lib_adapters.training.run_checkpoints import checkpoint_paths
 from lib_adapters.training.config import IPAdapterConfig, TrainConfig
-from lib_adapters.training.loop import TrainCallbacks, train
+from lib_adapters.training.loop import train
+from lib_adapters.training.progress import TrainCallbacks
 from lib_adapters.training.methods.base import ExportInfo
 from lib_adapters.training.methods.ip_adapter import IPAdapterMethod
 from lib_adapters.unet.layout import bind_layout

@@ -12,10 +12,11 @@ from PIL import Image
 from train_helpers import make_shapes_dataset, tiny
 
 from lib_adapters.errors import AdapterError, InputError
-from lib_adapters.training.checkpoints import checkpoint_paths, latest_checkpoint
+from lib_adapters.training.run_checkpoints import checkpoint_paths, latest_checkpoint
 from lib_adapters.training.config import LoraConfig, TrainConfig
 from lib_adapters.training.errors import NonFiniteLossError, TrainingError
-from lib_adapters.training.loop import TrainCallbacks, resume, train
+from lib_adapters.training.loop import resume, train
+from lib_adapters.training.progress import TrainCallbacks
 from lib_adapters.training.methods.lora_file import load_lora
 
 
@@ -191,7 +192,7 @@ def test_checkpoints_resume_under_the_webui_safe_unpickler(tmp_path, monkeypatch
     import sys
     from types import SimpleNamespace
 
-    from lib_adapters.training.checkpoints import read_state
+    from lib_adapters.training.run_checkpoints import read_state
 
     make_shapes_dataset(tmp_path / "ds", "1_shapes", count=2)
     config = _config(tmp_path, "a", steps=1)

@@ -18,7 +18,8 @@ from lib_adapters.training.config import IPAdapterConfig, LoraConfig, T2IConfig,
 from lib_adapters.training.errors import NonFiniteLossError
 from lib_adapters.training.ip_data import ImageFeatures
 from lib_adapters.training import loop
-from lib_adapters.training.loop import TrainCallbacks, train
+from lib_adapters.training.loop import train
+from lib_adapters.training.progress import TrainCallbacks
 from lib_adapters.training.methods.t2i_adapter import T2IAdapterMethod
 from lib_adapters.training.nonfinite import InputSource
 

@@ -16,11 +16,12 @@ from lib_adapters.errors import IncompatibleModelError, MissingFileError
 from lib_adapters.formats.reader import read_safetensors_metadata, read_state_dict
 from lib_adapters.formats.t2i import load_t2i_adapter, tencentarc_to_diffusers
 from lib_adapters.training.buckets import Bucket, load_pixels, place
-from lib_adapters.training.checkpoints import checkpoint_paths
-from lib_adapters.training.conditions import CACHE_FOLDER, load_condition, load_t2i_records
+from lib_adapters.training.run_checkpoints import checkpoint_paths
+from lib_adapters.training.t2i_data import CACHE_FOLDER, load_condition, load_t2i_records
 from lib_adapters.training.config import T2IConfig, TrainConfig
 from lib_adapters.training.data import DatasetInvalidError, ProblemKind
-from lib_adapters.training.loop import TrainCallbacks, train
+from lib_adapters.training.loop import train
+from lib_adapters.training.progress import TrainCallbacks
 from lib_adapters.training.methods.t2i_adapter import T2IAdapterMethod, cubic_timesteps, inject_features
 
 FULL1 = T2IConfig(condition="canny", condition_channels=1, preprocessor="canny", save_precision="fp32")

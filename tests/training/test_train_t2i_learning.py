@@ -25,7 +25,7 @@ from train_helpers import held_out_noising, tiny_pooled
 
 from lib_adapters.formats.t2i import load_t2i_adapter
 from lib_adapters.training.buckets import Bucket, load_pixels, place
-from lib_adapters.training.conditions import load_condition
+from lib_adapters.training.t2i_data import load_condition
 from lib_adapters.training.config import T2IConfig, TrainConfig
 from lib_adapters.training.loop import train
 from lib_adapters.training.methods.t2i_adapter import inject_features

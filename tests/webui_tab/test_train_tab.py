@@ -11,11 +11,12 @@ import gradio as gr
 import pytest
 
 from lib_adapters.errors import InputError
-from lib_adapters.webui.training_jobs import JobRunningError, JobState, JobStatus, TrainRequest
-from lib_adapters.webui.training_request import T2I_FIELDS
-from lib_adapters.webui.training_tab import TrainTab
-from lib_adapters.webui.training_view import (
-    AUTO_ENCODER, SCRATCH, all_fields, build_request, format_duration, loss_points, render_status, smoothed,
+from lib_adapters.webui.training.jobs import JobRunningError, JobState, JobStatus, TrainRequest
+from lib_adapters.training.request import T2I_FIELDS
+from lib_adapters.webui.training.tab import TrainTab
+from lib_adapters.training.progress import format_duration
+from lib_adapters.webui.training.view import (
+    AUTO_ENCODER, SCRATCH, all_fields, build_request, loss_points, render_status, smoothed,
 )
 
 
@@ -211,8 +212,8 @@ def test_file_lists_come_from_the_panels_folders(built_tab, tmp_path):
     from safetensors.torch import save_file
     import torch
 
-    from lib_adapters.webui.training_host import TrainingHost
-    from lib_adapters.webui.training_knobs import adapter_choices, encoder_choices, preprocessor_choices
+    from lib_adapters.webui.training.host import TrainingHost
+    from lib_adapters.webui.training.knobs import adapter_choices, encoder_choices, preprocessor_choices
 
     driver.reset_webui(tmp_path)
     models = tmp_path / "models"
@@ -367,9 +368,9 @@ def test_a_t2i_run_from_the_tab_is_listed_for_the_next_generation_and_fine_tunin
     import numpy as np
     from PIL import Image
 
-    from lib_adapters.webui.training_host import TrainingHost
-    from lib_adapters.webui.training_jobs import TrainingJobs
-    from lib_adapters.webui.training_knobs import adapter_choices
+    from lib_adapters.webui.training.host import TrainingHost
+    from lib_adapters.webui.training.jobs import TrainingJobs
+    from lib_adapters.webui.training.knobs import adapter_choices
     from training.train_helpers import make_shapes_dataset
 
     driver.reset_webui(tmp_path / "webui")

@@ -85,7 +85,7 @@ def page():
 @pytest.mark.slow  # about 30 s on 2 cores: a real server, a browser and a few training steps
 def test_train_then_interrupt_in_the_browser(host, page, tmp_path):
     from modules import progress
-    from lib_adapters.webui.training_jobs import JobState
+    from lib_adapters.webui.training.jobs import JobState
 
     dataset = make_shapes_dataset(tmp_path / "dataset")
     errors: list[str] = []

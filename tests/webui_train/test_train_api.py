@@ -8,9 +8,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from lib_adapters.webui.training_api import PREFIX, register_api
-from lib_adapters.webui.training_host import TrainingHost
-from lib_adapters.webui.training_jobs import TrainingJobs
+from lib_adapters.webui.training.api import PREFIX, register_api
+from lib_adapters.webui.training.host import TrainingHost
+from lib_adapters.webui.training.jobs import TrainingJobs
 
 TIMEOUT = 120
 
@@ -216,7 +216,7 @@ def _served(module) -> TestClient:
 
 
 def test_the_routes_exist_only_when_the_webui_serves_its_api(webui, monkeypatch, capsys):
-    from lib_adapters.webui.training_api import OFF_NOTICE
+    from lib_adapters.webui.training.api import OFF_NOTICE
     module = _entry_point()
     _flags(monkeypatch)
     assert _served(module).get(PREFIX).status_code == 404
@@ -270,7 +270,7 @@ def _snapshot(folder):
 def test_runs_never_write_into_the_dataset_folder(webui, api, monkeypatch):
     """Generated T2I conditions, latents and CLIP features go under outputs/adapters-training/cache/<dataset>-<hash>."""
     from fixtures.clip import save_clip_vision, tiny_clip_vision
-    from lib_adapters.webui.training_host import TrainingHost
+    from lib_adapters.webui.training.host import TrainingHost
     client, jobs = api
     encoder = save_clip_vision(tiny_clip_vision(), webui.root / "models" / "clip_vision")
     before = _snapshot(webui.dataset)
@@ -377,9 +377,9 @@ def test_named_files_that_are_unreadable_or_of_another_family_get_a_400_before_a
 
 
 def test_a_bad_output_name_is_refused_in_the_tab(webui):
-    from lib_adapters.webui.training_request import TrainRequest
-    from lib_adapters.webui.training_tab import TrainTab
-    from lib_adapters.webui.training_view import all_fields
+    from lib_adapters.training.request import TrainRequest
+    from lib_adapters.webui.training.tab import TrainTab
+    from lib_adapters.webui.training.view import all_fields
     jobs = TrainingJobs(TrainingHost())
     tab = TrainTab(lambda: jobs, poll_seconds=0)
     values = {**TrainRequest.defaults(), "dataset_dir": str(webui.dataset), "sample_prompts": "", "sample_every": 0}

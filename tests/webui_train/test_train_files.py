@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 
 from lib_adapters.training.methods.lora_file import load_lora
 from lib_adapters.training.outputs import OutputExistsError
-from lib_adapters.webui.training_api import PREFIX, register_api
-from lib_adapters.webui.training_host import TrainingHost
-from lib_adapters.webui.training_jobs import JobState, TrainingJobs
+from lib_adapters.webui.training.api import PREFIX, register_api
+from lib_adapters.webui.training.host import TrainingHost
+from lib_adapters.webui.training.jobs import JobState, TrainingJobs
 from test_train_jobs import TIMEOUT, RecordingHost, request, user_lora
 
 
@@ -105,7 +105,7 @@ def _failing_copy(monkeypatch, target):
 def test_a_full_disk_fails_the_job_naming_the_file_and_resume_continues_from_the_last_good_checkpoint(
         webui, monkeypatch):
     from lib_adapters.training.methods import lora_file
-    from lib_adapters.webui.training_view import render_status
+    from lib_adapters.webui.training.view import render_status
 
     real = lora_file.save_file
 

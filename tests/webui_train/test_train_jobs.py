@@ -19,8 +19,8 @@ from lib_adapters.training.config import LoraConfig
 from lib_adapters.training.data import DatasetInvalidError
 from lib_adapters.training.methods.lora import build_lora_network
 from lib_adapters.training.methods.lora_file import load_lora, save_lora
-from lib_adapters.webui.training_host import TrainingHost
-from lib_adapters.webui.training_jobs import JobRunningError, JobState, TrainingJobs, TrainRequest
+from lib_adapters.webui.training.host import TrainingHost
+from lib_adapters.webui.training.jobs import JobRunningError, JobState, TrainingJobs, TrainRequest
 
 TIMEOUT = 120
 

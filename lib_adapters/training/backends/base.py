@@ -17,7 +17,7 @@ from torch import nn
 
 from ...arch import BaseArch
 from ..latent_cache import CacheIdentity
-from .checkpointing import enable_block_checkpointing
+from .grad_checkpointing import enable_block_checkpointing
 
 Conditioning = Union[torch.Tensor, dict]  # SD1/SD2: [B, T, C]; SDXL: {"crossattn": [B, T, C], "vector": [B, D]}
 
@@ -25,6 +25,15 @@ Conditioning = Union[torch.Tensor, dict]  # SD1/SD2: [B, T, C]; SDXL: {"crossatt
 class Parameterization(str, Enum):
     EPS = "eps"
     V = "v"
+
+
+# Our names and diffusers' (a scheduler config's ``prediction_type``) for the two parameterizations.
+PREDICTION_NAMES = {"epsilon": "eps", "eps": "eps", "v_prediction": "v", "v": "v"}
+
+
+def prediction_type(value: str | None, default: str) -> str:
+    """"eps" or "v": ``value`` when given (ours or diffusers' name), else the model's own ``default``."""
+    return PREDICTION_NAMES[value] if value is not None else PREDICTION_NAMES.get(default, "eps")
 
 
 class TextEncoderNaming(str, Enum):

@@ -14,7 +14,7 @@ from torch import nn
 from ...arch import BaseArch
 from ...errors import IncompatibleModelError
 from ..latent_cache import CacheIdentity, module_fingerprint
-from ..methods.lora_names import diffusers_to_ldm_path, kohya_name
+from ..lora_names import diffusers_to_ldm_path, kohya_name
 from .base import (Conditioning, ModelInfo, Parameterization, SizeCondition, TextEncoderNaming, TextEncoderPart,
                    TrainingBackend)
 

@@ -21,7 +21,7 @@ from torch import nn
 from ...arch import BaseArch, detect_unet_arch
 from ...errors import IncompatibleModelError
 from ..latent_cache import CacheIdentity, module_fingerprint
-from ..methods.lora_names import kohya_unet_name
+from ..lora_names import kohya_unet_name
 from .base import (Conditioning, ModelInfo, Parameterization, SizeCondition, TextEncoderNaming, TextEncoderPart,
                    TrainingBackend)
 

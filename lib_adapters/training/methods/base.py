@@ -10,18 +10,23 @@ mid-run samples an adapter method also gives its input of one image (``sample_co
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from ...arch import BaseArch
 from ..backends.base import ModelInfo
 from ..buckets import BatchPlan, Placement
 from ..config import TrainConfig
 from ..data import ImageRecord, load_records
 from ..objective import sample_timesteps
 from ..sampling import SampleConditioning
+
+MODELSPEC_ARCHITECTURE = {BaseArch.SD1: "stable-diffusion-v1", BaseArch.SD2: "stable-diffusion-v2-512",
+                          BaseArch.SDXL: "stable-diffusion-xl-v1-base"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,16 @@ class ExportInfo:
     session_id: str = ""
     records: tuple[ImageRecord, ...] = ()  # the dataset (kohya's image counts per folder, with repeats)
     plan: BatchPlan | None = None  # its batches and buckets (kohya's batches per epoch and bucket table)
+
+    def modelspec(self, kind: str) -> dict[str, str]:
+        """The ``modelspec.*`` keys (Stability's model spec) every exported file carries; ``kind`` ends the
+        architecture ("lora", "t2i-adapter")."""
+        c = self.config
+        return {"modelspec.sai_model_spec": "1.0.1",
+                "modelspec.architecture": f"{MODELSPEC_ARCHITECTURE[self.model.arch]}/{kind}",
+                "modelspec.title": c.output_name,
+                "modelspec.resolution": f"{c.resolution}x{c.resolution}",
+                "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started_at or time.time()))}
 
 
 @dataclass(frozen=True)

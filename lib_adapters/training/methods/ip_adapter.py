@@ -42,9 +42,9 @@ from ..ip_data import (ImageFeatures, encoder_width, load_json_records, load_tra
                        reference_encoder)
 from ..named_files import load_ip_start
 from ..nonfinite import InputSource, NonFiniteInput, bad_rows, kind, shown, unique, weights_advice
+from ..outputs import atomic_write
 from .base import ExportInfo, MethodBase, MethodBatch
 from .ip_sites import ip_layout
-from .lora_file import atomic_write
 
 log = logging.getLogger(__name__)
 

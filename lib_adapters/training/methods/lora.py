@@ -20,7 +20,7 @@ from ..backends.base import TextEncoderNaming, TextEncoderPart, TrainingBackend
 from ..config import LoraConfig, LoraTargets
 from .base import ExportInfo, MethodBase
 from .lora_file import kohya_metadata, load_lora, save_lora
-from .lora_names import kohya_name
+from ..lora_names import kohya_name
 
 log = logging.getLogger(__name__)
 

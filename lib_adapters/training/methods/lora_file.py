@@ -35,10 +35,6 @@ from ..config import LoraConfig
 from ..outputs import atomic_write
 from .base import ExportInfo
 
-MODELSPEC_ARCHITECTURE = {BaseArch.SD1: "stable-diffusion-v1", BaseArch.SD2: "stable-diffusion-v2-512",
-                          BaseArch.SDXL: "stable-diffusion-xl-v1-base"}
-
-
 def _payload_sha256(data: bytes) -> str:
     header = int.from_bytes(data[:8], "little")
     return hashlib.sha256(data[8 + header:]).hexdigest()
@@ -98,13 +94,9 @@ def kohya_metadata(info: ExportInfo, lora: LoraConfig, trains_text_encoder: bool
         "ss_noise_offset": str(c.noise_offset) if c.noise_offset else "None",
         "ss_min_snr_gamma": str(c.min_snr_gamma) if c.min_snr_gamma else "None",
         "ss_tag_frequency": json.dumps(info.tag_frequency, ensure_ascii=False),
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURE[model.arch]}/lora",
+        **info.modelspec("lora"),
         "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if model.arch is BaseArch.SDXL
                                      else "diffusers"),
-        "modelspec.title": c.output_name,
-        "modelspec.resolution": f"{c.resolution}x{c.resolution}",
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(info.started_at or time.time())),
         "modelspec.prediction_type": "v" if model.parameterization is Parameterization.V else "epsilon",
     }
     return metadata

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,13 +36,13 @@ from PIL import Image
 
 from ..backends.base import TrainingBackend
 from ..buckets import Bucket, place
-from ..conditions import load_condition, load_t2i_records
 from ..config import T2IConfig, T2IKind, T2ILayout, TimestepSampling, TrainConfig
 from ..data import ImageRecord
 from ..named_files import load_t2i_start
 from ..nonfinite import InputSource, NonFiniteInput, bad_rows, kind, shown, unique, weights_advice
+from ..outputs import atomic_write
+from ..t2i_data import load_condition, load_t2i_records
 from .base import ExportInfo, MethodBase, MethodBatch
-from .lora_file import MODELSPEC_ARCHITECTURE, atomic_write
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _NUM_LEVELS = 4
@@ -231,11 +230,7 @@ def t2i_metadata(info: ExportInfo, t2i: T2IConfig, cfg: SpatialAdapterConfig) ->
     its base model and how it was trained (``modelspec.*`` as in Stability's model spec)."""
     c, model = info.config, info.model
     return {
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURE[model.arch]}/t2i-adapter",
-        "modelspec.title": c.output_name,
-        "modelspec.resolution": f"{c.resolution}x{c.resolution}",
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(info.started_at or time.time())),
+        **info.modelspec("t2i-adapter"),
         "t2i_adapter.layout": t2i.export_layout.value,
         "t2i_adapter.diffusers_config": json.dumps(diffusers_config(cfg)),
         "t2i_adapter.condition": t2i.condition,

@@ -3,9 +3,9 @@
 Layout follows the WebUI's own Train tab: settings on the left (method, dataset, output name, the
 main knobs, the advanced ones in a closed accordion, then Train / Interrupt / Resume), outputs on
 the right (progress line, loss plot, sample gallery, log, result). Each method's knobs sit in their
-own groups (training_knobs.py: main ones, and rarely changed ones inside Advanced), shown only while
+own groups (knobs.py: main ones, and rarely changed ones inside Advanced), shown only while
 that method is selected; selecting a method also sets its dataset hint and its usual learning rate and
-sample interval (training_view.METHODS).
+sample interval (view.METHODS).
 
 Progress: the Train and Resume buttons run ``adapters_train_start`` (javascript/adapters_train.js)
 first, which makes a ``task(...)`` id and, inside the WebUI, starts its progress bar on that id; the
@@ -26,10 +26,10 @@ import gradio as gr
 
 from modules.ui_components import FormRow, ToolButton
 
-from ..errors import AdapterError
-from .training_jobs import TrainingJobs
-from .training_knobs import ADVANCED, ELEM_PREFIX, MAIN, eid
-from .training_view import (
+from ...errors import AdapterError
+from .jobs import TrainingJobs
+from .knobs import ADVANCED, ELEM_PREFIX, MAIN, eid
+from .view import (
     DEFAULTED_FIELDS, METHODS, StatusView, all_fields, build_request, error_html, method_info, render_status,
 )
 

@@ -23,7 +23,7 @@ import torch
 
 from ..catalog import EncoderCatalog
 from ..errors import InputError, MissingFileError
-from ..training.config import IPAdapterConfig, LoraConfig, Method, T2IConfig, TrainConfig
+from .config import IPAdapterConfig, LoraConfig, Method, T2IConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """Training jobs in the WebUI process: one background run at a time, its status, interrupt and resume.
 
-``TrainRequest`` (``training_request.py``) is what the tab, the web API and scripts pass in;
+``TrainRequest`` (``lib_adapters.training.request``) is what the tab, the web API and scripts pass in;
 ``TrainingJobs`` validates a request completely (settings, the files it names, every dataset file, the
 checkpoint to resume) before anything starts, then trains in a background thread through a
-``TrainingHost`` (``training_host.py``: the WebUI glue: queue lock, shared.state progress, Lora
+``TrainingHost`` (``host.py``: the WebUI glue: queue lock, shared.state progress, Lora
 unload/restore, the output folders and their lists). ``status()`` is a frozen ``JobStatus`` snapshot
 that the tab polls and the API returns as JSON.
 
@@ -38,21 +38,22 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import AdapterError, DiskFullError, InputError, MissingFileError
-from ..preprocess.registry import get_preprocessor
-from ..training.checkpoints import (check_signature, checkpoint_dir, latest_checkpoint, read_state,
+from ...errors import AdapterError, DiskFullError, InputError, MissingFileError
+from ...preprocess.registry import get_preprocessor
+from ...training.run_checkpoints import (check_signature, checkpoint_dir, latest_checkpoint, read_state,
                                     remove_checkpoint_temp_files, set_aside_checkpoints)
-from ..training.conditions import load_t2i_records
-from ..training.config import Method, TrainConfig
-from ..training.data import DatasetInvalidError, ProblemKind
-from ..training.errors import NonFiniteLossError
-from ..training.loop import Progress, TrainCallbacks, method_class, train
-from ..training.sampling import check_sample_image
-from ..training.methods.lora_file import load_lora, save_lora
-from ..training.outputs import (OutputExistsError, atomic_write, check_replace, disk_full_error, file_run_id,
+from ...training.t2i_data import load_t2i_records
+from ...training.config import Method, TrainConfig
+from ...training.data import DatasetInvalidError, ProblemKind
+from ...training.errors import NonFiniteLossError
+from ...training.loop import method_class, train
+from ...training.progress import Progress, TrainCallbacks, format_duration
+from ...training.sampling import check_sample_image
+from ...training.methods.lora_file import load_lora, save_lora
+from ...training.outputs import (OutputExistsError, atomic_write, check_replace, disk_full_error, file_run_id,
                                 remove_output_temp_files)
-from .training_host import TrainingHost
-from .training_request import FilePlaces, TrainRequest
+from .host import TrainingHost
+from ...training.request import FilePlaces, TrainRequest
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class _Callbacks(TrainCallbacks):
         every = max(1, job.config.steps // 20)
         if progress.step % every == 0 or progress.step == job.config.steps:
             self.jobs._log(job, f"step {progress.step}/{progress.total}: loss {progress.loss:.4f}, "
-                                f"lr {progress.lr:.3g}, ETA {format_seconds(progress.eta)}")
+                                f"lr {progress.lr:.3g}, ETA {format_duration(progress.eta)}")
         self.jobs.host.report(progress, job.first_step, job.request.method, job.config.output_name)
 
     def interrupted(self) -> bool:
@@ -158,15 +159,6 @@ class _Callbacks(TrainCallbacks):
     def on_warning(self, message: str) -> None:
         log.warning("adapters training: %s", message)
         self.jobs._log(self.job, f"warning: {message}")
-
-
-def format_seconds(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
 # -- the jobs -----------------------------------------------------------------------------------------------

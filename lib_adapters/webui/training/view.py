@@ -1,7 +1,7 @@
 """What the "Train Adapter" tab shows, as plain data: the request built from the widgets' values and
 the rendering of a ``JobStatus`` (progress line, loss curve, samples, log, result message).
 
-No gradio here, so the handlers' logic is testable on its own; ``training_tab`` turns a
+No gradio here, so the handlers' logic is testable on its own; ``tab.py`` turns a
 ``StatusView`` into gradio updates.
 """
 from __future__ import annotations
@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import InputError
-from .training_jobs import JobState, JobStatus, TrainRequest
-from .training_request import METHOD_FIELDS
+from ...errors import InputError
+from ...training.progress import format_duration
+from .jobs import JobState, JobStatus, TrainRequest
+from ...training.request import METHOD_FIELDS
 
 # The knobs every method shares, in the order the tab passes them to its handlers. Each method adds
 # its own (training_request.METHOD_FIELDS); only the selected method's knobs go into the request, so a
@@ -167,18 +168,6 @@ class StatusView:
     result: str  # HTML
     running: bool
     resumable: bool
-
-
-def format_duration(seconds: float | None) -> str:
-    """Like the WebUI's progress bar: ``45s``, ``03:07``, ``01:02:03``."""
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    seconds = max(0, int(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-    if seconds >= 60:
-        return f"{seconds // 60:02d}:{seconds % 60:02d}"
-    return f"{seconds}s"
 
 
 def smoothed(losses: list[float], factor: float = SMOOTHING) -> list[float]:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...arch import BaseArch
-from ...errors import IncompatibleModelError
+from ..arch import BaseArch
+from ..errors import IncompatibleModelError
 
 _RESNET_SUFFIX = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
                   "skip_connection": "conv_shortcut"}

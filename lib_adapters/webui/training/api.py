@@ -29,8 +29,8 @@ from fastapi import Body, Depends, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Extra, Field, create_model
 
-from ..errors import AdapterError, InputError
-from .training_jobs import JobRunningError, JobState, TrainingJobs, TrainRequest
+from ...errors import AdapterError, InputError
+from .jobs import JobRunningError, JobState, TrainingJobs, TrainRequest
 
 log = logging.getLogger(__name__)
 

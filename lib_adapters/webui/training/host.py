@@ -1,6 +1,6 @@
 """The WebUI side of a training run: where files go, the model, the queue lock, progress and the model lists.
 
-``TrainingJobs`` (training_jobs.py) calls, in this order: ``check_ready``/``work_dir``/``device``/
+``TrainingJobs`` (jobs.py) calls, in this order: ``check_ready``/``work_dir``/``device``/
 ``places``/``check_files`` while validating; ``queue_task(id_task)`` when it accepts a run; then, in its
 thread, ``exclusive(...)`` for the whole run, ``make_backend`` and ``training_model(backend)`` around
 the core's ``train()``, ``report``/``interrupted`` per step, and ``refresh_networks`` after the file is
@@ -35,24 +35,19 @@ from pathlib import Path
 
 import torch
 
-from ..arch import detect_unet_arch
-from ..catalog import EncoderCatalog, ModelCatalog
-from ..errors import InputError, MissingFileError
-from ..training.backends.ldm import LdmBackend
-from ..training.config import Method, TrainConfig
-from ..training.errors import NonFiniteLossError
-from ..training.ip_data import reference_encoder
-from ..training.loop import Progress
-from ..training.named_files import check_named_files
-from ..training.nonfinite import InputSource
-from .training_request import FilePlaces
+from ...arch import detect_unet_arch
+from ...catalog import EncoderCatalog, ModelCatalog
+from ...errors import InputError, MissingFileError
+from ...training.backends.ldm import LdmBackend
+from ...training.config import Method, TrainConfig
+from ...training.errors import NonFiniteLossError
+from ...training.ip_data import reference_encoder
+from ...training.progress import Progress, format_duration
+from ...training.named_files import check_named_files
+from ...training.nonfinite import InputSource
+from ...training.request import FilePlaces
 
 log = logging.getLogger(__name__)
-
-
-def _format_seconds(seconds: float | None) -> str:
-    from .training_jobs import format_seconds
-    return format_seconds(seconds)
 
 
 class TrainingHost:
@@ -66,7 +61,7 @@ class TrainingHost:
     def output_dir(self, method: str = "lora") -> Path:
         """Where the finished file goes: for LoRA the WebUI's Lora dir (``--lora-dir``, default models/Lora); for
         adapters the panel's own folder (models/adapters), whose catalog lists the file by its name."""
-        if _method(method) is not Method.LORA:
+        if Method(method) is not Method.LORA:
             return _panel_settings().model_dirs[0]
         if self._lora_dir is not None:
             return self._lora_dir
@@ -79,7 +74,7 @@ class TrainingHost:
 
     def list_name(self, method: str = "lora") -> str:
         """How the log names the list the published file appears in."""
-        return "the Lora list" if _method(method) is Method.LORA else "the Adapters panel's model list"
+        return "the Lora list" if Method(method) is Method.LORA else "the Adapters panel's model list"
 
     def places(self, method: str = "lora") -> FilePlaces:
         """The panel's folders for the files a request names (catalog names, encoders, preprocessor weights)."""
@@ -198,7 +193,7 @@ class TrainingHost:
         state.sampling_step = p.step - first_step
         state.sampling_steps = max(1, p.total - first_step)
         state.textinfo = (f"Training {method} '{output_name}': step {p.step}/{p.total}, loss {p.loss:.4f}, "
-                          f"ETA {_format_seconds(p.eta)}")
+                          f"ETA {format_duration(p.eta)}")
 
     def interrupted(self) -> bool:
         """The WebUI's Interrupt button (shared.state.interrupt())."""
@@ -224,9 +219,9 @@ class TrainingHost:
     def refresh_networks(self, method: str = "lora") -> None:
         """Re-scan the Lora dir so ``<lora:name:1>`` works in the very next generation; for an adapter, the
         panel's catalog (its model dropdowns and name resolution) so a unit can select the file by its name."""
-        if _method(method) is not Method.LORA:
+        if Method(method) is not Method.LORA:
             try:
-                from . import panel  # the WebUI's gradio and scripts modules: only here, when an adapter was trained
+                from .. import panel  # the WebUI's gradio and scripts modules: only here, when an adapter was trained
                 panel.resources().model_choices(refresh=True)
             except Exception:  # noqa: BLE001  (the file is published; the catalog also re-scans on an unknown name)
                 log.warning("adapters training: could not refresh the Adapters panel's model list", exc_info=True)
@@ -236,15 +231,8 @@ class TrainingHost:
             networks.list_available_networks()
 
 
-def _method(method: str) -> Method:
-    try:
-        return Method(str(method).lower())
-    except ValueError:
-        raise InputError(f"method must be one of {', '.join(m.value for m in Method)}; got {method!r}") from None
-
-
 def _panel_settings():
-    from . import settings
+    from .. import settings
     return settings.current()
 
 
