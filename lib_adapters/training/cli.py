@@ -191,16 +191,19 @@ def _main_thread() -> bool:
 
 def main(argv: list[str] | None = None, out=None) -> int:
     """Parse ``argv`` and train; user errors are printed as one message, never a traceback."""
-    from .cli_args import build_parser, config_from_args
+    from .cli_args import build_parser, places_from_args, request_from_args
 
     args = build_parser().parse_args(argv)
     shard = Shard()
     config = None
     try:
-        config = config_from_args(args)
+        request = request_from_args(args)
+        if args.output_dir is None:
+            raise InputError("missing --output-dir: the folder of the trained file, its checkpoints and samples")
+        config = request.to_config(args.output_dir, places=places_from_args(args))
         source = ModelSource(args.checkpoint, args.tokenizer, args.prediction_type)
         shard = shard_from_environment()
-        return run(RunRequest(config, source, args.resume, args.device, args.log_every, args.overwrite), shard, out)
+        return run(RunRequest(config, source, args.resume, args.device, args.log_every, request.overwrite), shard, out)
     except DiskFullError as exc:
         _disk_full(exc, config, shard)
         return EXIT_DISK_FULL

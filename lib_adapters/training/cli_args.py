@@ -1,26 +1,22 @@
-"""The command line's options, generated from ``TrainConfig`` and its method configs so they never drift.
+"""The command line's options, generated from the request schema (``request.REQUEST_FIELDS``, itself generated from
+the config dataclasses), so the flags, the ``--config`` file, the web API's body and the tab never drift apart.
 
-Every ``TrainConfig`` field is ``--field-name`` (``dataset_dir``/``output_dir``/``output_name`` are
-``--dataset``/``--output-dir``/``--name``); method fields carry their prefix (``--lora-rank``,
-``--t2i-condition``, ``--ip-projection``). Booleans get ``--x``/``--no-x``; enums list their values;
-optional numbers accept ``none``. ``--config file.json`` holds the same names as JSON keys (method
-settings nested under "lora", "t2i", "ip"); flags given on the command line win over the file.
-Nothing here runs at import: ``build_parser()`` and ``config_from_args()`` are called by ``cli.main``.
+Every request field is ``--field-name`` (``--rank``, ``--lora-targets``, ``--t2i-condition``, ``--ip-projection``,
+``--overwrite``); earlier spellings stay accepted (``--dataset``, ``--name``, ``--lora-rank``, ...). Booleans get
+``--x``/``--no-x``; enums list their values; optional values accept ``none``. ``--config file.json`` holds a request
+as the web API takes it (``POST /adapters/v1/train``'s body is a valid file); flags given on the command line win
+over the file. Where things are (the model, the output folder, the encoder and annotator folders) are flags only.
+Nothing here runs at import: ``build_parser()`` and ``request_from_args()`` are called by ``cli.main``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import typing
-from dataclasses import MISSING, fields
-from enum import Enum
+from dataclasses import MISSING
 from pathlib import Path
 
 from ..errors import InputError, MissingFileError
-from .config import IPAdapterConfig, LoraConfig, T2IConfig, TrainConfig
-
-_RENAMED = {"dataset_dir": "dataset", "output_dir": "output-dir", "output_name": "name"}
-_NESTED = {"lora": LoraConfig, "t2i": T2IConfig, "ip": IPAdapterConfig}
+from .request import FIELDS, REQUEST_FIELDS, FilePlaces, Kind, RequestField, TrainRequest
 
 
 def _optional(converter):
@@ -31,39 +27,33 @@ def _optional(converter):
     return convert
 
 
-def _option_kwargs(hint, default) -> dict:
-    """argparse keyword arguments for a field of type ``hint``."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if optional else hint
-    if typing.get_origin(base) is tuple:
-        item = typing.get_args(base)[0]
-        return dict(nargs="*", type=Path if item is Path else str, metavar="VALUE")
-    if base is bool:
+def _option_kwargs(f: RequestField) -> dict:
+    """argparse keyword arguments for a request field."""
+    if f.kind is Kind.STRS:
+        return dict(nargs="*", metavar="VALUE")
+    if f.kind is Kind.BOOL:
         return dict(action=argparse.BooleanOptionalAction)
-    if isinstance(base, type) and issubclass(base, Enum):
-        return dict(choices=[e.value for e in base], metavar="{" + ",".join(e.value for e in base) + "}")
-    converter = {int: int, float: float, str: str, Path: Path}.get(base, str)
-    return dict(type=_optional(converter) if optional else converter, metavar=converter.__name__.upper())
+    if f.choices:
+        return dict(choices=list(f.choices), metavar="{" + ",".join(f.choices) + "}")
+    converter = {Kind.INT: int, Kind.FLOAT: float, Kind.STR: str}[f.kind.base]
+    metavar = "PATH" if f.is_path or f.file else converter.__name__.upper()
+    return dict(type=_optional(converter) if f.kind.optional else converter, metavar=metavar)
 
 
-def _help(default) -> str:
-    if default is MISSING:
-        return "required"
-    value = default.value if isinstance(default, Enum) else default
-    return f"default: {value if value not in ((), None) else 'none'}"
+def _help(f: RequestField) -> str:
+    parts = [f.label.split(" (")[0] if f.label else ""]
+    if f.help:
+        parts.append(f.help)
+    if f.default is MISSING:
+        parts.append("required (or in --config)")
+    else:
+        default = f.default if f.default not in ((), "", None) else "none"
+        parts.append(f"default: {default}" + (f" ({f.none})" if f.none and default == "none" else ""))
+    return "; ".join(p for p in parts if p)
 
 
-def _add_fields(group, cls, prefix: str, skip: tuple[str, ...] = ()) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + (prefix + _RENAMED.get(f.name, f.name)).replace("_", "-")
-        dest = f"{prefix}{f.name}"
-        default = f.default if f.default is not MISSING else MISSING
-        group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=_help(default),
-                           **_option_kwargs(hints[f.name], default))
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,23 +61,33 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m lib_adapters.training",
         description="Train a LoRA (or a T2I-/IP-Adapter) on a folder of images with captions, headless. With no "
                     "--checkpoint it trains the built-in tiny model offline (a quick check of the whole pipeline).")
-    model = parser.add_argument_group("model and run")
+    model = parser.add_argument_group("model, files and run")
     model.add_argument("--checkpoint", type=Path, help="a diffusers-format folder, or an SD1.x/SD2.x/SDXL "
                        ".safetensors/.ckpt file; default: the built-in tiny model")
     model.add_argument("--tokenizer", type=Path, help="single files: a folder with the CLIP tokenizer's vocab.json "
                        "and merges.txt; default: the local Hugging Face cache (openai/clip-vit-large-patch14)")
     model.add_argument("--prediction-type", choices=["eps", "v"], help="override the model's prediction type "
                        "(single-file SD2.x defaults to v; SD2 512-base needs eps)")
-    model.add_argument("--config", type=Path, help="a JSON file with any of the settings below (flags win)")
+    model.add_argument("--output-dir", type=Path, help="where <name>.safetensors, its checkpoints, samples and "
+                       "caches go (required)")
+    model.add_argument("--ip-encoder-folders", type=Path, nargs="*", default=(), metavar="DIR",
+                       help="folders where --ip-image-encoder names (and the released adapters' encoder) are found")
+    model.add_argument("--t2i-preprocessor-weights-dir", type=Path, metavar="DIR",
+                       help="the annotator weights folder of --t2i-preprocessor")
+    model.add_argument("--config", type=Path, help="a JSON file with any of the settings below, as the web API's "
+                       "body (POST /adapters/v1/train) holds them; flags win")
     model.add_argument("--resume", nargs="?", const="latest", metavar="STATE",
-                       help="continue from a checkpoint's .state file, or with no value from the newest one of --name")
-    model.add_argument("--overwrite", action="store_true", help="replace an existing <output-dir>/<name>.safetensors "
-                       "written by another run (without it such a run is refused, exit 2)")
+                       help="continue from a checkpoint's .state file, or with no value from the newest one of the name")
     model.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     model.add_argument("--log-every", type=int, default=1, metavar="N", help="print progress every N steps")
-    _add_fields(parser.add_argument_group("training (TrainConfig)"), TrainConfig, "", tuple(_NESTED))
-    for name, cls in _NESTED.items():
-        _add_fields(parser.add_argument_group(f"{name} method ({cls.__name__})"), cls, f"{name}_")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in REQUEST_FIELDS:
+        title = f"{f.method.value} method" if f.method is not None else "training"
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        group = groups[title]
+        group.add_argument(_flag(f.name), *f.aliases, dest=f.name, default=argparse.SUPPRESS, help=_help(f),
+                           **_option_kwargs(f))
     return parser
 
 
@@ -99,38 +99,26 @@ def _read_json(path: Path) -> dict:
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"the config file {path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise InputError(f"the config file {path} must hold a JSON object of settings")
+        raise InputError(f"the config file {path} must hold a JSON object of settings, as the web API's body")
     return data
 
 
-def _check_keys(values: dict, cls, where: str) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise InputError(f"unknown setting(s) {', '.join(unknown)} in {where}; known: {', '.join(sorted(known))}")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's ``TrainConfig``: dataclass defaults, then ``--config``'s JSON, then the flags given."""
+def request_from_args(args: argparse.Namespace) -> TrainRequest:
+    """The run's request: ``--config``'s JSON, then the flags given; checked as the web API checks a body."""
     values = _read_json(args.config) if getattr(args, "config", None) else {}
-    _check_keys(values, TrainConfig, str(args.config))
-    nested = {name: dict(values.pop(name, None) or {}) for name in _NESTED}
-    for name, cls in _NESTED.items():
-        _check_keys(nested[name], cls, f"{args.config} ({name!r})")
     given = vars(args)
-    for f in fields(TrainConfig):
-        if f.name in given and f.name not in _NESTED:
-            values[f.name] = given[f.name]
-    for name, cls in _NESTED.items():
-        for f in fields(cls):
-            if f"{name}_{f.name}" in given:
-                nested[name][f.name] = given[f"{name}_{f.name}"]
-    missing = [flag for field_name, flag in _RENAMED.items() if field_name not in values]
-    if missing:
-        raise InputError("missing " + ", ".join(f"--{m}" for m in missing) + " (or the same keys in --config)")
+    values.update({f.name: given[f.name] for f in REQUEST_FIELDS if f.name in given})
+    missing = [_flag(f) for f in ("dataset_dir", "output_name") if values.get(f) in (None, "")]
+    if missing and set(values) <= set(FIELDS):  # (unknown keys are said first, by from_dict)
+        raise InputError("missing " + " and ".join(missing) + " (or the same keys in --config)")
     try:
-        for name, cls in _NESTED.items():
-            values[name] = cls(**nested[name])
-        return TrainConfig(**values)
-    except TypeError as exc:  # a JSON value of the wrong shape
-        raise InputError(f"bad settings: {exc}") from None
+        return TrainRequest.from_dict(values)
+    except InputError as exc:
+        where = f" (in {args.config} or the flags)" if getattr(args, "config", None) else ""
+        raise InputError(f"{exc}{where}") from None
+
+
+def places_from_args(args: argparse.Namespace) -> FilePlaces:
+    """Files named by path; encoders also by name in --ip-encoder-folders."""
+    return FilePlaces(encoder_dirs=tuple(args.ip_encoder_folders or ()),
+                      annotator_dir=args.t2i_preprocessor_weights_dir)

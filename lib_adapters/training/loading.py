@@ -39,9 +39,7 @@ class ModelSource:
 
 def base_dtype(precision: Precision, device: torch.device) -> torch.dtype:
     """fp16/bf16 base weights under the matching autocast on a GPU; fp32 on the CPU and for fp32 runs."""
-    if device.type != "cuda" or precision is Precision.FP32:
-        return torch.float32
-    return torch.float16 if precision is Precision.FP16 else torch.bfloat16
+    return precision.resolve(device).dtype if device.type == "cuda" else torch.float32
 
 
 def require_diffusers() -> None:

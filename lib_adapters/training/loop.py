@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -83,8 +83,7 @@ def build_method(config: TrainConfig, backend: TrainingBackend) -> TrainingMetho
 def _autocast(config: TrainConfig, device: torch.device):
     if config.precision is Precision.FP32:
         return contextlib.nullcontext()
-    dtype = torch.float16 if config.precision is Precision.FP16 else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=config.precision.dtype)
 
 
 def _grad_scaler():
@@ -107,7 +106,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, backend: TrainingBackend, callbacks: TrainCallbacks | None = None,
                  sampler: Sampler | None = None, shard: Shard | None = None):
-        self.config, self.backend = config, backend
+        # "auto" precision made concrete for the model's device (the files and logs say what was used)
+        self.config = replace(config, precision=config.precision.resolve(backend.device))
+        self.backend = backend
         self.shard = shard or Shard()  # this process's part of a multi-process run (see distributed.py)
         self.callbacks = callbacks or TrainCallbacks()
         self.sampler = sampler or euler_sampler
@@ -320,7 +321,7 @@ class Trainer:
         c = self.config
         with _autocast(c, self.backend.device):  # the UNet as training runs it (an fp16 UNet needs autocast)
             conditioning = self.method.sample_conditioning(self.records, c.sample_image, c.resolution)
-            request = SampleRequest(c.sample_prompts, c.sample_seed, c.sample_steps, c.resolution, c.resolution,
+            request = SampleRequest(c.sample_prompts, c.samples_seed, c.sample_steps, c.resolution, c.resolution,
                                     conditioning=conditioning)
             images = self.sampler(self.backend, request)
         folder = c.output_dir / f"{c.output_name}-samples"

@@ -89,12 +89,18 @@ def remove_checkpoint_temp_files(config: TrainConfig) -> list[Path]:
 
 def resume_signature(config: TrainConfig) -> dict:
     """Settings that decide the trained tensors' shapes or the data order: they must match on resume."""
-    lora = config.lora
     return {"method": config.method.value, "seed": config.seed, "batch_size": config.batch_size,
             "grad_accumulation": config.grad_accumulation, "resolution": config.resolution,
-            "buckets": config.buckets, "lora_rank": lora.rank, "lora_alpha": float(lora.alpha),
-            "lora_targets": lora.targets.value, "train_text_encoder": lora.train_text_encoder,
-            **_t2i_signature(config), **_ip_signature(config)}
+            "buckets": config.buckets, **_lora_signature(config), **_t2i_signature(config), **_ip_signature(config)}
+
+
+def _lora_signature(config: TrainConfig) -> dict:
+    """The LoRA network's shape (only for LoRA runs; the states of other methods' runs may still hold these keys)."""
+    if config.method is not Method.LORA:
+        return {}
+    lora = config.lora
+    return {"lora_rank": lora.rank, "lora_alpha": float(lora.alpha), "lora_targets": lora.targets.value,
+            "train_text_encoder": lora.train_text_encoder}
 
 
 def _t2i_signature(config: TrainConfig) -> dict:

@@ -16,19 +16,19 @@ from train_helpers import make_shapes_dataset
 pytest.importorskip("diffusers")
 
 from lib_adapters.training import cli  # noqa: E402
-from lib_adapters.training.cli_args import build_parser, config_from_args  # noqa: E402
+from lib_adapters.training.cli_args import build_parser, places_from_args, request_from_args  # noqa: E402
 from lib_adapters.training.config import LoraTargets, Precision  # noqa: E402
 from lib_adapters.training.methods.lora_file import load_lora  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = ["--resolution", "64", "--batch-size", "2", "--lora-rank", "4", "--learning-rate", "1e-3", "--seed", "3",
-        "--device", "cpu"]
+BASE = ["--resolution", "64", "--batch-size", "2", "--learning-rate", "1e-3", "--seed", "3", "--device", "cpu"]
+LORA = ["--lora-rank", "4"]  # LoRA runs only: another method's run refuses LoRA's knobs, as the web API does
 
 
-def _run(tmp_path: Path, *extra: str, name: str = "cli") -> tuple[int, str]:
+def _run(tmp_path: Path, *extra: str, name: str = "cli", lora: bool = True) -> tuple[int, str]:
     out = io.StringIO()
     code = cli.main(["--dataset", str(tmp_path / "ds"), "--output-dir", str(tmp_path / "out"), "--name", name,
-                     *BASE, *extra], out=out)
+                     *BASE, *(LORA if lora else ()), *extra], out=out)
     return code, out.getvalue()
 
 
@@ -103,26 +103,36 @@ def test_bad_inputs_exit_with_a_message_and_no_traceback(tmp_path):
         assert code == cli.EXIT_INPUT and words in err.getvalue(), (argv, err.getvalue())
 
 
-def test_every_config_field_is_an_option_and_json_config_loses_to_flags(tmp_path):
+def test_every_request_field_is_an_option_and_json_config_loses_to_flags(tmp_path):
+    """Flags, --config keys, the API's body and the tab come from one schema: every config field a request can set
+    (all but the places: output folder, encoder and annotator folders) is a flag named as in the request."""
     from dataclasses import fields
 
-    from lib_adapters.training.config import IPAdapterConfig, LoraConfig, T2IConfig, TrainConfig
+    from lib_adapters.training.config import IPAdapterConfig, LoraConfig, T2IConfig, TrainConfig, knob_of
+    from lib_adapters.training.request import REQUEST_FIELDS
 
     parser = build_parser()
-    dests = {a.dest for a in parser._actions}
-    for prefix, cls in (("", TrainConfig), ("lora_", LoraConfig), ("t2i_", T2IConfig), ("ip_", IPAdapterConfig)):
-        assert {f"{prefix}{f.name}" for f in fields(cls) if f.name not in ("lora", "t2i", "ip")} <= dests, cls
-    (tmp_path / "c.json").write_text('{"dataset_dir": "d", "output_dir": "o", "output_name": "n", "steps": 7, '
-                                     '"lora": {"rank": 16, "targets": "attention+ff"}, "sample_prompts": ["a", "b"]}')
-    args = parser.parse_args(["--config", str(tmp_path / "c.json"), "--lora-rank", "2", "--precision", "bf16",
-                              "--no-buckets", "--max-grad-norm", "none", "--min-snr-gamma", "5"])
-    config = config_from_args(args)
+    flags = {s for a in parser._actions for s in a.option_strings}
+    assert {f"--{f.name.replace('_', '-')}" for f in REQUEST_FIELDS} <= flags
+    configurable = {(cls, f.name) for cls in (TrainConfig, LoraConfig, T2IConfig, IPAdapterConfig) for f in fields(cls)
+                    if not knob_of(f).place and f.name not in ("lora", "t2i", "ip")}
+    parts = {None: TrainConfig, "lora": LoraConfig, "t2i": T2IConfig, "ip": IPAdapterConfig}
+    assert {(parts[f.part], f.attr) for f in REQUEST_FIELDS if f.part != "job"} == configurable
+    assert {"--lora-rank", "--dataset", "--name", "--lora-train-text-encoder"} <= flags  # the earlier spellings
+    (tmp_path / "c.json").write_text('{"dataset_dir": "d", "output_name": "n", "steps": 7, "rank": 16, '
+                                     '"lora_targets": "attention+ff", "sample_prompts": ["a", "b"]}')
+    args = parser.parse_args(["--config", str(tmp_path / "c.json"), "--output-dir", "o", "--lora-rank", "2",
+                              "--precision", "bf16", "--no-buckets", "--max-grad-norm", "none", "--min-snr-gamma", "5"])
+    config = request_from_args(args).to_config(args.output_dir, places=places_from_args(args))
     assert (config.steps, config.lora.rank, config.lora.targets) == (7, 2, LoraTargets.ATTENTION_FF)
     assert config.precision is Precision.BF16 and config.buckets is False and config.max_grad_norm is None
     assert config.min_snr_gamma == 5.0 and config.sample_prompts == ("a", "b") and config.output_name == "n"
     (tmp_path / "bad.json").write_text('{"stepz": 1}')
-    with pytest.raises(Exception, match="unknown setting.*stepz"):
-        config_from_args(parser.parse_args(["--config", str(tmp_path / "bad.json")]))
+    with pytest.raises(Exception, match="unknown field.*stepz"):
+        request_from_args(parser.parse_args(["--config", str(tmp_path / "bad.json")]))
+    (tmp_path / "nested.json").write_text('{"dataset_dir": "d", "output_name": "n", "lora": {"rank": 4}}')
+    with pytest.raises(Exception, match="unknown field.*'lora'.*the fields are: dataset_dir"):
+        request_from_args(parser.parse_args(["--config", str(tmp_path / "nested.json")]))
 
 
 def test_a_non_finite_loss_exits_1_naming_the_kept_checkpoint(tmp_path, monkeypatch, capsys):
@@ -158,7 +168,7 @@ def test_the_cli_trains_a_t2i_adapter_that_our_loader_reads(tmp_path):
     code, text = _run(tmp_path, "--steps", "2", "--method", "t2i_adapter", "--t2i-condition", "edges",
                       "--t2i-condition-channels", "1", "--t2i-adapter-kind", "light", "--sample-every", "2",
                       "--sample-prompts", "a circle", "--sample-steps", "2", "--sample-image",
-                      str(tmp_path / "ds" / "2_shapes" / "3.edges.png"), name="edges_adapter")
+                      str(tmp_path / "ds" / "2_shapes" / "3.edges.png"), name="edges_adapter", lora=False)
     assert code == cli.EXIT_OK, text
     assert (tmp_path / "out" / "edges_adapter-samples" / "step000002-0.png").is_file()
     output = tmp_path / "out" / "edges_adapter.safetensors"
@@ -181,7 +191,7 @@ def test_the_cli_trains_an_ip_adapter_plus_that_our_loader_reads(tmp_path):
     make_shapes_dataset(tmp_path / "ds", "2_shapes")
     encoder = save_clip_vision(tiny_clip_vision(), tmp_path / "clip")
     code, text = _run(tmp_path, "--steps", "2", "--method", "ip_adapter", "--ip-projection", "plus",
-                      "--ip-image-encoder", str(encoder), name="ref_adapter")
+                      "--ip-image-encoder", str(encoder), name="ref_adapter", lora=False)
     assert code == cli.EXIT_OK, text
     output = tmp_path / "out" / "ref_adapter.safetensors"
     assert f"done: {output}" in text and "reference image" in text and "<lora:" not in text

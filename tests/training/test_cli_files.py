@@ -19,7 +19,7 @@ pytest.importorskip("diffusers")
 
 from lib_adapters.training import cli  # noqa: E402
 from lib_adapters.training.run_checkpoints import latest_checkpoint, read_state  # noqa: E402
-from lib_adapters.training.cli_args import build_parser, config_from_args  # noqa: E402
+from lib_adapters.training.cli_args import build_parser, request_from_args  # noqa: E402
 from lib_adapters.training.methods import lora_file  # noqa: E402
 from lib_adapters.training.methods.lora_file import load_lora  # noqa: E402
 from lib_adapters.training.outputs import atomic_write  # noqa: E402
@@ -72,7 +72,7 @@ def test_resume_replaces_its_own_file_but_not_another_runs(tmp_path, dataset, ca
 def _config(tmp_path: Path, steps: str, name: str = "run"):
     args = build_parser().parse_args(["--dataset", str(tmp_path / "ds"), "--output-dir", str(tmp_path / "out"),
                                       "--name", name, *CLI_BASE, "--steps", steps])
-    return config_from_args(args)
+    return request_from_args(args).to_config(args.output_dir)
 
 
 def test_fresh_runs_set_every_earlier_runs_checkpoints_aside(tmp_path, dataset):

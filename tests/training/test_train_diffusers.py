@@ -20,7 +20,7 @@ from lib_adapters.training.methods.base import ExportInfo  # noqa: E402
 from lib_adapters.training.methods.lora import LoraMethod  # noqa: E402
 from lib_adapters.training.methods.lora_file import load_lora  # noqa: E402
 
-FULL = LoraConfig(rank=4, alpha=2.0, targets="attention+ff+conv", train_text_encoder=True, save_precision="fp32")
+FULL = LoraConfig(rank=4, alpha=2.0, targets="attention+ff+conv", train_text_encoder=True)
 PROMPTS = ["a red circle", "a blue square"]
 
 
@@ -73,7 +73,7 @@ def test_lora_files_are_the_same_from_either_backend(arch, tmp_path):
         for lora in b.network.loras.values():
             lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=g) * 0.05)
     x, t, _ = unet_inputs(model)
-    config = TrainConfig(tmp_path, tmp_path, "x", lora=FULL)
+    config = TrainConfig(tmp_path, tmp_path, "x", lora=FULL, save_precision="fp32")
     path = b.export(tmp_path / "x.safetensors", ExportInfo(config, dif.model_info(), 1, 1))
     a.load_trainable_file(path)  # a file trained over diffusers loads into the WebUI-side network
     with torch.no_grad():

@@ -154,8 +154,8 @@ def test_gradient_checkpointing_and_samples_change_nothing(encoder, tmp_path):
         config = TrainConfig(tmp_path / "ds", tmp_path / f"out{checkpointing}", "ip", method="ip_adapter",
                              resolution=64, steps=2, batch_size=2, learning_rate=1e-2, seed=0,
                              gradient_checkpointing=checkpointing, sample_every=1, sample_prompts=("a shape",),
-                             sample_steps=2, ip=IPAdapterConfig(projection="plus", image_encoder=encoder,
-                                                                save_precision="fp32"))
+                             sample_steps=2, ip=IPAdapterConfig(projection="plus", image_encoder=encoder),
+                             save_precision="fp32")
         result = train(config, tiny("sd1")[1])
         files.append((result.losses, load_file(str(result.output))))
         assert len(list((tmp_path / f"out{checkpointing}" / "ip-samples").glob("*.png"))) == 2

@@ -17,7 +17,7 @@ from lib_adapters.training.methods.base import ExportInfo
 from lib_adapters.training.methods.lora import LoraMethod
 from lib_adapters.training.methods.lora_file import load_lora
 
-FULL = LoraConfig(rank=4, alpha=2.0, targets="attention+ff+conv", train_text_encoder=True, save_precision="fp32")
+FULL = LoraConfig(rank=4, alpha=2.0, targets="attention+ff+conv", train_text_encoder=True)
 
 
 def _randomise(method: LoraMethod, seed: int = 0) -> None:
@@ -28,7 +28,7 @@ def _randomise(method: LoraMethod, seed: int = 0) -> None:
 
 
 def _export(method: LoraMethod, backend, tmp_path, name="tiny_lora", **config):
-    config = TrainConfig(tmp_path, tmp_path, name, lora=method.config, **config)
+    config = TrainConfig(tmp_path, tmp_path, name, lora=method.config, **{"save_precision": "fp32", **config})
     info = ExportInfo(config, backend.model_info(), step=7, num_images=3, tag_frequency={"2_x": {"red": 2}})
     return method.export(tmp_path / f"{name}.safetensors", info)
 
@@ -278,7 +278,7 @@ def test_kohya_metadata_keys_and_value_formats_for_a_dataset_with_two_repeat_fol
     backend = LdmBackend(model, clip_skip=2)  # the WebUI's "Clip skip" 2
     config = TrainConfig(_two_repeat_folders(tmp_path / "ds"), tmp_path / "out", "kohya", resolution=128, steps=4,
                          batch_size=2, grad_accumulation=2, learning_rate=1e-3,
-                         lora=LoraConfig(rank=2, alpha=1.0, save_precision="fp16"))
+                         lora=LoraConfig(rank=2, alpha=1.0), save_precision="fp16")
     tensors, md = load_lora(train(config, backend).output)
     # kohya's rules (train_network.py, train_util.py), by hand for this dataset:
     # 2 images x 3 repeats + 2 images x 2 repeats

@@ -19,7 +19,7 @@ AC = scaled_linear_alphas_cumprod()
 
 def test_config_coerces_strings_and_rejects_bad_values(tmp_path):
     c = TrainConfig(tmp_path, tmp_path, "run", lr_schedule="cosine", precision="BF16",
-                    lora=LoraConfig(targets="attention+ff", save_precision="fp32"))
+                    lora=LoraConfig(targets="attention+ff"), save_precision="fp32")
     assert c.lr_schedule is LRSchedule.COSINE and c.precision is Precision.BF16
     assert c.lora.targets is LoraTargets.ATTENTION_FF and c.lora.targets.feed_forward and not c.lora.targets.conv
     bad = [dict(resolution=500), dict(steps=0), dict(learning_rate=float("nan")), dict(warmup_steps=2000),

@@ -42,7 +42,7 @@ def _t2i_dataset(root: Path) -> Path:
 
 def _t2i_config(tmp_path: Path, out: str, **kw) -> TrainConfig:
     settings = dict(dataset_dir=tmp_path / "ds", method="t2i_adapter", resolution=64, steps=2, batch_size=2, learning_rate=1e-3, seed=1,
-                    t2i=T2IConfig(condition="depth", save_precision="fp32"))
+                    t2i=T2IConfig(condition="depth"), save_precision="fp32")
     settings.update(kw)
     return TrainConfig(output_dir=tmp_path / out, output_name="ad", **settings)
 

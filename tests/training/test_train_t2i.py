@@ -24,7 +24,7 @@ from lib_adapters.training.loop import train
 from lib_adapters.training.progress import TrainCallbacks
 from lib_adapters.training.methods.t2i_adapter import T2IAdapterMethod, cubic_timesteps, inject_features
 
-FULL1 = T2IConfig(condition="canny", condition_channels=1, preprocessor="canny", save_precision="fp32")
+FULL1 = T2IConfig(condition="canny", condition_channels=1, preprocessor="canny")
 
 
 def _dataset(root, count=4, condition="canny"):
@@ -91,8 +91,8 @@ def _features(adapter_module, condition):
 def test_exported_file_loads_into_diffusers_t2iadapter_with_the_same_features(tmp_path, arch, kind, layout):
     diffusers = pytest.importorskip("diffusers")
     _dataset(tmp_path / "ds", count=2, condition="depth")
-    t2i = T2IConfig(adapter_kind=kind, condition="depth", export_layout=layout, save_precision="fp32")
-    result = train(_config(tmp_path, "out", t2i, steps=2, learning_rate=1e-2), tiny(arch)[1])
+    t2i = T2IConfig(adapter_kind=kind, condition="depth", export_layout=layout)
+    result = train(_config(tmp_path, "out", t2i, steps=2, learning_rate=1e-2, save_precision="fp32"), tiny(arch)[1])
     ours = load_t2i_adapter(result.output)
     meta = read_safetensors_metadata(result.output)
     state = read_state_dict(result.output)
@@ -128,7 +128,7 @@ def test_the_diffusers_backend_trains_and_injects_exactly_as_the_ldm_backend(tmp
         assert torch.allclose(via_ldm, via_diffusers, atol=1e-4, rtol=1e-4), arch
 
         before = _unet_snapshot(dif.unet)
-        result = train(_config(tmp_path / arch, "dif"), dif)
+        result = train(_config(tmp_path / arch, "dif", save_precision="fp32"), dif)
         assert len(result.losses) == 3 and np.isfinite(result.losses).all()
         _assert_restored(dif.unet, before)
         assert load_t2i_adapter(result.output).config.sdxl == (arch == "sdxl")
@@ -136,7 +136,7 @@ def test_the_diffusers_backend_trains_and_injects_exactly_as_the_ldm_backend(tmp
 
 def _trained_file(tmp_path, backend):
     _dataset(tmp_path / "ds", count=2)
-    return train(_config(tmp_path, "ldm", steps=2, learning_rate=1e-2), backend).output
+    return train(_config(tmp_path, "ldm", steps=2, learning_rate=1e-2, save_precision="fp32"), backend).output
 
 
 class _Stop(TrainCallbacks):
@@ -152,8 +152,8 @@ class _Stop(TrainCallbacks):
 
 def test_interrupt_and_resume_equal_an_uninterrupted_run_bit_for_bit(tmp_path):
     _dataset(tmp_path / "ds", count=3)
-    t2i = T2IConfig(condition="canny", condition_channels=1, timesteps="cubic", save_precision="fp32")
-    settings = dict(steps=6, grad_accumulation=2, lr_schedule="cosine", noise_offset=0.05)
+    t2i = T2IConfig(condition="canny", condition_channels=1, timesteps="cubic")
+    settings = dict(steps=6, grad_accumulation=2, lr_schedule="cosine", noise_offset=0.05, save_precision="fp32")
     straight = train(_config(tmp_path, "a", t2i, **settings), tiny("sd1")[1])
     first = train(_config(tmp_path, "b", t2i, **settings), tiny("sd1")[1], callbacks=_Stop(3))
     assert first.interrupted and first.step == 3

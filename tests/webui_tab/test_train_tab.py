@@ -12,7 +12,7 @@ import pytest
 
 from lib_adapters.errors import InputError
 from lib_adapters.webui.training.jobs import JobRunningError, JobState, JobStatus, TrainRequest
-from lib_adapters.training.request import T2I_FIELDS
+from lib_adapters.training.request import method_fields
 from lib_adapters.webui.training.tab import TrainTab
 from lib_adapters.training.progress import format_duration
 from lib_adapters.webui.training.view import (
@@ -78,7 +78,7 @@ def test_request_from_the_widgets_default_values(built_tab):
         noise_offset=0.0, gradient_checkpointing=False, cache_latents=False, buckets=True, save_precision="fp16")
     assert type(request.steps) is int and type(request.rank) is int and type(request.alpha) is float
     # the request is one the core accepts
-    config = request.to_config("/tmp/out", device="cpu")
+    config = request.to_config("/tmp/out")
     assert config.lora.rank == 8 and config.lora.scale == 0.5 and config.min_snr_gamma == 5.0
     assert request.sample_image == "" and config.sample_image is None
 
@@ -113,7 +113,7 @@ def _accepted(request: TrainRequest) -> TrainRequest:
     """The request as the job manager and the API take it: through JSON, then the core's config checks."""
     again = TrainRequest.from_dict(request.to_dict())
     assert again == request
-    again.to_config("/tmp/out", device="cpu")
+    again.to_config("/tmp/out")
     return again
 
 
@@ -134,16 +134,16 @@ def test_t2i_request_from_the_widgets(built_tab):
         t2i_timesteps="cubic", t2i_export_layout="diffusers")
     # the widgets' own defaults: from scratch, no preprocessor (every condition must exist), blocks as released
     request, _ = build_request("t2i_adapter", {**_widget_defaults(built_tab), "dataset_dir": "/d", "output_name": "o"})
-    t2i = {name: getattr(_accepted(request), name) for name in T2I_FIELDS}
-    assert t2i == {name: TrainRequest.defaults()[name] for name in T2I_FIELDS}
-    assert request.to_config("/tmp/out", device="cpu").t2i.init_from is None
-    assert request.sample_image == "" and request.to_config("/tmp/out", device="cpu").sample_image is None
-    probe = build_request("T2I-Adapter", values)[0].to_config("/tmp/out", device="cpu").sample_image
+    t2i = {name: getattr(_accepted(request), name) for name in method_fields("t2i_adapter")}
+    assert t2i == {name: TrainRequest.defaults()[name] for name in method_fields("t2i_adapter")}
+    assert request.to_config("/tmp/out").t2i.init_from is None
+    assert request.sample_image == "" and request.to_config("/tmp/out").sample_image is None
+    probe = build_request("T2I-Adapter", values)[0].to_config("/tmp/out").sample_image
     assert probe == Path("/data/depth/probe.depth.png")
     with pytest.raises(InputError, match="meta .txt"):  # the method's own dataset hint
         build_request("T2I-Adapter", {**values, "dataset_dir": ""})
     with pytest.raises(InputError, match="condition name"):
-        build_request("T2I-Adapter", {**values, "t2i_condition": "a/b"})[0].to_config("/tmp/out", device="cpu")
+        build_request("T2I-Adapter", {**values, "t2i_condition": "a/b"})[0].to_config("/tmp/out")
 
 
 def test_ip_request_from_the_widgets(built_tab):
@@ -164,7 +164,7 @@ def test_ip_request_from_the_widgets(built_tab):
     assert (request.ip_init_from, request.ip_image_encoder, request.ip_resampler_dim) == ("", "vit-h.safetensors", 768)
     with pytest.raises(InputError, match="drop rates"):
         build_request("IP-Adapter", {**values, "ip_image_drop": 0.9, "ip_text_drop": 0.5}
-                      )[0].to_config("/tmp/out", device="cpu")
+                      )[0].to_config("/tmp/out")
 
 
 def test_switching_the_method_shows_its_knobs_and_usual_values(built_tab):
@@ -229,7 +229,7 @@ def test_file_lists_come_from_the_panels_folders(built_tab, tmp_path):
     # a listed name is resolved as the job manager resolves it: through the panel's catalog
     request, _ = build_request("T2I-Adapter", {**_widget_defaults(built_tab), "dataset_dir": "/d",
                                                "output_name": "o", "t2i_init_from": "depth_diffusers"})
-    config = request.to_config("/tmp/out", device="cpu", places=TrainingHost().places("t2i_adapter"))
+    config = request.to_config("/tmp/out", places=TrainingHost().places("t2i_adapter"))
     assert config.t2i.init_from == models / "adapters" / "depth_diffusers.safetensors"
 
 

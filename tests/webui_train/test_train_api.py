@@ -99,7 +99,7 @@ BAD_ADAPTER_FIELDS = [
      "ip_resampler_depth: resampler_depth must be an integer in 1..16"),
     ({"method": "ip_adapter", "ip_image_drop": 0.6, "ip_text_drop": 0.6},
      "IP-Adapter settings: image/text/both drop rates must be in [0, 1] and sum to at most 1"),
-    ({"method": "ip_adapter", "save_precision": "int8"}, "save_precision: save_precision must be one of fp32, fp16"),
+    ({"method": "ip_adapter", "save_precision": "int8"}, "save_precision must be one of fp32, fp16, bf16; got 'int8'"),
     ({"method": "t2i_adapter", "rank": 4}, "method t2i_adapter does not take rank (LoRA); remove it"),
     ({"ip_projection": "plus", "t2i_condition": "canny"},
      "method lora does not take ip_projection (IP-Adapter), t2i_condition (T2I-Adapter); remove them"),
@@ -327,7 +327,6 @@ def _lora_file(path):
 
 
 def test_named_files_that_are_unreadable_or_of_another_family_get_a_400_before_anything_starts(webui, api, tmp_path):
-    import torch
     from safetensors.torch import save_file
 
     from fixtures.ip import random_ip_state_dict
@@ -387,3 +386,49 @@ def test_a_bad_output_name_is_refused_in_the_tab(webui):
         (out,) = list(tab.start("", "LoRA", *[{**values, "output_name": name}[f] for f in all_fields()]))
         assert "output name must be a plain file name" in out[4]["value"] and words in out[4]["value"], out[4]
     assert jobs.status().state.value == "idle"
+
+
+def test_an_api_body_is_a_command_line_config_file_unchanged(webui, api, tmp_path):
+    """One schema: the body ``POST /adapters/v1/train`` accepts, written to a file, is accepted unchanged by
+    ``python -m lib_adapters.training --config body.json`` (the model and output folder from flags; no --checkpoint:
+    the built-in tiny model), and both runs train what it says."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from lib_adapters.training.methods.lora_file import load_lora
+
+    client, jobs = api
+    payload = {"method": "lora", "dataset_dir": str(webui.dataset), "output_name": "one_schema", "resolution": 64,
+               "steps": 2, "batch_size": 2, "learning_rate": 1e-3, "lr_schedule": "cosine", "rank": 4, "alpha": 2,
+               "lora_targets": "attention+ff", "train_text_encoder": False, "save_every": 1, "seed": 3,
+               "precision": "auto", "save_precision": "fp32", "sample_prompts": [], "sample_image": "",
+               "min_snr_gamma": None, "t2i_condition": "depth", "ip_projection": "plain", "overwrite": False}
+    started = client.post(PREFIX, json=payload)
+    assert started.status_code == 200, started.text
+    done = wait_done(client, jobs)
+    assert done["state"] == "finished", done["error"]
+
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps(payload))
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "lib_adapters.training", "--config", str(body), "--output-dir",
+                           str(tmp_path / "cli"), "--device", "cpu"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (api_tensors, api_meta), (cli_tensors, cli_meta) = load_lora(done["output"]), load_lora(
+        tmp_path / "cli" / "one_schema.safetensors")
+    # the tiny ldm model (WebUI) and the tiny diffusers model (CLI) share SD1's structure: the same LoRA, key for key
+    assert api_tensors.keys() == cli_tensors.keys() and len(api_tensors) > 30
+    assert {t.dtype for t in cli_tensors.values()} == {t.dtype for t in api_tensors.values()} == {torch.float32}
+    for key, value in (("ss_network_dim", "4"), ("ss_network_alpha", "2.0"), ("ss_steps", "2"), ("ss_seed", "3"),
+                       ("ss_lr_scheduler", "cosine"), ("ss_learning_rate", "0.001"), ("ss_mixed_precision", "no"),
+                       ("ss_network_args", '{"targets": "attention+ff"}')):
+        assert api_meta[key] == cli_meta[key] == value, key
+    assert sorted(p.name for p in (tmp_path / "cli" / "one_schema-checkpoints").iterdir()) == [
+        f"one_schema-step00000{i}{s}" for i in (1, 2) for s in (".safetensors", ".state")]  # save_every 1

@@ -36,7 +36,7 @@ from ...inference.session import GenerationSession
 from ...models.ip_adapter import IPAdapterModel, ProjectionConfig, ProjectionKind
 from ...unet.layout import IPSite
 from ..backends.base import TrainingBackend
-from ..config import IPAdapterConfig, IPProjection, Precision, TrainConfig
+from ..config import IPAdapterConfig, IPProjection, TrainConfig
 from ..data import ImageRecord
 from ..ip_data import (ImageFeatures, encoder_width, load_json_records, load_training_encoder,
                        reference_encoder)
@@ -48,7 +48,6 @@ from .ip_sites import ip_layout
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
 _KIND = {IPProjection.PLAIN: ProjectionKind.LINEAR, IPProjection.PLUS: ProjectionKind.RESAMPLER}
 _TOKENS = {IPProjection.PLAIN: 4, IPProjection.PLUS: 16}  # fixed by diffusers' and sd-webui-controlnet's loaders
 DIM_HEAD = 64  # Resampler heads are 64 wide (formats/ip.py reads heads back as to_q width / 64)
@@ -259,7 +258,7 @@ class IPAdapterMethod(MethodBase):
         load_strict(self.model, state, "IP-Adapter training state")
 
     def export(self, path: Path, info: ExportInfo, dtype: torch.dtype | None = None) -> Path:
-        dtype = dtype or _DTYPES[self.config.save_precision]
+        dtype = dtype or info.config.save_precision.dtype
         tensors = {k: v.to(dtype).contiguous() for k, v in self.trainable_state().items()}
         metadata = self._metadata(info)
         return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))

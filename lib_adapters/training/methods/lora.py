@@ -29,7 +29,6 @@ _CONV_BLOCKS = ("ResBlock", "Downsample", "Upsample", "ResnetBlock2D", "Downsamp
 _ATTENTION = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 _TE_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 _TE_MLP = ("fc1", "fc2")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class LoraModule(nn.Module):
@@ -207,7 +206,7 @@ class LoraMethod(MethodBase):
         """Write the kohya file (``dtype`` overrides the configured save precision). Every tensor, the ``.alpha``
         scalars included, is in that precision, as kohya saves them (alphas are small integers or halves: exact in
         fp16/bf16)."""
-        dtype = dtype or _DTYPES[self.config.save_precision.value]
+        dtype = dtype or info.config.save_precision.dtype
         tensors = self.network.kohya_state_dict(dtype)
         return save_lora(path, tensors, kohya_metadata(info, self.config, self.trains_text_encoder))
 

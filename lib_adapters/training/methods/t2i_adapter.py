@@ -44,7 +44,6 @@ from ..outputs import atomic_write
 from ..t2i_data import load_condition, load_t2i_records
 from .base import ExportInfo, MethodBase, MethodBatch
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _NUM_LEVELS = 4
 
 
@@ -161,7 +160,7 @@ class T2IAdapterMethod(MethodBase):
         self.adapter.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
     def export(self, path: Path, info: ExportInfo, dtype: torch.dtype | None = None) -> Path:
-        dtype = dtype or _DTYPES[self.config.save_precision.value]
+        dtype = dtype or info.config.save_precision.dtype
         tensors = {k: v.to(dtype).contiguous() for k, v in self.trainable_state().items()}
         if self.config.export_layout is T2ILayout.DIFFUSERS:
             tensors = tencentarc_to_diffusers(tensors, self.adapter_config)

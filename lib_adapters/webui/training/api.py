@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from secrets import compare_digest
+from dataclasses import MISSING
 from typing import Callable, List, Optional
 
 from fastapi import Body, Depends, HTTPException
@@ -30,28 +31,18 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Extra, Field, create_model
 
 from ...errors import AdapterError, InputError
-from .jobs import JobRunningError, JobState, TrainingJobs, TrainRequest
+from ...training.request import REQUEST_FIELDS, Kind, TrainRequest
+from .jobs import JobRunningError, JobState, TrainingJobs
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/adapters/v1/train"
 
-_TYPES = {"an integer": int, "a number": float, "true or false": bool, "a string": str,
-          "a list of strings": List[str], "a number or null": Optional[float], "an integer or null": Optional[int],
-          "a string or null": Optional[str]}
-
-
 def _request_model() -> type[BaseModel]:
-    """A pydantic model mirroring ``TrainRequest`` (OpenAPI docs only; validation is ``TrainRequest.from_dict``)."""
-    defaults = TrainRequest.__dataclass_fields__
-    spec = {}
-    for name, kind in TrainRequest.field_kinds().items():
-        default = defaults[name].default
-        if name in ("dataset_dir", "output_name"):
-            default = ...
-        elif name == "sample_prompts":
-            default = []
-        spec[name] = (_TYPES[kind], Field(default))
+    """A pydantic model of the request schema (OpenAPI docs only; validation is ``TrainRequest.from_dict``)."""
+    spec = {f.name: (f.kind.python_type, Field(... if f.default is MISSING else list(f.default) if f.kind is Kind.STRS
+                                               else f.default, title=f.label or None, description=f.help or None))
+            for f in REQUEST_FIELDS}
 
     class Config:
         extra = Extra.forbid

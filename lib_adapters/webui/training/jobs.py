@@ -34,7 +34,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -63,7 +62,6 @@ __all__ = ["JobState", "TrainRequest", "FilePlaces", "JobStatus", "TrainingJobs"
 LOG_LINES = 200
 HOW_TO_OVERWRITE = ('tick "Overwrite an existing file of this name" in the Train Adapter tab (API: "overwrite": '
                     'true)')
-_SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class JobState(str, Enum):
@@ -179,8 +177,8 @@ class TrainingJobs:
         with self._lock:
             self._check_idle()
             self.host.check_ready(request.method)
-            config = request.to_config(self.host.work_dir(request.method), device=self.host.device(),
-                                       places=self.host.places(request.method))
+            config = request.to_config(self.host.work_dir(request.method), places=self.host.places(request.method))
+            config = replace(config, precision=config.precision.resolve(self.host.device()))
             validate_dataset(config)
             self.host.check_files(config)
             resume_from, run_id = None, None
@@ -364,14 +362,9 @@ def validate_dataset(config: TrainConfig) -> None:
     method_class(config.method).load_records(config)
 
 
-def _save_dtype(config: TrainConfig) -> torch.dtype:
-    part = {Method.LORA: config.lora, Method.T2I_ADAPTER: config.t2i, Method.IP_ADAPTER: config.ip}[config.method]
-    return _SAVE_DTYPES[part.save_precision.value]
-
-
 def _publish_checkpoint(config: TrainConfig, weights: Path, target: Path) -> None:
     """A checkpoint's fp32 weights (the method's own file layout) as the published file, in the save precision."""
-    dtype = _save_dtype(config)
+    dtype = config.save_precision.dtype
     if config.method is Method.LORA:
         tensors, metadata = load_lora(weights)
         tensors = {k: v.to(dtype) for k, v in tensors.items()}  # alphas too, as kohya saves them

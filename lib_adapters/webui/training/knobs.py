@@ -1,6 +1,7 @@
-"""The "Train Adapter" tab's per-method knobs (Gradio 3.41): LoRA, T2I-Adapter and IP-Adapter groups, each
-split into the main knobs and the rarely changed ones shown in the Advanced accordion, and the lists their
-dropdowns offer.
+"""The "Train Adapter" tab's widgets (Gradio 3.41): ``widget(name)`` makes a request field's widget from the schema
+(its label, default, choices: ``training.request.FIELDS``, so the tab shows what the API and the command line take
+by default); the per-method groups (LoRA, T2I-Adapter, IP-Adapter), each split into the main knobs and the rarely
+changed ones shown in the Advanced accordion; and the lists their file dropdowns offer.
 
 The lists come from the Adapters panel's own places (``settings.current()``): adapter files as its
 ``ModelCatalog`` names them (models/adapters, adapter files of models/ControlNet), kept to the method's
@@ -10,6 +11,7 @@ files of its encoder folders; the preprocessors of its table. The dropdowns also
 from __future__ import annotations
 
 import logging
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +23,7 @@ from ...catalog import ModelCatalog
 from ...formats.detect import ModelFamily, detect_family
 from ...formats.reader import MODEL_SUFFIXES, PICKLE_SUFFIXES, read_safetensors_keys
 from ...preprocess.registry import list_preprocessors
+from ...training.request import FIELDS, Kind
 from .. import settings
 from .view import AUTO_ENCODER, SCRATCH
 
@@ -77,65 +80,88 @@ def preprocessor_choices() -> list[str]:
     return [p.name for p in list_preprocessors()]
 
 
+# widgets -----------------------------------------------------------------------------------------------------------
+
+
+def widget(name: str, component: Any = None, **overrides: Any) -> Any:
+    """The widget of request field ``name`` with the schema's label and default: by default a checkbox, a dropdown of
+    its choices, a number (0 for "none" where the field is optional, said in its label) or a textbox; ``component``
+    and ``overrides`` change the widget, not what it means."""
+    f = FIELDS[name]
+    label = f.label
+    if f.none and f.kind in (Kind.OPT_INT, Kind.OPT_FLOAT):
+        label = f"{label} (0: {f.none})"
+    elif f.none and f.kind is Kind.OPT_STR:
+        label = f"{label} (empty: {f.none})"
+    value = "" if f.default is MISSING else 0 if f.default is None else f.default
+    args: dict[str, Any] = dict(label=label, value=list(value) if f.kind is Kind.STRS else value, elem_id=eid(name))
+    if component is None:
+        component, extra = _component(f)
+        args.update(extra)
+    args.update(overrides)
+    return component(**args)
+
+
+def _component(f) -> tuple[Any, dict[str, Any]]:
+    if f.kind is Kind.BOOL:
+        return gr.Checkbox, {}
+    if f.choices:
+        return gr.Dropdown, {"choices": list(f.choices)}
+    if f.kind is Kind.STRS:
+        return gr.Textbox, {"lines": 2, "value": ""}
+    if f.kind.base is Kind.STR:
+        return gr.Textbox, {}
+    return gr.Number, {"precision": 0} if f.kind.base is Kind.INT else {}
+
+
+def _file_dropdown(name: str, choices: list[str], first: str = "") -> Any:
+    """A file field's dropdown: ``choices[0]`` stands for "" (``first`` says what that means), then the listed names;
+    allow_custom_value: a path typed in is sent as it is (TrainRequest takes a listed name or a path)."""
+    label = FIELDS[name].label + (f" ({first})" if first else "")
+    return widget(name, gr.Dropdown, label=label, choices=choices, value=choices[0], allow_custom_value=True)
+
+
 # groups ------------------------------------------------------------------------------------------------------------
-
-
-def _file_dropdown(label: str, choices: list[str], name: str) -> Any:
-    # allow_custom_value: a path typed in is sent as it is (TrainRequest takes a listed name or a path)
-    return gr.Dropdown(label=label, choices=choices, value=choices[0], allow_custom_value=True, elem_id=eid(name))
 
 
 def lora_main(i: dict[str, Any]) -> None:
     with FormRow():
-        i["rank"] = gr.Slider(label="LoRA rank", minimum=1, maximum=256, step=1, value=16, elem_id=eid("rank"))
-        i["alpha"] = gr.Slider(label="LoRA alpha", minimum=1, maximum=256, step=1, value=16, elem_id=eid("alpha"))
+        for name in ("rank", "alpha"):  # the usual range (the configs take more)
+            i[name] = widget(name, gr.Slider, minimum=1, maximum=256, step=1)
 
 
 def lora_advanced(i: dict[str, Any]) -> None:
     with FormRow():
-        i["lora_targets"] = gr.Dropdown(
-            label="LoRA layers", choices=["attention", "attention+ff", "attention+ff+conv"], value="attention",
-            elem_id=eid("lora_targets"))
-        i["train_text_encoder"] = gr.Checkbox(label="Train the text encoder too", value=False,
-                                              elem_id=eid("train_text_encoder"))
+        i["lora_targets"] = widget("lora_targets")
+        i["train_text_encoder"] = widget("train_text_encoder")
 
 
 def t2i_main(i: dict[str, Any]) -> None:
     with FormRow():
-        i["t2i_condition"] = gr.Textbox(label="Condition name (x.<condition>.png)", value="depth", max_lines=1,
-                                        elem_id=eid("t2i_condition"))
-        i["t2i_condition_channels"] = gr.Dropdown(label="Condition channels (1: edges, sketches)", choices=["3", "1"],
-                                                  value="3", elem_id=eid("t2i_condition_channels"))
-        i["t2i_adapter_kind"] = gr.Dropdown(label="Adapter", choices=["full", "light"], value="full",
-                                            elem_id=eid("t2i_adapter_kind"))
+        i["t2i_condition"] = widget("t2i_condition", max_lines=1)
+        # the two valid counts (the dropdown sends text: the tab makes it an integer)
+        i["t2i_condition_channels"] = widget("t2i_condition_channels", gr.Dropdown, choices=["3", "1"], value="3")
+        i["t2i_adapter_kind"] = widget("t2i_adapter_kind")
     with FormRow():
-        i["t2i_init_from"] = _file_dropdown("Start from (an adapter to fine-tune)", adapter_choices("t2i_adapter"),
-                                            "t2i_init_from")
+        i["t2i_init_from"] = _file_dropdown("t2i_init_from", adapter_choices("t2i_adapter"))
         refresh = ToolButton("\U0001F504", elem_id=eid("t2i_refresh"))
-        i["t2i_preprocessor"] = gr.Dropdown(label="Preprocessor for missing conditions", value="none",
-                                            choices=preprocessor_choices(), elem_id=eid("t2i_preprocessor"))
+        i["t2i_preprocessor"] = widget("t2i_preprocessor", gr.Dropdown, label=FIELDS["t2i_preprocessor"].label,
+                                       value="none", choices=preprocessor_choices())
     refresh.click(fn=lambda: gr.update(choices=adapter_choices("t2i_adapter")), outputs=[i["t2i_init_from"]],
                   show_progress="hidden")
 
 
 def t2i_advanced(i: dict[str, Any]) -> None:
     with FormRow():
-        i["t2i_timesteps"] = gr.Dropdown(label="Timesteps (cubic: the SDXL recipe)", choices=["uniform", "cubic"],
-                                         value="uniform", elem_id=eid("t2i_timesteps"))
-        i["t2i_num_res_blocks"] = gr.Number(label="Blocks per level (0: as released, 2 full / 4 light)", value=0,
-                                            precision=0, elem_id=eid("t2i_num_res_blocks"))
-        i["t2i_export_layout"] = gr.Dropdown(label="File layout", choices=["tencentarc", "diffusers"],
-                                             value="tencentarc", elem_id=eid("t2i_export_layout"))
+        for name in ("t2i_timesteps", "t2i_num_res_blocks", "t2i_export_layout"):
+            i[name] = widget(name)
 
 
 def ip_main(i: dict[str, Any]) -> None:
     with FormRow():
-        i["ip_projection"] = gr.Dropdown(label="Projection (plus: Resampler, 16 tokens)", choices=["plain", "plus"],
-                                         value="plain", elem_id=eid("ip_projection"))
-        i["ip_init_from"] = _file_dropdown("Start from (an IP-Adapter to fine-tune)", adapter_choices("ip_adapter"),
-                                           "ip_init_from")
-        i["ip_image_encoder"] = _file_dropdown("CLIP image encoder (Auto: as released)", encoder_choices(),
-                                               "ip_image_encoder")
+        i["ip_projection"] = widget("ip_projection")
+        i["ip_init_from"] = _file_dropdown("ip_init_from", adapter_choices("ip_adapter"))
+        i["ip_image_encoder"] = _file_dropdown("ip_image_encoder", encoder_choices(), f"{AUTO_ENCODER}: as released")
         refresh = ToolButton("\U0001F504", elem_id=eid("ip_refresh"))
     refresh.click(fn=lambda: (gr.update(choices=adapter_choices("ip_adapter")), gr.update(choices=encoder_choices())),
                   outputs=[i["ip_init_from"], i["ip_image_encoder"]], show_progress="hidden")
@@ -143,18 +169,12 @@ def ip_main(i: dict[str, Any]) -> None:
 
 def ip_advanced(i: dict[str, Any]) -> None:
     with FormRow():
-        # the reference's dropout: 5% of samples without the image, 5% without the text, 5% without both
-        for part in ("image", "text", "both"):
-            i[f"ip_{part}_drop"] = gr.Number(label=f"Drop rate: {part}", value=0.05, elem_id=eid(f"ip_{part}_drop"))
-        i["ip_cache_features"] = gr.Checkbox(label="Cache CLIP image features", value=True,
-                                             elem_id=eid("ip_cache_features"))
+        for name in ("ip_image_drop", "ip_text_drop", "ip_both_drop", "ip_cache_features"):
+            i[name] = widget(name)
     with FormRow():
-        i["ip_resampler_dim"] = gr.Number(label="Resampler width (plus; 0: auto)", value=0, precision=0,
-                                          elem_id=eid("ip_resampler_dim"))
-        i["ip_resampler_depth"] = gr.Number(label="Resampler depth (plus)", value=4, precision=0,
-                                            elem_id=eid("ip_resampler_depth"))
-        i["ip_data_root"] = gr.Textbox(label="Images of a JSON list (empty: the JSON file's folder)", max_lines=1,
-                                       elem_id=eid("ip_data_root"))
+        for name in ("ip_resampler_dim", "ip_resampler_depth"):
+            i[name] = widget(name)
+        i["ip_data_root"] = widget("ip_data_root", max_lines=1)
 
 
 MAIN: dict[str, Callable[[dict[str, Any]], None]] = {"lora": lora_main, "t2i_adapter": t2i_main,

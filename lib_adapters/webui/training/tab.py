@@ -28,7 +28,7 @@ from modules.ui_components import FormRow, ToolButton
 
 from ...errors import AdapterError
 from .jobs import TrainingJobs
-from .knobs import ADVANCED, ELEM_PREFIX, MAIN, eid
+from .knobs import ADVANCED, ELEM_PREFIX, MAIN, eid, widget
 from .view import (
     DEFAULTED_FIELDS, METHODS, StatusView, all_fields, build_request, error_html, method_info, render_status,
 )
@@ -66,69 +66,42 @@ class TrainTab:
         return blocks
 
     def _settings(self) -> None:
-        i = self.inputs
+        i, first = self.inputs, METHODS[0]
         with FormRow():
-            i["method"] = gr.Dropdown(label="Method", choices=[m.label for m in METHODS], value=METHODS[0].label,
+            i["method"] = gr.Dropdown(label="Method", choices=[m.label for m in METHODS], value=first.label,
                                       elem_id=eid("method"))
-            i["output_name"] = gr.Textbox(label="Output name", placeholder="my_style", elem_id=eid("output_name"))
+            i["output_name"] = widget("output_name", placeholder="my_style")
         # off: a run whose name is taken by another run's file is refused, the file left as it is
-        i["overwrite"] = gr.Checkbox(label="Overwrite an existing file of this name", value=False,
-                                     elem_id=eid("overwrite"))
-        first = METHODS[0]
-        i["dataset_dir"] = gr.Textbox(label=first.dataset_label, placeholder=first.dataset_hint,
-                                      elem_id=eid("dataset_dir"))
+        i["overwrite"] = widget("overwrite")
+        i["dataset_dir"] = widget("dataset_dir", label=first.dataset_label, placeholder=first.dataset_hint)
         for info in METHODS:
             self._method_group(info.key, MAIN[info.key])
         with FormRow():
-            i["resolution"] = gr.Slider(label="Resolution", minimum=64, maximum=2048, step=64, value=512,
-                                        elem_id=eid("resolution"))
-            i["steps"] = gr.Number(label="Steps", value=1000, precision=0, elem_id=eid("steps"))
+            i["resolution"] = widget("resolution", gr.Slider, minimum=64, maximum=2048, step=64)
+            i["steps"] = widget("steps")
         with FormRow():
-            i["batch_size"] = gr.Number(label="Batch size", value=1, precision=0, elem_id=eid("batch_size"))
-            i["grad_accumulation"] = gr.Number(label="Gradient accumulation", value=1, precision=0,
-                                               elem_id=eid("grad_accumulation"))
-            i["learning_rate"] = gr.Number(label="Learning rate", value=METHODS[0].defaults["learning_rate"],
-                                           elem_id=eid("learning_rate"))
-            i["precision"] = gr.Dropdown(label="Precision", choices=["auto", "fp32", "fp16", "bf16"], value="auto",
-                                         elem_id=eid("precision"))
+            for name in ("batch_size", "grad_accumulation", "learning_rate", "precision"):
+                i[name] = widget(name, **({"value": first.defaults[name]} if name in first.defaults else {}))
         with FormRow():
-            i["save_every"] = gr.Number(label="Save every N steps (0: at the end)", value=500, precision=0,
-                                        elem_id=eid("save_every"))
-            i["sample_every"] = gr.Number(label="Sample every N steps (0: off)", precision=0,
-                                          value=METHODS[0].defaults["sample_every"],
-                                          elem_id=eid("sample_every"))
-        i["sample_prompts"] = gr.Textbox(label="Sample prompts", lines=2, placeholder="One prompt per line",
-                                         elem_id=eid("sample_prompts"))
+            for name in ("save_every", "sample_every"):
+                i[name] = widget(name, **({"value": first.defaults[name]} if name in first.defaults else {}))
+        i["sample_prompts"] = widget("sample_prompts", placeholder="One prompt per line")
         # shown for the adapters, whose samples need their input: a condition or a reference image
-        i["sample_image"] = gr.Textbox(label=METHODS[0].sample_input or "Sample image", placeholder="Path of an image",
-                                       visible=bool(METHODS[0].sample_input), elem_id=eid("sample_image"))
+        i["sample_image"] = widget("sample_image", label=first.sample_input or "Sample image",
+                                   placeholder="Path of an image", visible=bool(first.sample_input))
         with gr.Accordion("Advanced", open=False, elem_id=eid("advanced")):
             self._advanced()
             for info in METHODS:
                 self._method_group(info.key, ADVANCED[info.key])
 
     def _advanced(self) -> None:
-        i = self.inputs
-        with FormRow():
-            i["lr_schedule"] = gr.Dropdown(label="LR schedule", choices=["constant", "cosine", "linear"],
-                                           value="constant", elem_id=eid("lr_schedule"))
-            i["warmup_steps"] = gr.Number(label="Warmup steps", value=0, precision=0, elem_id=eid("warmup_steps"))
-            i["optimizer"] = gr.Dropdown(label="Optimizer", choices=["adamw", "adamw8bit"], value="adamw",
-                                         elem_id=eid("optimizer"))
-            i["seed"] = gr.Number(label="Seed", value=0, precision=0, elem_id=eid("seed"))
-        with FormRow():
-            i["min_snr_gamma"] = gr.Number(label="Min-SNR gamma (0: off, 5 usual)", value=0,
-                                           elem_id=eid("min_snr_gamma"))
-            i["noise_offset"] = gr.Number(label="Noise offset", value=0.0, elem_id=eid("noise_offset"))
-            i["sample_steps"] = gr.Number(label="Sampling steps of samples", value=20, precision=0,
-                                          elem_id=eid("sample_steps"))
-            i["save_precision"] = gr.Dropdown(label="Saved file precision", choices=["fp16", "bf16", "fp32"],
-                                              value="fp16", elem_id=eid("save_precision"))
-        with FormRow():
-            i["gradient_checkpointing"] = gr.Checkbox(label="Gradient checkpointing", value=False,
-                                                      elem_id=eid("gradient_checkpointing"))
-            i["cache_latents"] = gr.Checkbox(label="Cache latents", value=False, elem_id=eid("cache_latents"))
-            i["buckets"] = gr.Checkbox(label="Aspect-ratio buckets", value=True, elem_id=eid("buckets"))
+        rows = (("lr_schedule", "warmup_steps", "optimizer", "seed"),
+                ("min_snr_gamma", "noise_offset", "sample_steps", "save_precision"),
+                ("gradient_checkpointing", "cache_latents", "buckets"))
+        for row in rows:
+            with FormRow():
+                for name in row:
+                    self.inputs[name] = widget(name)
 
     def _method_group(self, key: str, build: Callable[[dict[str, Any]], None]) -> None:
         visible = key == METHODS[0].key

@@ -14,18 +14,14 @@ from typing import Any, Mapping
 
 from ...errors import InputError
 from ...training.progress import format_duration
-from .jobs import JobState, JobStatus, TrainRequest
-from ...training.request import METHOD_FIELDS
+from ...training.request import FIELDS, Kind, TrainRequest, method_fields, shared_fields
+from .jobs import JobState, JobStatus
 
-# The knobs every method shares, in the order the tab passes them to its handlers. Each method adds
-# its own (training_request.METHOD_FIELDS); only the selected method's knobs go into the request, so a
-# hidden group of another method never sends fields that method does not take.
-COMMON_FIELDS: tuple[str, ...] = (
-    "dataset_dir", "output_name", "resolution", "steps", "batch_size", "grad_accumulation", "learning_rate",
-    "precision", "save_every", "sample_every", "sample_prompts", "lr_schedule", "warmup_steps", "optimizer", "seed",
-    "min_snr_gamma", "noise_offset", "sample_steps", "gradient_checkpointing", "cache_latents", "buckets",
-    "save_precision", "sample_image", "overwrite",
-)
+# The knobs every method shares that the tab has a widget for, in the order the tab passes them to its handlers
+# (the schema's order). Each method adds its own (``MethodInfo.fields``); only the selected method's knobs go into
+# the request, so a hidden group of another method never sends fields that method does not take. Fields the tab
+# shows no widget for (``Knob.tab``) keep their defaults.
+COMMON_FIELDS: tuple[str, ...] = tuple(n for n in shared_fields() if n != "method" and FIELDS[n].tab)
 
 SCRATCH = "None (from scratch)"  # the init-from dropdowns' first choice: sent as ""
 AUTO_ENCODER = "Auto"  # the image-encoder dropdown's first choice: sent as ""
@@ -47,8 +43,8 @@ class MethodInfo:
 
     @property
     def fields(self) -> tuple[str, ...]:
-        """Method-specific TrainRequest fields (their widgets live in the method's groups)."""
-        return METHOD_FIELDS[self.key]
+        """Method-specific TrainRequest fields that have a widget (in the method's groups)."""
+        return tuple(n for n in method_fields(self.key) if FIELDS[n].tab)
 
 
 METHODS: tuple[MethodInfo, ...] = (
@@ -68,12 +64,6 @@ METHODS: tuple[MethodInfo, ...] = (
 )
 DEFAULTED_FIELDS: tuple[str, ...] = tuple(sorted({name for info in METHODS for name in info.defaults}))
 
-INT_FIELDS = frozenset({"resolution", "steps", "batch_size", "grad_accumulation", "save_every", "sample_every",
-                        "warmup_steps", "seed", "sample_steps", "rank", "t2i_condition_channels",
-                        "ip_resampler_depth"})
-FLOAT_FIELDS = frozenset({"learning_rate", "noise_offset", "alpha", "ip_image_drop", "ip_text_drop", "ip_both_drop"})
-AUTO_INT_FIELDS = frozenset({"t2i_num_res_blocks", "ip_resampler_dim"})  # 0 or empty: null, the method's own choice
-TEXT_FIELDS = frozenset({"dataset_dir", "output_name", "t2i_condition", "ip_data_root", "sample_image"})
 # Dropdown choices that stand for "" in the request (a dropdown cannot offer an empty string).
 EMPTY_CHOICES = {"t2i_init_from": SCRATCH, "ip_init_from": SCRATCH, "ip_image_encoder": AUTO_ENCODER,
                  "t2i_preprocessor": "none"}
@@ -112,24 +102,19 @@ def _number(name: str, value: Any, kind: type) -> Any:
 
 
 def _clean(name: str, value: Any) -> Any:
-    if name in INT_FIELDS:
-        return _number(name, value, int)
-    if name in FLOAT_FIELDS:
-        return _number(name, value, float)
-    if name in AUTO_INT_FIELDS:
-        number = _number(name, value or 0, int)
+    """A widget's value as the request field's JSON kind takes it."""
+    kind = FIELDS[name].kind
+    if kind in (Kind.INT, Kind.FLOAT):
+        return _number(name, value, int if kind is Kind.INT else float)
+    if kind in (Kind.OPT_INT, Kind.OPT_FLOAT):  # 0 or empty: null, the field's "none" (off, auto, as released)
+        number = _number(name, value or 0, int if kind is Kind.OPT_INT else float)
         return number if number != 0 else None
-    if name == "min_snr_gamma":  # 0 or empty turns it off
-        gamma = _number(name, value or 0, float)
-        return gamma if gamma > 0 else None
-    if name == "sample_prompts":
+    if kind is Kind.STRS:
         text = value if isinstance(value, str) else "\n".join(value or ())
         return tuple(line.strip() for line in text.splitlines() if line.strip())
-    if name in TEXT_FIELDS:
-        return (value or "").strip()
-    if name in EMPTY_CHOICES:  # a cleared dropdown gives None
+    if kind in (Kind.STR, Kind.OPT_STR):  # a cleared textbox or dropdown gives None
         text = (value or "").strip()
-        return "" if text == EMPTY_CHOICES[name] else text
+        return "" if text == EMPTY_CHOICES.get(name) else text
     return value
 
 
