@@ -1,19 +1,21 @@
-"""The command-line trainer: ``python -m lib_adapters.training --dataset DIR --output-dir DIR --name NAME [...]``.
+"""The command-line trainer: ``python -m lib_adapters.training --dataset-dir DIR --output-dir DIR --output-name NAME``
+(or ``--config body.json --output-dir DIR``, the body the web API takes).
 
-It runs the same core as the WebUI tab (``loop.train``/``loop.resume``) over a backend built by
-``loading.py``; options are generated from the config dataclasses (``cli_args.py``). Launched by
+A console wrapper over the same job as the WebUI tab and the web API (``job.py``: every check, then the files made
+ready, then the run, which publishes ``<output-dir>/<name>.safetensors`` at the end and on Ctrl-C) over a backend
+built by ``loading.py``; options are generated from the request schema (``cli_args.py``). Launched by
 ``accelerate launch`` or ``torchrun`` it trains data-parallel (``distributed.py``): every process takes
 its rows of each global batch and only the first one prints and writes.
 
 Nothing is lost: an existing ``<output-dir>/<name>.safetensors`` is replaced only with ``--overwrite`` (or by a
-resumed run that wrote it itself); a fresh run sets an earlier run's checkpoints of the name aside
-(``run_checkpoints.set_aside_checkpoints``); temporary files a killed run left are removed at the next start.
+resumed run that wrote it itself); a fresh run sets an earlier run's checkpoints of the name aside; temporary
+files a killed run left are removed at the next start.
 
 Exit codes: 0 done; 1 training stopped (non-finite loss: the message names the kept checkpoint);
 2 bad input (the message says what to fix; no traceback), an existing output file among them;
 3 the disk is full (the message names the file that could not be written and the free space; the
 last good checkpoint is kept and ``--resume`` continues from it); 130 interrupted by Ctrl-C after
-saving a checkpoint (``--resume`` continues it). A second Ctrl-C stops at once.
+saving a checkpoint and publishing the weights so far (``--resume`` continues it). A second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
@@ -27,16 +29,16 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError, DiskFullError, InputError
-from .run_checkpoints import (latest_checkpoint, read_state, remove_checkpoint_temp_files, set_aside_checkpoints)
 from .config import Method, TrainConfig
 from .distributed import Shard, close, shard_from_environment
 from .errors import TrainingError
+from .job import LATEST, JobSpec, disk_full_message, prepare
+from .job import run as run_job
 from .loading import ModelSource, base_dtype, load_backend
-from .loop import TrainResult, method_class, resume, train
+from .loop import TrainResult
+from .outputs import disk_full_error
 from .progress import Progress, TrainCallbacks, format_duration
-from .named_files import check_named_files
-from .outputs import check_replace, disk_full_error, remove_output_temp_files
-from .sampling import check_sample_image
+from .run_checkpoints import latest_checkpoint
 
 EXIT_OK, EXIT_TRAINING, EXIT_INPUT, EXIT_DISK_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -111,8 +113,9 @@ def _report(result: TrainResult, request: RunRequest, say) -> None:
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
         say(f"loss: mean of the first {k} step(s) {first:.4f} -> last {k} step(s) {last:.4f} ({covered})")
     if result.interrupted:
-        say(f"interrupted at step {result.step}; checkpoint {result.checkpoints[-1] if result.checkpoints else '-'}; "
-            f"continue with the same options and --resume")
+        say(f"interrupted at step {result.step}; checkpoint {result.checkpoints[-1] if result.checkpoints else '-'}"
+            + (f"; the weights so far: {result.output}" if result.output else "")
+            + "; continue with the same options and --resume")
         return
     model = "the built-in tiny model" if request.source.checkpoint is None else request.source.checkpoint
     say(f"done: {result.output} (trained on {model}); {_where_it_goes(request.config)}")
@@ -131,56 +134,26 @@ def run(request: RunRequest, shard: Shard | None = None, out=None) -> int:
     """Train as ``request`` says; returns the exit code. ``AdapterError``s propagate to ``main``."""
     shard = shard or Shard()
     config = request.config
-    method_class(config.method).load_records(config)  # bad datasets fail here, before minutes of model loading
-    check_sample_image(config.sample_image)
-    check_named_files(config)  # --t2i-init-from, --ip-init-from, --ip-image-encoder: readable, the right family
-    if request.resume not in (None, "latest") and not Path(request.resume).is_file():
-        raise InputError(f"the checkpoint {request.resume} to resume does not exist; pass a .state file from "
-                         f"{config.output_dir}/{config.output_name}-checkpoints, or --resume alone for the newest")
-    if request.resume == "latest" and latest_checkpoint(config) is None:
-        raise InputError(f"there is no checkpoint of {config.output_name!r} in {config.output_dir} to resume; "
-                         "start without --resume")
     device = pick_device(request.device, shard)
     callbacks = ConsoleCallbacks(shard, device, request.log_every, out)
-    _prepare_outputs(request, shard, callbacks.say)
+    resume = None if request.resume is None else LATEST if request.resume == "latest" else Path(request.resume)
+    job = prepare(JobSpec(config, config.output_dir, resume, request.overwrite, "pass --overwrite"), device,
+                  is_main=shard.is_main)  # everything checked before minutes of model loading
+    for note in job.notes:
+        callbacks.say(note)
     started = time.perf_counter()
-    backend = load_backend(request.source, device, base_dtype(config.precision, device))
+    backend = load_backend(request.source, device, base_dtype(job.config.precision, device))
     where = "the built-in tiny model" if request.source.checkpoint is None else str(request.source.checkpoint)
     callbacks.say(f"loaded {where} ({backend.arch.value}, {backend.parameterization.value}-prediction) on {device} "
                   f"in {time.perf_counter() - started:.1f}s" + (f"; {shard.world_size} processes" if shard.distributed else ""))
     previous = signal.signal(signal.SIGINT, callbacks.request_stop) if _main_thread() else None
     try:
-        if request.resume is None:
-            result = train(config, backend, callbacks=callbacks, shard=shard)
-        else:
-            path = None if request.resume == "latest" else Path(request.resume)
-            result = resume(config, backend, path, callbacks=callbacks, shard=shard)
+        result = run_job(job, backend, callbacks, shard=shard)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     _report(result, request, callbacks.say)
     return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
-
-
-def _prepare_outputs(request: RunRequest, shard: Shard, say) -> None:
-    """Before the model loads: refuse to replace another run's file, clear what a killed run left, and keep an
-    earlier run's checkpoints of the name apart from this one's."""
-    config = request.config
-    state = None
-    if request.resume is not None:
-        state = latest_checkpoint(config) if request.resume == "latest" else Path(request.resume)
-    run_id = read_state(state).session_id if state is not None else None
-    check_replace(config.output_dir / f"{config.output_name}.safetensors", run_id, request.overwrite,
-                  "pass --overwrite")
-    if not shard.is_main:
-        return
-    removed = remove_output_temp_files([config.output_dir], config.output_name) + remove_checkpoint_temp_files(config)
-    for path in removed:
-        say(f"removed {path}, left by a run that was killed while writing it")
-    if state is None:
-        aside = set_aside_checkpoints(config)
-        if aside is not None:
-            say(f"an earlier run's checkpoints of {config.output_name!r} are kept in {aside}")
 
 
 def _main_thread() -> bool:
@@ -229,9 +202,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
 
 
 def _disk_full(exc: DiskFullError, config: TrainConfig | None, shard: Shard) -> None:
-    kept = latest_checkpoint(config) if config is not None else None
-    _error(f"{exc}; " + (f"the last good checkpoint {kept} is kept: --resume continues from it" if kept is not None
-                         else "no checkpoint had been saved yet"), shard)
+    _error(disk_full_message(exc, latest_checkpoint(config) if config is not None else None, "--resume"), shard)
 
 
 def _error(message, shard: Shard) -> None:

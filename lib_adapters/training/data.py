@@ -11,8 +11,8 @@ A caption is the first non-empty line of ``<stem>.txt`` or, failing that, ``<ste
 ``CAPTION_MAX_CHARS`` (what the model reads; ``cap_caption``): a caption file is read only up to what that
 needs, so a huge one costs no memory, and the record says it was cut so the run can warn once per file.
 Folders whose names start with "." are skipped (caches, ``.ipynb_checkpoints``); deeper folders are
-not read. ``validate_dataset`` reads every image and caption once and reports *all* problems,
-file by file, before any training starts.
+not read. ``load_records`` reads every image and caption once and reports *all* problems, file by
+file (one ``DatasetInvalidError``), before any training starts; ``scan_dataset`` returns them.
 """
 from __future__ import annotations
 
@@ -224,18 +224,6 @@ def scan_dataset(root: Path | str, min_size: int = 64, exclude: Callable[[Path],
         problems = [DatasetProblem(root, ProblemKind.EMPTY_FOLDER,
                                    f"no images ({', '.join(IMAGE_EXTENSIONS)}) in it or in its sub-folders")]
     return records, problems
-
-
-def validate_dataset(path: Path | str, min_size: int = 64, *, raise_on_problems: bool = True) -> list[DatasetProblem]:
-    """All problems of the dataset at ``path`` (an empty list when it is fine).
-
-    With ``raise_on_problems`` (the default) a non-empty list is raised as one ``DatasetInvalidError``
-    (an ``InputError``) whose message names each bad file and what is wrong with it.
-    """
-    _, problems = scan_dataset(path, min_size)
-    if problems and raise_on_problems:
-        raise DatasetInvalidError(Path(path), problems)
-    return problems
 
 
 def load_records(path: Path | str, min_size: int = 64) -> list[ImageRecord]:

@@ -11,7 +11,9 @@ plus the global RNGs (LoRA init), all saved in checkpoints, and the batch order 
 interrupt (``callbacks.interrupted()`` is polled before every step) and on errors, and never writes
 after a non-finite loss: it raises ``NonFiniteLossError`` and the last good checkpoint stays as it was. The
 error names the step's input that was not finite (``nonfinite.py``: latents, a caption's conditioning, the
-method's features), or says that all were finite, so that its advice fits the cause.
+method's features), or says that all were finite, so that its advice fits the cause. What becomes of the trained
+weights is the ``publish`` hook's call (``Trained.export`` writes the method's file): by default the finished file
+in the output folder; the job layer (``job.py``) publishes interrupted runs too, where the front end wants them.
 """
 from __future__ import annotations
 
@@ -22,27 +24,28 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
-from ..errors import InputError, MissingFileError
+from ..errors import InputError
 from .backends.base import SizeCondition, TrainingBackend
 from .buckets import BatchPlan, load_pixels
-from .run_checkpoints import (Snapshot, capture_rng, check_signature, checkpoint_dir, checkpoint_paths, latest_checkpoint,
-                          read_state, restore_rng, resume_signature, write_state)
 from .config import Method, Precision, TrainConfig
 from .data import CAPTION_CHUNK_TOKENS, CAPTION_MAX_CHARS, CAPTION_MAX_CHUNKS, ImageRecord, tag_frequency
 from .distributed import Shard
 from .errors import NonFiniteLossError
 from .latent_cache import LatentCache
-from .nonfinite import StepInputs, diagnose
 from .methods.base import ExportInfo, MethodBase, MethodBatch, TrainingMethod
 from .methods.ip_adapter import IPAdapterMethod
 from .methods.lora import LoraMethod
 from .methods.t2i_adapter import T2IAdapterMethod
+from .nonfinite import StepInputs, diagnose
 from .objective import add_noise, diffusion_loss, min_snr_weights, sample_noise, training_target
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress, TrainCallbacks
+from .run_checkpoints import (Snapshot, capture_rng, check_signature, checkpoint_paths, read_state, restore_rng,
+                              resume_signature, write_state)
 from .sampling import SampleRequest, Sampler, check_sample_image, euler_sampler
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainResult:
-    output: Path | None  # the exported file (None when the run stopped before the end)
+    output: Path | None  # the published file (None: nothing was published)
     step: int
     losses: list[float] = field(default_factory=list)  # one per optimizer step of this session
     checkpoints: list[Path] = field(default_factory=list)  # .state files written
@@ -61,6 +64,28 @@ class TrainResult:
     run_losses: list[float] | None = None
     run_seconds: float = 0.0
     first_step: int = 0  # where this session started
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What a run hands to its publisher at the end, or when interrupted: ``export(path)`` writes the method's own
+    file (in the save precision) and returns its path."""
+
+    step: int
+    interrupted: bool
+    session_id: str  # the run's id, kept over resumes: the published file names it
+    checkpoint: Path | None  # the .state just written (its weights are the same)
+    export: Callable[[Path], Path]
+
+
+Publish = Callable[[Trained], Optional[Path]]  # returns the published file, or None
+
+
+def publish_finished(config: TrainConfig) -> Publish:
+    """The default: a finished run's file as ``<output_dir>/<output_name>.safetensors``; an interrupted run's
+    weights stay in its checkpoint (the job layer, ``job.py``, publishes those too)."""
+    return lambda trained: None if trained.interrupted else trained.export(
+        config.output_dir / f"{config.output_name}.safetensors")
 
 
 # Each method class reads its own dataset (``load_records``) and builds itself on a model (``from_config``).
@@ -105,13 +130,14 @@ class Trainer:
     """One run's state. Use ``train()``; this class exists so each piece stays small."""
 
     def __init__(self, config: TrainConfig, backend: TrainingBackend, callbacks: TrainCallbacks | None = None,
-                 sampler: Sampler | None = None, shard: Shard | None = None):
+                 sampler: Sampler | None = None, shard: Shard | None = None, publish: Publish | None = None):
         # "auto" precision made concrete for the model's device (the files and logs say what was used)
         self.config = replace(config, precision=config.precision.resolve(backend.device))
         self.backend = backend
         self.shard = shard or Shard()  # this process's part of a multi-process run (see distributed.py)
         self.callbacks = callbacks or TrainCallbacks()
         self.sampler = sampler or euler_sampler
+        self.publish = publish or publish_finished(self.config)
         check_sample_image(config.sample_image)  # before the records: a T2I dataset may first make its conditions
         self.records: list[ImageRecord] = method_class(config.method).load_records(config)
         self._warn_capped_captions()
@@ -313,7 +339,7 @@ class Trainer:
                                 self.session_id, losses, seconds)
             write_state(state_path, snapshot)
         self.checkpoints.append(state_path)
-        self.last_checkpoint = state_path
+        self.last_checkpoint, self._checkpoint_step = state_path, self.step
         self.callbacks.on_checkpoint(self.step, state_path)
         return state_path
 
@@ -335,7 +361,7 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------------
     def run(self, resume_from: Path | None = None) -> TrainResult:
         config = self.config
-        self._updating, self._failed = False, False
+        self._updating, self._failed, self._checkpoint_step = False, False, None
         losses = self.losses
         start = self._start = time.perf_counter()
         first_step = None
@@ -345,7 +371,7 @@ class Trainer:
             while self.step < config.steps:
                 if self.callbacks.interrupted():
                     self.save_checkpoint()
-                    return self._result(None, True, first_step)
+                    return self._result(self._publish(interrupted=True), True, first_step)
                 losses.append(self._optimizer_step())
                 self._report(losses[-1], start, first_step)
                 if config.save_every and self.step % config.save_every == 0 and self.step < config.steps:
@@ -353,12 +379,10 @@ class Trainer:
                 if config.sample_every and self.step % config.sample_every == 0 and self.shard.is_main:
                     self.sample()
             self.save_checkpoint()
-            output = config.output_dir / f"{config.output_name}.safetensors"
-            if self.shard.is_main:
-                output = self.method.export(output, self._export_info())
-            return self._result(output, False, first_step)
+            return self._result(self._publish(interrupted=False), False, first_step)
         except BaseException:
-            if first_step is not None and not self._failed and not self._updating and self.step > first_step:
+            if (first_step is not None and not self._failed and not self._updating and self.step > first_step
+                    and self._checkpoint_step != self.step):  # (a failed publish: its checkpoint is saved)
                 log.warning("training stopped by an error at step %d; saving a checkpoint first", self.step)
                 with contextlib.suppress(Exception):
                     self.save_checkpoint()
@@ -367,6 +391,13 @@ class Trainer:
             if getattr(self, "method", None) is not None:
                 self.method.close()
             self.backend.restore()
+
+    def _publish(self, interrupted: bool) -> Path | None:
+        """The run's file through its publisher (the first process only: every process holds the same weights)."""
+        if not self.shard.is_main:
+            return None
+        return self.publish(Trained(self.step, interrupted, self.session_id, self.last_checkpoint,
+                                    lambda path: self.method.export(path, self._export_info())))
 
     def _history(self) -> tuple[list[float] | None, float]:
         """Every step's loss and the training time of the whole run so far, over its sessions."""
@@ -387,18 +418,9 @@ class Trainer:
 
 
 def train(config: TrainConfig, backend: TrainingBackend, *, callbacks: TrainCallbacks | None = None,
-          resume_from: Path | None = None, sampler: Sampler | None = None, shard: Shard | None = None) -> TrainResult:
+          resume_from: Path | None = None, sampler: Sampler | None = None, shard: Shard | None = None,
+          publish: Publish | None = None) -> TrainResult:
     """Run (or, with ``resume_from`` = a checkpoint's ``.state`` file, continue) one training run; ``shard``: this
-    process's place in a multi-process run (``distributed.shard_from_environment``)."""
-    return Trainer(config, backend, callbacks, sampler, shard).run(resume_from)
-
-
-def resume(config: TrainConfig, backend: TrainingBackend, path: Path | None = None, *,
-           callbacks: TrainCallbacks | None = None, sampler: Sampler | None = None,
-           shard: Shard | None = None) -> TrainResult:
-    """Continue from ``path`` (a ``.state`` file), or from the newest checkpoint of ``config``'s output name."""
-    path = Path(path) if path is not None else latest_checkpoint(config)
-    if path is None:
-        raise MissingFileError(f"there is no checkpoint of {config.output_name!r} in {checkpoint_dir(config)} to resume; "
-                               "start a new run instead")
-    return train(config, backend, callbacks=callbacks, resume_from=path, sampler=sampler, shard=shard)
+    process's place in a multi-process run (``distributed.shard_from_environment``); ``publish``: what becomes of
+    the trained weights (default ``publish_finished``; ``job.run`` publishes interrupted runs too)."""
+    return Trainer(config, backend, callbacks, sampler, shard, publish).run(resume_from)

@@ -66,8 +66,11 @@ def test_ctrl_c_saves_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path, 
     monkeypatch.setattr(cli.ConsoleCallbacks, "on_progress", press_ctrl_c_after_step_2)
     code, text = _run(tmp_path, "--steps", "4", name="cut")
     assert code == cli.EXIT_INTERRUPTED and "interrupted at step 2" in text and "--resume" in text
-    assert not (tmp_path / "out" / "cut.safetensors").exists()
     assert (tmp_path / "out" / "cut-checkpoints" / "cut-step000002.state").is_file()
+    # the weights so far are published as on a finished run (the tab and the API do the same), through the method
+    interrupted, metadata = load_lora(tmp_path / "out" / "cut.safetensors")
+    assert metadata["ss_steps"] == "2" and f"the weights so far: {tmp_path / 'out' / 'cut.safetensors'}" in text
+    assert {t.dtype for t in interrupted.values()} == {torch.float16}  # the save precision, not the checkpoint's fp32
     monkeypatch.setattr(cli.ConsoleCallbacks, "on_progress", original)
     code, text = _run(tmp_path, "--steps", "4", "--resume", name="cut")
     assert code == cli.EXIT_OK and text.count("step ") >= 2 and "step 3/4" in text and "step 1/4" not in text

@@ -10,8 +10,7 @@ from train_helpers import make_shapes_dataset, shape_image
 
 from lib_adapters.errors import InputError, MissingFileError
 from lib_adapters.training.buckets import BatchPlan, Bucket, assign_bucket, bucket_sizes, load_pixels, place
-from lib_adapters.training.data import (DatasetInvalidError, ProblemKind, load_records, tag_frequency,
-                                        validate_dataset)
+from lib_adapters.training.data import DatasetInvalidError, ProblemKind, load_records, scan_dataset, tag_frequency
 from lib_adapters.training.latent_cache import CacheIdentity, LatentCache, cache_key
 
 
@@ -50,7 +49,8 @@ def test_validation_lists_every_bad_file_with_its_reason(tmp_path):
     (root / "2_empty").mkdir()
     (root / "2_empty" / "notes.txt").write_text("no images here")
 
-    problems = validate_dataset(root, min_size=64, raise_on_problems=False)
+    records, problems = scan_dataset(root, min_size=64)
+    assert [r.path.name for r in records] == ["0.png"]  # the one good image is still read
     found = sorted((p.path.relative_to(root).as_posix(), p.kind) for p in problems)
     assert found == sorted([
         ("2_empty", ProblemKind.EMPTY_FOLDER),
@@ -60,16 +60,16 @@ def test_validation_lists_every_bad_file_with_its_reason(tmp_path):
         ("5_good/small.png", ProblemKind.TOO_SMALL),
     ])
     with pytest.raises(DatasetInvalidError) as info:
-        validate_dataset(root, min_size=64)
+        load_records(root, min_size=64)
     assert isinstance(info.value, InputError) and len(info.value.problems) == 5
     message = str(info.value)
     for line in ("2_empty: empty folder", "5_good/broken.png: unreadable image", "5_good/nocaption.png: missing caption",
                  "5_good/small.png: image too small (40x100, the shorter side must be at least 64)",
                  "5_good/blank.txt: empty caption"):
         assert line in message
-    assert validate_dataset(make_shapes_dataset(tmp_path / "ok")) == []
+    assert scan_dataset(make_shapes_dataset(tmp_path / "ok"))[1] == []
     with pytest.raises(MissingFileError):
-        validate_dataset(tmp_path / "nowhere")
+        load_records(tmp_path / "nowhere")
 
 
 def test_bucket_sizes_for_512():

@@ -15,7 +15,7 @@ from lib_adapters.errors import AdapterError, InputError
 from lib_adapters.training.run_checkpoints import checkpoint_paths, latest_checkpoint
 from lib_adapters.training.config import LoraConfig, TrainConfig
 from lib_adapters.training.errors import NonFiniteLossError, TrainingError
-from lib_adapters.training.loop import resume, train
+from lib_adapters.training.loop import train
 from lib_adapters.training.progress import TrainCallbacks
 from lib_adapters.training.methods.lora_file import load_lora
 
@@ -98,7 +98,8 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path)
         train(_config(tmp_path, "c", **settings), backend)
     handle.remove()
     assert latest_checkpoint(_config(tmp_path, "c")) == checkpoint_paths(_config(tmp_path, "c"), 3)[1]
-    third = resume(_config(tmp_path, "c", **settings), tiny("sd1")[1])
+    third = train(_config(tmp_path, "c", **settings), tiny("sd1")[1],
+                  resume_from=latest_checkpoint(_config(tmp_path, "c")))
     assert third.losses == straight.losses[3:]
     c, _ = load_lora(tmp_path / "c" / "tiny.safetensors")
     assert all(torch.equal(a[k], c[k]) for k in a)

@@ -11,7 +11,8 @@ import gradio as gr
 import pytest
 
 from lib_adapters.errors import InputError
-from lib_adapters.webui.training.jobs import JobRunningError, JobState, JobStatus, TrainRequest
+from lib_adapters.training.request import TrainRequest
+from lib_adapters.webui.training.jobs import JobRunningError, JobState, JobStatus
 from lib_adapters.training.request import method_fields
 from lib_adapters.webui.training.tab import TrainTab
 from lib_adapters.training.progress import format_duration

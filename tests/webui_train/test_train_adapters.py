@@ -21,7 +21,8 @@ from lib_adapters.formats.reader import read_safetensors_metadata, read_state_di
 from lib_adapters.formats.t2i import load_t2i_adapter
 from lib_adapters.training.data import DatasetInvalidError
 from lib_adapters.webui.training.host import TrainingHost
-from lib_adapters.webui.training.jobs import JobState, TrainingJobs, TrainRequest
+from lib_adapters.training.request import TrainRequest
+from lib_adapters.webui.training.jobs import JobState, TrainingJobs
 from test_panel_e2e import _load_script_module
 from test_train_jobs import RecordingHost, model_snapshot, user_lora
 from train_helpers import make_shapes_dataset

@@ -62,8 +62,9 @@ def test_a_file_that_appears_during_the_run_is_not_replaced_and_the_weights_are_
     jobs.start(request(webui, "late", steps=2))
     final = jobs.wait(TIMEOUT)
     assert final.state is JobState.FAILED and "late.safetensors already exists" in final.error
-    kept = TrainingHost().work_dir() / "late.safetensors"
+    kept = TrainingHost().work_dir() / "late-checkpoints" / "late-step000002.safetensors"
     assert f"The trained weights are kept in {kept}" in final.error and kept.is_file()
+    assert load_lora(kept)[1]["ss_steps"] == "2" and final.checkpoint == str(kept.with_suffix(".state"))
     users = load_lora(webui.lora_dir / "late.safetensors")[1]
     assert users["ss_output_name"] == "late" and "ss_session_id" not in users  # still the user's file
 
@@ -87,19 +88,20 @@ def test_the_api_refuses_a_taken_name_with_400_and_takes_overwrite(webui, monkey
     assert metadata["ss_new_sd_model_hash"] == webui.model.sd_checkpoint_info.sha256
 
 
-def _failing_copy(monkeypatch, target):
-    """``shutil.copyfile`` (the publish step) raises ENOSPC when it writes ``target``'s temporary file."""
-    import shutil
+def _failing_write(monkeypatch, target):
+    """The LoRA writer (the publish step exports through the method) raises ENOSPC when it writes ``target``'s
+    temporary file, after writing part of it."""
+    from lib_adapters.training.methods import lora_file
 
-    real = shutil.copyfile
+    real = lora_file.save_file
 
-    def copyfile(src, dst, *args, **kwargs):
-        if Path(dst).name.startswith(f".{target.name}."):
-            Path(dst).write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
-        return real(src, dst, *args, **kwargs)
+    def save_file(tensors, tmp, metadata=None):
+        if Path(tmp).name.startswith(f".{target.name}."):
+            Path(tmp).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+        return real(tensors, tmp, metadata)
 
-    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    monkeypatch.setattr(lora_file, "save_file", save_file)
 
 
 def test_a_full_disk_fails_the_job_naming_the_file_and_resume_continues_from_the_last_good_checkpoint(
@@ -122,13 +124,13 @@ def test_a_full_disk_fails_the_job_naming_the_file_and_resume_continues_from_the
     assert failed.state is JobState.FAILED and failed.checkpoint == str(checkpoints / "full-step000002.state")
     assert failed.error.startswith(f"the disk is full: {checkpoints / 'full-step000004.safetensors'} could not be "
                                    "written (")
-    assert f"Resume continues from the last good checkpoint {checkpoints / 'full-step000002.state'}" in failed.error
+    assert f"the last good checkpoint {checkpoints / 'full-step000002.state'} is kept: Resume continues" in failed.error
     assert "the disk is full" in render_status(failed).result and "Traceback" not in failed.error
     assert not (webui.lora_dir / "full.safetensors").exists()
 
     monkeypatch.undo()
     target = webui.lora_dir / "full.safetensors"
-    _failing_copy(monkeypatch, target)  # now the Lora folder's disk is full when the finished file is published
+    _failing_write(monkeypatch, target)  # now the Lora folder's disk is full when the finished file is published
     jobs.resume(request(webui, "full", steps=6, save_every=2))
     second = jobs.wait(TIMEOUT)
     assert second.state is JobState.FAILED and f"the disk is full: {target} could not be written" in second.error

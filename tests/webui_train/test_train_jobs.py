@@ -20,7 +20,8 @@ from lib_adapters.training.data import DatasetInvalidError
 from lib_adapters.training.methods.lora import build_lora_network
 from lib_adapters.training.methods.lora_file import load_lora, save_lora
 from lib_adapters.webui.training.host import TrainingHost
-from lib_adapters.webui.training.jobs import JobRunningError, JobState, TrainingJobs, TrainRequest
+from lib_adapters.training.request import TrainRequest
+from lib_adapters.webui.training.jobs import JobRunningError, JobState, TrainingJobs
 
 TIMEOUT = 120
 

@@ -1,9 +1,9 @@
 """The WebUI side of a training run: where files go, the model, the queue lock, progress and the model lists.
 
-``TrainingJobs`` (jobs.py) calls, in this order: ``check_ready``/``work_dir``/``device``/
-``places``/``check_files`` while validating; ``queue_task(id_task)`` when it accepts a run; then, in its
-thread, ``exclusive(...)`` for the whole run, ``make_backend`` and ``training_model(backend)`` around
-the core's ``train()``, ``report``/``interrupted`` per step, and ``refresh_networks`` after the file is
+``TrainingJobs`` (jobs.py) calls, in this order: ``check_ready``/``work_dir``/``places``/``output_dir``/
+``device``/``arch`` while the job is prepared (``training.job.prepare``); ``queue_task(id_task)`` when it accepts
+a run; then, in its thread, ``exclusive(...)`` for the whole run, ``make_backend`` and ``training_model(backend)``
+around the core's ``job.run()``, ``report``/``interrupted`` per step, and ``refresh_networks`` after the file is
 in ``output_dir``.
 
 * Folders are the ones the file's users read: the WebUI's Lora dir for a LoRA; for T2I- and
@@ -35,15 +35,13 @@ from pathlib import Path
 
 import torch
 
-from ...arch import detect_unet_arch
-from ...catalog import EncoderCatalog, ModelCatalog
+from ...arch import BaseArch, detect_unet_arch
+from ...catalog import ModelCatalog
 from ...errors import InputError, MissingFileError
 from ...training.backends.ldm import LdmBackend
-from ...training.config import Method, TrainConfig
+from ...training.config import Method
 from ...training.errors import NonFiniteLossError
-from ...training.ip_data import reference_encoder
 from ...training.progress import Progress, format_duration
-from ...training.named_files import check_named_files
 from ...training.nonfinite import InputSource
 from ...training.request import FilePlaces
 
@@ -82,16 +80,6 @@ class TrainingHost:
         catalog = ModelCatalog(cfg.model_dirs, cfg.shared_model_dirs)  # a fresh scan: exactly what is there now
         return FilePlaces(catalog.resolve, tuple(cfg.encoder_dirs), cfg.annotator_dir)
 
-    def check_files(self, config: TrainConfig) -> None:
-        """Files the run will read, checked now (an ``AdapterError`` before anything starts): the files the request
-        names (readable, of the right family: ``named_files``), and the CLIP vision encoder of a new IP-Adapter,
-        found as the panel will look it up for the trained file."""
-        check_named_files(config)
-        ip = config.ip
-        if config.method is Method.IP_ADAPTER and ip.image_encoder is None and ip.init_from is None:
-            need = reference_encoder(ip.projection, detect_unet_arch(self._sd_model().model.diffusion_model))
-            EncoderCatalog(list(ip.encoder_folders)).find(need.hidden_states, need.width, need.description)
-
     def work_dir(self, method: str = "lora") -> Path:
         """Checkpoints, samples and the latent cache: ``<outputs>/adapters-training`` (never scanned as models)."""
         if self._work_dir is not None:
@@ -115,6 +103,10 @@ class TrainingHost:
                 "training in the WebUI needs the whole model on the GPU, but this WebUI runs with --medvram or "
                 "--lowvram, which moves model parts between CPU and GPU during every step. Restart the WebUI "
                 "without those flags to train here, or use the command-line trainer.")
+
+    def arch(self) -> BaseArch:
+        """The loaded model's base architecture (the CLIP vision encoder a new IP-Adapter needs depends on it)."""
+        return detect_unet_arch(self._sd_model().model.diffusion_model)
 
     def device(self) -> torch.device:
         model = self._sd_model()
