@@ -103,11 +103,12 @@ def _report(result: TrainResult, request: RunRequest, say) -> None:
     that predates the loss record can only speak of the steps of this session, and says so."""
     losses, seconds = result.run_losses, result.run_seconds
     if losses is not None:
-        covered = f"{len(losses)} steps in {format_duration(seconds)}" + (", the whole run" if result.first_step else "")
+        covered = f"{len(losses)} steps in {format_duration(seconds)}" + (
+            ", the whole run" if result.first_step else "")
     else:
         losses, seconds = result.losses, result.seconds
-        covered = (f"steps {result.first_step + 1}..{result.step} in {format_duration(seconds)} only: the checkpoint resumed "
-                   "from has no record of the earlier losses")
+        covered = (f"steps {result.first_step + 1}..{result.step} in {format_duration(seconds)} only: the checkpoint "
+                   "resumed from has no record of the earlier losses")
     if losses:
         k = max(1, len(losses) // 10)
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k

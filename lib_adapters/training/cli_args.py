@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--config", type=Path, help="a JSON file with any of the settings below, as the web API's "
                        "body (POST /adapters/v1/train) holds them; flags win")
     model.add_argument("--resume", nargs="?", const="latest", metavar="STATE",
-                       help="continue from a checkpoint's .state file, or with no value from the newest one of the name")
+                       help="continue from a checkpoint's .state file, or with no value from the newest one of "
+                       "the name")
     model.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     model.add_argument("--log-every", type=int, default=1, metavar="N", help="print progress every N steps")
     groups: dict[str, argparse._ArgumentGroup] = {}

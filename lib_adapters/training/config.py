@@ -226,12 +226,13 @@ class LoraConfig:
 
     def __post_init__(self):
         _coerce_enums(self)
-        _check(_is_int(self.rank) and 1 <= self.rank <= 1024, f"LoRA rank must be an integer in 1..1024; got {self.rank!r}",
-               "rank")
+        _check(_is_int(self.rank) and 1 <= self.rank <= 1024,
+               f"LoRA rank must be an integer in 1..1024; got {self.rank!r}", "rank")
         _check(_is_num(self.alpha) and 0 < self.alpha <= 4096,
                f"LoRA alpha must be a number in (0, 4096]; got {self.alpha!r}", "alpha")
         _check(self.text_encoder_lr is None or (_is_num(self.text_encoder_lr) and 0 < self.text_encoder_lr <= 1),
-               f"text encoder learning rate must be in (0, 1] or empty; got {self.text_encoder_lr!r}", "text_encoder_lr")
+               f"text encoder learning rate must be in (0, 1] or empty; got {self.text_encoder_lr!r}",
+               "text_encoder_lr")
 
     @property
     def scale(self) -> float:
@@ -371,8 +372,8 @@ class TrainConfig:
         _check_int_ranges(self, "resolution", "steps", "batch_size", "grad_accumulation", "warmup_steps", "save_every",
                           "sample_every", "sample_steps", "min_image_size")
         _check(self.resolution % 64 == 0, f"resolution must be a multiple of 64; got {self.resolution}", "resolution")
-        _check(self.warmup_steps <= self.steps, f"warmup_steps ({self.warmup_steps}) cannot exceed steps ({self.steps})",
-               "warmup_steps")
+        _check(self.warmup_steps <= self.steps,
+               f"warmup_steps ({self.warmup_steps}) cannot exceed steps ({self.steps})", "warmup_steps")
         for name in ("seed", "sample_seed"):
             value = getattr(self, name)
             _check((name == "sample_seed" and value is None) or (_is_int(value) and 0 <= value < 2**63),
@@ -397,19 +398,9 @@ class TrainConfig:
                "take none, so leave it empty", "sample_image")
 
     @property
-    def micro_batches(self) -> int:
-        """Batches consumed by the whole run."""
-        return self.steps * self.grad_accumulation
-
-    @property
     def samples_seed(self) -> int:
         """The seed of the mid-run samples: ``sample_seed``, or the run's seed."""
         return self.seed if self.sample_seed is None else self.sample_seed
-
-    @property
-    def method_config(self) -> LoraConfig | T2IConfig | IPAdapterConfig:
-        """The settings of the run's own method."""
-        return {Method.LORA: self.lora, Method.T2I_ADAPTER: self.t2i, Method.IP_ADAPTER: self.ip}[self.method]
 
     @property
     def cache_dir(self) -> Path:

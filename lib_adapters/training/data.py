@@ -17,7 +17,6 @@ file (one ``DatasetInvalidError``), before any training starts; ``scan_dataset``
 from __future__ import annotations
 
 import codecs
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -245,6 +244,3 @@ def tag_frequency(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
                 counter[tag] += 1
     return {folder: dict(counter) for folder, counter in out.items()}
 
-
-def tag_frequency_json(records: list[ImageRecord]) -> str:
-    return json.dumps(tag_frequency(records), ensure_ascii=False)

@@ -114,8 +114,8 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32, pred
 
 
 def load_tiny(seed: int = 0):
-    """A ``DiffusersBackend`` over the built-in tiny model (``tiny_diffusers``), freshly built from ``seed`` (CPU, fp32).
-    Weights are drawn inside ``torch.random.fork_rng``: building never disturbs the caller's RNG."""
+    """A ``DiffusersBackend`` over the built-in tiny model (``tiny_diffusers``), freshly built from ``seed`` (CPU,
+    fp32). Weights are drawn inside ``torch.random.fork_rng``: building never disturbs the caller's RNG."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ..tiny_diffusers import WordHashTokenizer, tiny_clip_text_model, tiny_unet_config, tiny_vae_config

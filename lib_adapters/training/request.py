@@ -273,8 +273,9 @@ def _check_method_fields(values: dict) -> None:
                if FIELDS[name].method not in (None, method) and value != FIELDS[name].default]
     if foreign:
         named = ", ".join(f"{n} ({METHOD_LABELS[FIELDS[n].method]})" for n in sorted(foreign))
-        raise InputError(f"method {method.value} does not take {named}; remove {'it' if len(foreign) == 1 else 'them'}, "
-                         "or set method to the one the field names belong to (fields are prefixed t2i_ and ip_)")
+        pronoun = "it" if len(foreign) == 1 else "them"
+        raise InputError(f"method {method.value} does not take {named}; remove {pronoun}, or set method to the one "
+                         "the field names belong to (fields are prefixed t2i_ and ip_)")
 
 
 def _convert(kind: Kind, value):

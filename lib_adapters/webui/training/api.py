@@ -32,7 +32,7 @@ from pydantic import BaseModel, Extra, Field, create_model
 
 from ...errors import AdapterError, InputError
 from ...training.request import REQUEST_FIELDS, Kind, TrainRequest
-from .jobs import JobRunningError, JobState, TrainingJobs
+from .jobs import JobRunningError, TrainingJobs
 
 log = logging.getLogger(__name__)
 
@@ -197,4 +197,4 @@ def register_api(app, jobs: TrainingJobs) -> None:
 
 
 __all__ = ["register_api", "register_if_enabled", "api_enabled", "credentials", "PREFIX", "TrainRequestModel",
-           "TrainStatusModel", "JobState"]
+           "TrainStatusModel"]

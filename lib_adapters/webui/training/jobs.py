@@ -203,8 +203,9 @@ class TrainingJobs:
     def _check_idle(self) -> None:
         job = self._job
         if job is not None and job.state is JobState.RUNNING:
-            raise JobRunningError(f"a training job is already running ({job.request.method} '{job.config.output_name}', "
-                                  f"step {job.step}/{job.config.steps}); interrupt it or wait for it to finish")
+            raise JobRunningError(f"a training job is already running ({job.request.method} "
+                                  f"'{job.config.output_name}', step {job.step}/{job.config.steps}); interrupt it or "
+                                  "wait for it to finish")
 
     def _log(self, job: _Job, line: str) -> None:
         log.info("adapters training: %s", line)
