@@ -145,6 +145,9 @@ def _prepare(image: np.ndarray, size: int, crop: CropMode) -> np.ndarray:
 
 
 def encoder_from_state_dict(sd: Mapping[str, torch.Tensor], name: str) -> ClipVisionEncoder:
+    """The encoder with the file's weights. The network is built on the meta device and takes the file's
+    tensors as they are (``assign``): a ViT-H/14 is never initialised at random only to be overwritten,
+    which halves the memory a load needs (2.5 GB instead of 5) and saves seconds of CPU time."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     shape = encoder_shape(sd, name)
@@ -152,12 +155,22 @@ def encoder_from_state_dict(sd: Mapping[str, torch.Tensor], name: str) -> ClipVi
                               projection_dim=shape.projection_dim, num_hidden_layers=shape.num_layers,
                               num_attention_heads=shape.num_heads, image_size=shape.image_size,
                               patch_size=shape.patch_size, hidden_act=shape.activation)
-    model = CLIPVisionModelWithProjection(config)
+    with torch.device("meta"):
+        model = CLIPVisionModelWithProjection(config)
     state = {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # a buffer in older files
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise FormatError(f"{name}: CLIP vision weights do not fit: {first}") from exc
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise FormatError(f"{name}: CLIP vision weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    embeddings = model.vision_model.embeddings
+    embeddings.position_ids = torch.arange(embeddings.num_positions).expand((1, -1))  # the only tensor not in files
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise FormatError(f"{name}: CLIP vision weights do not fit: no values for {left[:3]}")
     return ClipVisionEncoder(name, shape, model.float().eval().requires_grad_(False))
 
 

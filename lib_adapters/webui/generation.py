@@ -20,6 +20,7 @@ from ..errors import AdapterError, IncompatibleModelError, InputError
 from ..formats.ip import LoadedIPAdapter
 from ..inference.blocks import block_weights
 from ..inference.cache import AdapterCache
+from ..inference.encodings import EncodingCache, ReferenceEncoder
 from ..inference.ip import IPUnitRuntime
 from ..inference.session import GenerationSession
 from ..inference.t2i import StyleUnitRuntime, T2IUnitRuntime
@@ -56,6 +57,7 @@ class GenerationController:
     preprocessors: PreprocessorCache
     annotator_dir: Path
     encoders: EncoderCatalog
+    encodings: EncodingCache = field(default_factory=EncodingCache)
     session: GenerationSession | None = None
     messages: list[str] = field(default_factory=list)
 
@@ -96,10 +98,13 @@ class GenerationController:
             self.session.install()
 
     def end(self) -> None:
-        """Restore the UNet; safe to call at any time, any number of times."""
+        """Restore the UNet and unpin the generation's models; safe to call at any time, any number of times."""
         session, self.session = self.session, None
-        if session is not None:
-            session.restore()
+        try:
+            if session is not None:
+                session.restore()
+        finally:
+            self.adapters.release()
 
     def on_cfg_denoiser(self, params: Any) -> None:
         if self.session is None:
@@ -141,8 +146,8 @@ class GenerationController:
             raise IncompatibleModelError(
                 f"{label}: '{adapter.name}' makes {cfg.context_dim}-wide context tokens but this checkpoint's "
                 f"text context is {context} wide; the style adapter is for SD1.x.")
-        encoder = self.adapters.load_encoder(self.encoders.find(
-            True, cfg.width, f"ViT-L/14 (hidden states of width {cfg.width})"))
+        encoder = self._reference_encoder(self.encoders.find(
+            True, cfg.width, f"ViT-L/14 (hidden states of width {cfg.width})"), bound)
         with torch.no_grad():
             hidden = encoder.last_hidden_state(self._source_images(label, unit, p), unit.crop)
             tokens = adapter.module(hidden).mean(dim=0, keepdim=True)
@@ -150,20 +155,19 @@ class GenerationController:
 
     def _ip_runtime(self, label: str, unit: AdapterUnit, adapter: LoadedIPAdapter, p: Any,
                     bound: BoundLayout) -> IPUnitRuntime:
-        """Encode the reference images once for the whole job; the tokens serve every step and pass."""
+        """Encode the reference images once for the whole job (or not at all when the same images went
+        through the same encoder before); the tokens serve every step and pass."""
         need = adapter.encoder_need
-        encoder = self.adapters.load_encoder(self.encoders.find(need.hidden_states, need.width, need.description))
-        images = self._source_images(label, unit, p)
-        device = next(bound.unet.parameters()).device
-        encoder.model.to(device)
-        try:
-            cond, uncond = encoder.encode_images(images, unit.crop, need.hidden_states)
-        finally:
-            encoder.model.to("cpu")
+        encoder = self._reference_encoder(self.encoders.find(need.hidden_states, need.width, need.description), bound)
+        cond, uncond = encoder.ip_outputs(self._source_images(label, unit, p), unit.crop, need.hidden_states)
         return IPUnitRuntime.from_encoder_outputs(
             label, adapter, cond, uncond, multi=unit.multi_image, weight=unit.weight, start=unit.start, end=unit.end,
             block_weights=block_weights(unit.block_preset, bound.arch, unit.composition_weight),
             mask=region_mask(unit.mask))
+
+    def _reference_encoder(self, path: Path, bound: BoundLayout) -> ReferenceEncoder:
+        device = next(bound.unet.parameters()).device
+        return ReferenceEncoder(self.adapters, self.encodings, path, device)
 
     def preprocess(self, unit: AdapterUnit, image: Any) -> np.ndarray:
         return run_preprocessor(
