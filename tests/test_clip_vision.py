@@ -82,3 +82,13 @@ def test_not_an_encoder(tmp_path):
     save_file({"a": torch.zeros(1)}, str(path))
     with pytest.raises(FormatError, match="not a CLIP vision encoder"):
         load_clip_vision(path)
+
+
+def test_an_encoder_with_nan_weights_is_refused_as_damaged(tmp_path):
+    model = tiny_clip_vision()
+    with torch.no_grad():
+        model.vision_model.encoder.layers[1].mlp.fc2.weight[3, 4] = float("nan")
+    path = save_clip_vision(model, tmp_path)
+    with pytest.raises(FormatError, match=r"clip_vision_tiny.safetensors: the tensor "
+                                          r"'vision_model.encoder.layers.1.mlp.fc2.weight' holds 1 NaN .*Download it again"):
+        load_clip_vision(path)

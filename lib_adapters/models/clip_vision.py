@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..errors import FormatError
-from ..formats.reader import read_state_dict
+from ..formats.reader import read_weights
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -176,4 +176,4 @@ def encoder_from_state_dict(sd: Mapping[str, torch.Tensor], name: str) -> ClipVi
 
 def load_clip_vision(path: str | Path) -> ClipVisionEncoder:
     path = Path(path)
-    return encoder_from_state_dict(read_state_dict(path), path.stem)
+    return encoder_from_state_dict(read_weights(path), path.stem)

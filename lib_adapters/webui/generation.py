@@ -26,7 +26,7 @@ from ..inference.session import GenerationSession
 from ..inference.t2i import StyleUnitRuntime, T2IUnitRuntime
 from ..inference.units import AdapterUnit
 from ..preprocess.registry import PreprocessorCache, run_preprocessor
-from ..preprocess.resize import to_hwc_uint8
+from ..preprocess.resize import DEFAULT_MAX_MEGAPIXELS, MEGAPIXEL, to_hwc_uint8
 from ..unet.layout import BoundLayout, bind_layout
 from . import infotext
 
@@ -40,11 +40,11 @@ def rows_of(cond: Any) -> int:
     return int(cond.shape[0])
 
 
-def region_mask(image: Any) -> torch.Tensor | None:
+def region_mask(image: Any, max_pixels: int | None = None) -> torch.Tensor | None:
     """An attention mask image as [H, W] in [0, 1] (white: the image prompt acts there)."""
     if image is None or (isinstance(image, dict) and image.get("image") is None):
         return None
-    gray = to_hwc_uint8(image).astype(np.float32).mean(axis=2) / 255.0
+    gray = to_hwc_uint8(image, max_pixels).astype(np.float32).mean(axis=2) / 255.0
     return torch.from_numpy(gray)
 
 
@@ -58,6 +58,7 @@ class GenerationController:
     annotator_dir: Path
     encoders: EncoderCatalog
     encodings: EncodingCache = field(default_factory=EncodingCache)
+    max_image_pixels: int | None = DEFAULT_MAX_MEGAPIXELS * MEGAPIXEL  # condition, reference and mask images
     session: GenerationSession | None = None
     messages: list[str] = field(default_factory=list)
 
@@ -163,19 +164,25 @@ class GenerationController:
         return IPUnitRuntime.from_encoder_outputs(
             label, adapter, cond, uncond, multi=unit.multi_image, weight=unit.weight, start=unit.start, end=unit.end,
             block_weights=block_weights(unit.block_preset, bound.arch, unit.composition_weight),
-            mask=region_mask(unit.mask))
+            mask=self._mask(label, unit.mask))
 
     def _reference_encoder(self, path: Path, bound: BoundLayout) -> ReferenceEncoder:
         device = next(bound.unet.parameters()).device
         return ReferenceEncoder(self.adapters, self.encodings, path, device)
 
     def preprocess(self, unit: AdapterUnit, image: Any) -> np.ndarray:
+        image = to_hwc_uint8(image, self.max_image_pixels)  # the size is checked before anything is decoded
         return run_preprocessor(
             unit.preprocessor, image, resolution=unit.resolution, threshold_a=unit.threshold_a,
             threshold_b=unit.threshold_b, weights_dir=self.annotator_dir, cache=self.preprocessors)
 
-    @staticmethod
-    def _source_images(label: str, unit: AdapterUnit, p: Any) -> list[np.ndarray]:
+    def _mask(self, label: str, image: Any) -> torch.Tensor | None:
+        try:
+            return region_mask(image, self.max_image_pixels)
+        except InputError as exc:
+            raise InputError(f"{label}: attention mask: {exc}") from exc
+
+    def _source_images(self, label: str, unit: AdapterUnit, p: Any) -> list[np.ndarray]:
         images = [i for i in unit.images if not (isinstance(i, dict) and i.get("image") is None)]
         if not images:
             init_images = getattr(p, "init_images", None) or []
@@ -183,7 +190,10 @@ class GenerationController:
                 raise InputError(f"{label}: no image. Upload an image in the unit "
                                  "(in img2img the input image is used when the unit has none).")
             images = [init_images[0]]
-        return [to_hwc_uint8(image) for image in images]
+        try:
+            return [to_hwc_uint8(image, self.max_image_pixels) for image in images]
+        except InputError as exc:
+            raise InputError(f"{label}: {exc}") from exc
 
     def _skip(self, p: Any, label: str, exc: AdapterError) -> None:
         message = f"{label} skipped: {exc}"

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from modules import script_callbacks, scripts
 from modules.ui_components import ToolButton
-
-import numpy as np
-from PIL import Image
 
 from ..catalog import EncoderCatalog, ModelCatalog
 from ..errors import AdapterError
@@ -116,16 +114,18 @@ def _threshold_updates(name: str, current_a: float = -1, current_b: float = -1) 
 
 
 def _controller(res: SharedResources) -> GenerationController:
-    return GenerationController(res.catalog, res.adapters, res.preprocessors, settings.current().annotator_dir,
-                                res.encoders, res.encodings)
+    cfg = settings.current()
+    return GenerationController(res.catalog, res.adapters, res.preprocessors, cfg.annotator_dir, res.encoders,
+                                res.encodings, cfg.max_image_pixels)
 
 
 def _unit_value(*values: Any) -> dict:
-    """The unit dict from the field components, the extra reference images appended to ``image``."""
+    """The unit dict from the field components, the extra reference images appended to ``image``. Those
+    stay encoded (the file's bytes): they are measured and decoded at generation, like the API's base64."""
     *ordered, extra_files = values
     unit = dict(zip(FIELD_ORDER, ordered))
     if extra_files:
-        extra = [np.asarray(Image.open(getattr(f, "name", f)).convert("RGB")) for f in extra_files]
+        extra = [Path(getattr(f, "name", f)).read_bytes() for f in extra_files]
         unit["image"] = [i for i in [unit["image"], *extra] if i is not None]
     return unit
 
@@ -238,7 +238,8 @@ class AdaptersScript(scripts.Script):
         res.bind_host(host_of(p))
         if self._controller is None or self._controller.adapters is not res.adapters:
             self._controller = _controller(res)
-        self._controller.annotator_dir = settings.current().annotator_dir
+        cfg = settings.current()
+        self._controller.annotator_dir, self._controller.max_image_pixels = cfg.annotator_dir, cfg.max_image_pixels
         self._controller.start(p, units)
         if self._controller.session is not None:
             # postprocess() is skipped when sampling raises, but txt2img, img2img and the API all run

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..inference.cache import DEFAULT_BUDGET_MB
+from ..preprocess.resize import DEFAULT_MAX_MEGAPIXELS, MEGAPIXEL
 
 SECTION = ("adapters", "Adapters")
 
@@ -17,6 +18,7 @@ class PanelSettings:
     annotator_dir: Path
     encoder_dirs: tuple[Path, ...]  # CLIP vision encoders for IP-Adapters
     cache_budget_mb: int  # memory for adapter models and encoders kept between generations
+    max_image_pixels: int | None  # larger condition/reference/mask images are refused; None: no limit
 
 
 def register() -> None:
@@ -39,6 +41,11 @@ def register() -> None:
             {"minimum": 0, "maximum": 65536, "step": 256},
         ).info("the models and CLIP encoders the units use stay loaded up to this size, least recently used out "
                "first; the default fits three units and their encoders, SDXL's ViT-bigG/14 included"),
+        "adapters_max_image_megapixels": shared.OptionInfo(
+            DEFAULT_MAX_MEGAPIXELS, "Largest condition, reference or mask image (megapixels)", gr.Slider,
+            {"minimum": 0, "maximum": 256, "step": 1},
+        ).info("1 megapixel = 1024 x 1024 pixels, so 16 allows 4096 x 4096; larger images are refused before "
+               "they are decoded (a small PNG can hold a huge image); 0: no limit"),
     }))
 
 
@@ -56,6 +63,7 @@ def current() -> PanelSettings:
         annotator_dir=Path(annotators) if annotators else models / "adapters" / "annotators",
         encoder_dirs=(models / "clip_vision", models / "adapters" / "clip_vision"),
         cache_budget_mb=_budget_mb(getattr(shared.opts, "adapters_cache_budget_mb", DEFAULT_BUDGET_MB)),
+        max_image_pixels=_max_pixels(getattr(shared.opts, "adapters_max_image_megapixels", DEFAULT_MAX_MEGAPIXELS)),
     )
 
 
@@ -66,3 +74,14 @@ def _budget_mb(value: object) -> int:
     except (TypeError, ValueError, OverflowError):
         return DEFAULT_BUDGET_MB
     return budget if budget >= 0 else DEFAULT_BUDGET_MB
+
+
+def _max_pixels(megapixels: object) -> int | None:
+    """The image size limit in pixels (None: no limit); an unreadable value falls back to the default."""
+    try:
+        value = float(megapixels)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = DEFAULT_MAX_MEGAPIXELS
+    if value != value or value < 0:  # NaN or negative from a hand-edited config
+        value = DEFAULT_MAX_MEGAPIXELS
+    return None if value == 0 or value == float("inf") else int(value * MEGAPIXEL)
