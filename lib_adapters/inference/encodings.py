@@ -103,7 +103,7 @@ class ReferenceEncoder:
             if hidden_states:
                 uncond = self._cached((), None, output, lambda: encoder().empty_hidden_states())
             else:
-                uncond = torch.zeros_like(cond[:1])  # the reference's "no image" for pooled embeddings
+                uncond = ClipVisionEncoder.zero_image_embeds(cond)
         return cond, uncond
 
     def last_hidden_state(self, images: Sequence[np.ndarray], crop: CropMode) -> torch.Tensor:

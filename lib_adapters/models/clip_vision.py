@@ -121,11 +121,12 @@ class ClipVisionEncoder:
         """Outputs for the images and for "no image", as the reference computes uncond: zero pixels
         after normalisation through the encoder for hidden states, zero embeddings otherwise."""
         cond = self.encode(self.preprocess(images, crop), hidden_states)
-        if hidden_states:
-            uncond = self.empty_hidden_states()
-        else:
-            uncond = torch.zeros_like(cond[:1])
-        return cond, uncond
+        return cond, self.empty_hidden_states() if hidden_states else self.zero_image_embeds(cond)
+
+    @staticmethod
+    def zero_image_embeds(cond: torch.Tensor) -> torch.Tensor:
+        """The reference's "no image" for pooled embeddings: zeros, no encoder pass (one row like ``cond``'s)."""
+        return torch.zeros_like(cond[:1])
 
 
 def _prepare(image: np.ndarray, size: int, crop: CropMode) -> np.ndarray:
