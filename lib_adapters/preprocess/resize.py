@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from enum import Enum
 from types import MappingProxyType
 from typing import Any, Mapping, Union
@@ -201,7 +202,10 @@ def _decode_base64(text: str, max_pixels: int | None = None) -> Image.Image:
 
 def _open_image_bytes(raw: bytes, max_pixels: int | None = None) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(raw))  # lazy: reads the header (format, size), no pixels yet
+        with warnings.catch_warnings():
+            if max_pixels:  # our own, stricter limit decides below: no "decompression bomb" warning first
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))  # lazy: reads the header (format, size), no pixels yet
         check_pixel_count(image.width, image.height, max_pixels)
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as exc:

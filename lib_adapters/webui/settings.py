@@ -42,8 +42,9 @@ def register() -> None:
         ).info("the models and CLIP encoders the units use stay loaded up to this size, least recently used out "
                "first; the default fits three units and their encoders, SDXL's ViT-bigG/14 included"),
         "adapters_max_image_megapixels": shared.OptionInfo(
+            # at most 160: Pillow itself refuses images above 179 million pixels (its bomb limit, x2)
             DEFAULT_MAX_MEGAPIXELS, "Largest condition, reference or mask image (megapixels)", gr.Slider,
-            {"minimum": 0, "maximum": 256, "step": 1},
+            {"minimum": 0, "maximum": 160, "step": 1},
         ).info("1 megapixel = 1024 x 1024 pixels, so 16 allows 4096 x 4096; larger images are refused before "
                "they are decoded (a small PNG can hold a huge image); 0: no limit"),
     }))
