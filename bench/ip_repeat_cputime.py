@@ -244,6 +244,38 @@ def stats(times: list[float]) -> dict:
     return {"runs": rounded(times), "median": round(statistics.median(times), 4), "min": round(min(times), 4)}
 
 
+def first_generation_parts(bench: Bench, encoder_file: Path, adapter_file: Path) -> dict:
+    """What the first generation pays, part by part, each timed once more alone after the runs (the caches are
+    emptied first, so this is a cold load again; the file data may still be in the OS page cache)."""
+    from lib_adapters.formats.adapter_file import load_adapter
+    from lib_adapters.formats.reader import read_state_dict, read_weights
+    from lib_adapters.models.clip_vision import CropMode, load_clip_vision
+
+    bench.controller.adapters.clear()
+    bench.controller.encodings.clear()
+    gc.collect()
+    parts: dict[str, dict] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        cpu, wall = time.process_time(), time.perf_counter()
+        out = fn()
+        parts[name] = {"cpu_s": round(time.process_time() - cpu, 4), "wall_s": round(time.perf_counter() - wall, 4)}
+        return out
+
+    timed("read_encoder_file", lambda: read_state_dict(encoder_file))
+    gc.collect()
+    timed("read_encoder_file_and_check_finite", lambda: read_weights(encoder_file))
+    gc.collect()
+    encoder = timed("load_encoder (read, check, build on meta, assign)", lambda: load_clip_vision(encoder_file))
+    timed("load_adapter (read, check, build, load)", lambda: load_adapter(adapter_file))
+    pixels = timed("preprocess_reference", lambda: encoder.preprocess([bench.image], CropMode.CENTER))
+    timed("encoder_pass_reference", lambda: encoder.encode(pixels, hidden_states=True))
+    timed("encoder_pass_no_image", lambda: encoder.empty_hidden_states())
+    del encoder
+    gc.collect()
+    return parts
+
+
 # --- reporting -----------------------------------------------------------------------------------
 def table_row(result: dict) -> str:
     med, first = result["median_s"], result["first_generation"]
@@ -310,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{latent * 8}x{latent * 8}, {steps} steps, {repeats} pairs after the first run, 1 thread")
         result = describe(model, bench, args.smoke, repeats, sites, encoder_bytes)
         result.update(measure(bench, repeats, sites))
+        log("timing the first generation's parts alone")
+        result["first_generation"]["parts_timed_alone"] = first_generation_parts(
+            bench, encoders / "model.safetensors", adapters / f"{ADAPTER_NAME}.bin")
+        log(f"parts: {result['first_generation']['parts_timed_alone']}")
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
