@@ -146,9 +146,11 @@ def _prepare(image: np.ndarray, size: int, crop: CropMode) -> np.ndarray:
 
 
 def encoder_from_state_dict(sd: Mapping[str, torch.Tensor], name: str) -> ClipVisionEncoder:
-    """The encoder with the file's weights. The network is built on the meta device and takes the file's
-    tensors as they are (``assign``): a ViT-H/14 is never initialised at random only to be overwritten,
-    which halves the memory a load needs (2.5 GB instead of 5) and saves seconds of CPU time."""
+    """The encoder with the file's weights. The network is built on the meta device and then takes fp32
+    copies of the file's tensors (``assign``): a ViT-H/14 is never initialised at random only to be
+    overwritten, which saves that allocation and seconds of CPU time. Copies, because safetensors hands out
+    tensors backed by a memory map of the file: a cached encoder must not keep the file mapped (it could not
+    be replaced on Windows, and a file rewritten in place would change or fault under it)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     shape = encoder_shape(sd, name)
@@ -158,7 +160,8 @@ def encoder_from_state_dict(sd: Mapping[str, torch.Tensor], name: str) -> ClipVi
                               patch_size=shape.patch_size, hidden_act=shape.activation)
     with torch.device("meta"):
         model = CLIPVisionModelWithProjection(config)
-    state = {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # a buffer in older files
+    state = {k: v.to(torch.float32, copy=True) for k, v in sd.items()
+             if not k.endswith("position_ids")}  # position_ids: a buffer in older files
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # a tensor of the wrong shape
@@ -172,7 +175,7 @@ def encoder_from_state_dict(sd: Mapping[str, torch.Tensor], name: str) -> ClipVi
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise FormatError(f"{name}: CLIP vision weights do not fit: no values for {left[:3]}")
-    return ClipVisionEncoder(name, shape, model.float().eval().requires_grad_(False))
+    return ClipVisionEncoder(name, shape, model.eval().requires_grad_(False))
 
 
 def load_clip_vision(path: str | Path) -> ClipVisionEncoder:
