@@ -16,8 +16,8 @@ fp32, 2.5 GB) saved as ``models/clip_vision/*.safetensors``.
 
 Each "with" run is a WebUI job as the Adapters script runs it: ``GenerationController.start`` with the
 unit as the API sends it (model name, a 640x480 numpy image), which resolves the file, loads the
-adapter and the encoder through the model cache, encodes through the encoder-output cache, projects,
-binds the layout and installs the session; the demo's Euler sampler (CFG 7, cond and uncond rows in
+adapter and the encoder through the model cache, takes the image tokens from the encoder-output cache
+(encoding and projecting only on a miss), binds the layout and installs the session; the demo's Euler sampler (CFG 7, cond and uncond rows in
 one UNet call, ``on_denoiser`` each step); ``GenerationController.end``, which restores the UNet and
 unpins the models. The caches live across runs, as the panel's shared resources do.
 

@@ -135,3 +135,21 @@ def test_the_budget_setting_replaces_the_old_count(webui):
     assert _resources().adapters.budget_bytes == 512 * MB
     shared.opts.data["adapters_cache_budget_mb"] = "garbage"
     assert settings.current().cache_budget_mb == DEFAULT_BUDGET_MB
+
+
+def test_a_repeated_ip_unit_is_not_projected_again(webui, monkeypatch):
+    """The image tokens are kept too (by adapter file, encoding and multi-image mode): no Resampler pass."""
+    from lib_adapters.models.ip_adapter import Resampler
+
+    calls = []
+    forward = Resampler.forward
+    monkeypatch.setattr(Resampler, "forward", lambda self, x: (calls.append(x.shape[0]), forward(self, x))[1])
+    two = dict(IP, image=[_condition(seed=5), _condition(seed=8)])
+    first = driver.txt2img(alwayson_scripts=_units(two))
+    assert calls == [2, 1]  # the two images, then "no image"
+    again = driver.txt2img(alwayson_scripts=_units(two))
+    assert calls == [2, 1] and all(np.array_equal(a, b) for a, b in zip(_pixels(first), _pixels(again)))
+    driver.txt2img(alwayson_scripts=_units(dict(two, multi_image="Concatenate")))
+    assert calls == [2, 1, 2, 1]  # other tokens from the same (cached) encoding
+    driver.txt2img(alwayson_scripts=_units(dict(two, multi_image="Concatenate")))
+    assert calls == [2, 1, 2, 1]

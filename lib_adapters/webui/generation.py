@@ -19,7 +19,7 @@ from ..arch import cross_attention_dim
 from ..errors import AdapterError, IncompatibleModelError, InputError
 from ..formats.ip import LoadedIPAdapter
 from ..inference.blocks import block_weights
-from ..inference.cache import AdapterCache
+from ..inference.cache import AdapterCache, FileKey
 from ..inference.encodings import EncodingCache, ReferenceEncoder
 from ..inference.ip import IPUnitRuntime
 from ..inference.session import GenerationSession
@@ -126,7 +126,8 @@ class GenerationController:
         loaded = self.adapters.load_adapter(path)
         if isinstance(loaded, LoadedIPAdapter):
             loaded.check_compatible(bound, label)
-            runtime: T2IUnitRuntime | IPUnitRuntime | StyleUnitRuntime = self._ip_runtime(label, unit, loaded, p, bound)
+            runtime: T2IUnitRuntime | IPUnitRuntime | StyleUnitRuntime = self._ip_runtime(label, unit, loaded, path, p,
+                                                                                          bound)
         elif loaded.is_style:
             runtime = self._style_runtime(label, unit, loaded, p, bound)
         else:
@@ -154,15 +155,16 @@ class GenerationController:
             tokens = adapter.module(hidden).mean(dim=0, keepdim=True)
         return StyleUnitRuntime(label, tokens, weight=unit.weight, start=unit.start, end=unit.end)
 
-    def _ip_runtime(self, label: str, unit: AdapterUnit, adapter: LoadedIPAdapter, p: Any,
+    def _ip_runtime(self, label: str, unit: AdapterUnit, adapter: LoadedIPAdapter, path: Path, p: Any,
                     bound: BoundLayout) -> IPUnitRuntime:
-        """Encode the reference images once for the whole job (or not at all when the same images went
-        through the same encoder before); the tokens serve every step and pass."""
+        """Encode and project the reference images once for the whole job (or not at all when the same images
+        went through the same encoder and adapter before); the tokens serve every step and pass."""
         need = adapter.encoder_need
         encoder = self._reference_encoder(self.encoders.find(need.hidden_states, need.width, need.description), bound)
-        cond, uncond = encoder.ip_outputs(self._source_images(label, unit, p), unit.crop, need.hidden_states)
-        return IPUnitRuntime.from_encoder_outputs(
-            label, adapter, cond, uncond, multi=unit.multi_image, weight=unit.weight, start=unit.start, end=unit.end,
+        tokens, empty = encoder.ip_tokens(adapter, FileKey.of(path), self._source_images(label, unit, p), unit.crop,
+                                          unit.multi_image)
+        return IPUnitRuntime(
+            label, adapter, tokens, empty, weight=unit.weight, start=unit.start, end=unit.end,
             block_weights=block_weights(unit.block_preset, bound.arch, unit.composition_weight),
             mask=self._mask(label, unit.mask))
 
