@@ -5,6 +5,12 @@ folder such as sd-webui-controlnet's ``models/ControlNet`` holds ControlNets too
 list only files whose safetensors header has adapter keys, and pickled files whose name says
 adapter (the header of a pickle cannot be read without loading it). Detection proper always
 happens on load, from keys and shapes.
+
+Short hashes in infotext are the ones sd-webui-controlnet shows for the same file (its model list
+and infotext use the WebUI's ``sd_models.model_hash``: the first 8 hex digits of the sha256 of the
+64 KiB at offset 1 MiB), so a unit written by one extension names the same ``model [hash]`` as the
+other. Names are resolved with either that hash or the full-file sha256 prefix our infotext wrote
+before, or none; a name not found is looked up by its short hash, so a renamed file still resolves.
 """
 from __future__ import annotations
 
@@ -75,28 +81,53 @@ class ModelCatalog:
         return sorted(self._entries, key=str.lower)
 
     def resolve(self, name: str) -> Path:
-        """The file for a listed name (also accepts "name [hash]" as written in infotext)."""
-        bare = name.split(" [", 1)[0].strip()
+        """The file for a listed name (also accepts "name [hash]" as written in infotext: the file of that
+        name, or, when no file has the name, the one whose short hash it gives)."""
+        bare, written_hash = split_name_and_hash(name)
         if bare not in self._entries or not self._entries[bare].path.is_file():
             self.refresh()
         entry = self._entries.get(bare)
+        if entry is None and written_hash:
+            entry = self._by_hash(written_hash)
         if entry is None:
             folders = ", ".join(str(f) for f in list(self.own_folders) + list(self.shared_folders))
             raise MissingFileError(f"adapter model '{bare}' not found. Put the file in one of: {folders}, "
                                    "then press the refresh button next to the model list.")
         return entry.path
 
+    def _by_hash(self, written_hash: str) -> ModelEntry | None:
+        """The one listed file with this short hash. Files under 1 MiB all hash the same empty range, so
+        they never match (no adapter is that small); two files with one hash match neither."""
+        matches = [e for e in self._entries.values()
+                   if e.path.is_file() and e.path.stat().st_size > HASHED_OFFSET and self.short_hash(e.path) == written_hash]
+        return matches[0] if len(matches) == 1 else None
+
     def short_hash(self, path: Path) -> str:
-        """First 8 hex digits of the file's sha256, computed once per file version."""
+        """sd-webui-controlnet's hash of the file (``model_short_hash``), once per file version."""
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in self._hashes:
-            digest = hashlib.sha256()
-            with path.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-            self._hashes[key] = digest.hexdigest()[:8]
+            self._hashes[key] = model_short_hash(path)
         return self._hashes[key]
+
+
+HASHED_OFFSET, HASHED_LENGTH = 0x100000, 0x10000
+
+
+def model_short_hash(path: Path) -> str:
+    """The WebUI's ``sd_models.model_hash``, which sd-webui-controlnet writes after model names: the first 8
+    hex digits of the sha256 of the 64 KiB at offset 1 MiB (of nothing for files under 1 MiB). It reads
+    64 KiB whatever the file's size, so listing and infotext cost no full read of a 2 GB file."""
+    with Path(path).open("rb") as f:
+        f.seek(HASHED_OFFSET)
+        return hashlib.sha256(f.read(HASHED_LENGTH)).hexdigest()[:8]
+
+
+def split_name_and_hash(text: str) -> tuple[str, str]:
+    """``"name [1a2b3c4d]"`` -> ``("name", "1a2b3c4d")``; a name without a hash -> ``(name, "")``."""
+    bare, sep, rest = text.partition(" [")
+    written = rest.rstrip().rstrip("]").strip().lower() if sep else ""
+    return bare.strip(), written
 
 
 @dataclass(frozen=True)

@@ -8,3 +8,6 @@ from lib_adapters.webui.panel import AdaptersScript, release_resources  # noqa: 
 settings.register()
 script_callbacks.on_infotext_pasted(infotext.on_infotext_pasted)
 script_callbacks.on_script_unloaded(release_resources)
+# another checkpoint (or the same one loaded again, possibly on another device): cached models and encoder
+# outputs are dropped, so their memory goes back before the next generation fills the caches again
+script_callbacks.on_model_loaded(lambda _sd_model: release_resources())

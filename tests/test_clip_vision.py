@@ -82,3 +82,26 @@ def test_not_an_encoder(tmp_path):
     save_file({"a": torch.zeros(1)}, str(path))
     with pytest.raises(FormatError, match="not a CLIP vision encoder"):
         load_clip_vision(path)
+
+
+def test_an_encoder_with_nan_weights_is_refused_as_damaged(tmp_path):
+    model = tiny_clip_vision()
+    with torch.no_grad():
+        model.vision_model.encoder.layers[1].mlp.fc2.weight[3, 4] = float("nan")
+    path = save_clip_vision(model, tmp_path)
+    with pytest.raises(FormatError, match=r"clip_vision_tiny.safetensors: the tensor "
+                                          r"'vision_model.encoder.layers.1.mlp.fc2.weight' holds 1 NaN .*Download it again"):
+        load_clip_vision(path)
+
+
+def test_a_loaded_encoder_keeps_no_memory_map_of_its_file(tmp_path):
+    """safetensors maps the file; the encoder must own its weights, so the file can be replaced while it is cached."""
+    import os
+
+    path = save_clip_vision(tiny_clip_vision(), tmp_path)
+    encoder = load_clip_vision(path)
+    maps = open(f"/proc/{os.getpid()}/maps").read() if os.path.exists("/proc/self/maps") else ""
+    if not maps:
+        pytest.skip("no /proc/<pid>/maps on this system")
+    assert str(path) not in maps
+    assert all(p.dtype == torch.float32 for p in encoder.model.parameters())

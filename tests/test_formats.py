@@ -107,3 +107,36 @@ def test_safetensors_metadata(tmp_path):
     save_file({"a": torch.zeros(1)}, str(path), metadata={"ss_network_dim": "4"})
     assert read_safetensors_metadata(path) == {"ss_network_dim": "4"}
     assert read_safetensors_metadata(tmp_path / "missing.safetensors") == {}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_as_damaged(adapter_files, bad):
+    from lib_adapters.formats.adapter_file import load_adapter
+
+    sd = read_state_dict(adapter_files[1])  # diffusers layout, safetensors
+    keys = list(sd)
+    sd[keys[3]] = sd[keys[3]].clone()
+    sd[keys[3]].view(-1)[1] = bad
+    sd[keys[-1]] = sd[keys[-1]].clone().fill_(float("nan"))  # a later bad tensor is not the one named
+    damaged = adapter_files[1].with_name("damaged.safetensors")
+    save_file(sd, str(damaged))
+    for load in (load_adapter, load_t2i_adapter):
+        with pytest.raises(FormatError) as info:
+            load(damaged)
+        message = str(info.value)
+        assert message.startswith("damaged.safetensors: the tensor ") and f"'{keys[3]}'" in message
+        assert "Download it again" in message
+        assert ("1 NaN and 0 infinite" if bad != bad else "0 NaN and 1 infinite") in message
+
+
+def test_non_finite_ip_adapter_pickle_is_refused(tmp_path):
+    from fixtures.ip import random_ip_state_dict
+    from lib_adapters.formats.ip import load_ip_adapter
+    from lib_adapters.tiny import TINY_SD1, build_tiny_unet
+    from lib_adapters.unet.layout import bind_layout
+
+    nested = random_ip_state_dict(bind_layout(build_tiny_unet(TINY_SD1, seed=0)), "plus", 32)
+    nested["ip_adapter"]["1.to_v_ip.weight"][0, 0] = float("inf")
+    torch.save(nested, tmp_path / "ip.bin")
+    with pytest.raises(FormatError, match=r"ip.bin: the tensor 'ip_adapter.1.to_v_ip.weight' holds 0 NaN and 1 inf"):
+        load_ip_adapter(tmp_path / "ip.bin")

@@ -323,3 +323,16 @@ def test_pickles_load_under_the_webui_safe_unpickler(webui, monkeypatch):
     monkeypatch.setattr(safe, "unsafe_torch_load", real, raising=False)
     monkeypatch.setattr(torch, "load", lambda *a, **k: None)  # what safe.load returns for these files
     assert "conv_in.weight" in read_state_dict(models / "depth.pth")
+
+
+def test_infotext_names_models_with_sd_webui_controlnets_hash(webui):
+    """sd-webui-controlnet writes `Model: name [sd_models.model_hash(file)]`; ours is the same, both ways."""
+    from modules import sd_models
+
+    _, models = webui
+    controlnet_hash = sd_models.model_hash(str(models / "depth.pth"))
+    unit = {"enabled": True, "model": "depth", "image": _condition()}
+    result = driver.txt2img(alwayson_scripts=_units(unit))
+    assert f"Model: depth [{controlnet_hash}]" in result.infotexts[0]
+    again = driver.txt2img(alwayson_scripts=_units(dict(unit, model=f"depth [{controlnet_hash}]")))
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(result), _pixels(again)))

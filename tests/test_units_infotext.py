@@ -38,6 +38,12 @@ def test_positional_list_follows_field_order():
     (list(range(30)), "at most"),
     ({"block_preset": "everything"}, "block preset 'everything' is not one of"),
     ({"multi_image": "blend"}, "multi_image 'blend' is not one of"),
+    ({"weight": float("nan")}, r"weight nan is outside \[-10, 10\]"),
+    ({"composition_weight": float("nan")}, r"composition_weight nan is outside \[-10, 10\]"),
+    ({"composition_weight": float("inf")}, r"composition_weight inf is outside \[-10, 10\]"),
+    ({"composition_weight": "-inf"}, r"composition_weight -inf is outside \[-10, 10\]"),
+    ({"composition_weight": 1e30}, r"composition_weight 1e\+30 is outside \[-10, 10\]"),
+    ({"threshold_a": float("nan")}, "threshold_a nan is not a finite number"),
 ])
 def test_bad_values_are_rejected_with_a_reason(value, message):
     with pytest.raises(InputError, match=message):

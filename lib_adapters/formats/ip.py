@@ -18,7 +18,7 @@ from ..errors import FormatError, IncompatibleModelError, UnsupportedModelError
 from ..models.ip_adapter import IPAdapterModel, ProjectionConfig, ProjectionKind
 from ..unet.layout import BoundLayout
 from .detect import ModelFamily, detect_family
-from .reader import read_state_dict
+from .reader import read_weights
 from .t2i import load_strict
 
 StateDict = Mapping[str, torch.Tensor]
@@ -140,4 +140,4 @@ def ip_from_state_dict(sd: StateDict, name: str = "ip-adapter") -> LoadedIPAdapt
 
 def load_ip_adapter(path: str | Path) -> LoadedIPAdapter:
     path = Path(path)
-    return ip_from_state_dict(read_state_dict(path), name=path.stem)
+    return ip_from_state_dict(read_weights(path), name=path.stem)

@@ -4,7 +4,9 @@
 ``torch.load(weights_only=True)``. Nested dicts (IP-Adapter ``.bin`` files hold
 ``{"image_proj": {...}, "ip_adapter": {...}}``) are flattened to dotted keys, and a lone
 ``state_dict``/``module`` wrapper is unwrapped. Every failure becomes a ``FormatError`` or
-``MissingFileError`` naming the file and what to do.
+``MissingFileError`` naming the file and what to do. ``read_weights`` also refuses weights that
+hold NaN or infinite values: such a file is damaged, and loaded it would turn a whole generation
+into NaN (or a black image) instead of costing one unit.
 """
 from __future__ import annotations
 
@@ -42,6 +44,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not flat:
         raise FormatError(f"{path.name}: the file holds no tensors; it is not a model file.")
     return flat
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """``read_state_dict`` for a model about to be used: every floating-point tensor must be finite."""
+    path = Path(path)
+    sd = read_state_dict(path)
+    check_finite(sd, path.name)
+    return sd
+
+
+def check_finite(sd: dict[str, torch.Tensor], source: str) -> None:
+    """FormatError naming the first tensor (in file order) that holds NaN or infinite values."""
+    for key, tensor in sd.items():
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        finite = torch.isfinite(tensor)
+        if bool(finite.all()):
+            continue
+        nans = int(torch.isnan(tensor).sum())
+        raise FormatError(
+            f"{source}: the tensor '{key}' holds {nans} NaN and {int((~finite).sum()) - nans} infinite values "
+            f"(of {tensor.numel()}): the file is damaged, often by an interrupted or corrupted download. "
+            "Download it again.")
 
 
 def _safetensors_header(path: Path) -> dict:

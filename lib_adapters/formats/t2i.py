@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import FormatError
 from ..models.t2i_adapter import AdapterKind, SpatialAdapterConfig, StyleAdapterConfig, build_adapter
 from .detect import KeyLayout, ModelFamily, detect_family
-from .reader import read_state_dict
+from .reader import read_weights
 
 NUM_LEVELS = 4  # every T2I-Adapter produces four feature levels (one per injection site)
 _SD_UNSHUFFLE, _XL_UNSHUFFLE = 8, 16
@@ -178,7 +178,7 @@ def t2i_from_state_dict(sd: StateDict, name: str = "adapter") -> LoadedT2IAdapte
 
 def load_t2i_adapter(path: str | Path) -> LoadedT2IAdapter:
     path = Path(path)
-    return t2i_from_state_dict(read_state_dict(path), name=path.stem)
+    return t2i_from_state_dict(read_weights(path), name=path.stem)
 
 
 def load_strict(module: nn.Module, sd: StateDict, source: str) -> None:

@@ -51,15 +51,7 @@ class IPUnitRuntime:
     def from_encoder_outputs(cls, label: str, adapter: LoadedIPAdapter, cond: torch.Tensor, uncond: torch.Tensor,
                              multi: MultiImage = MultiImage.AVERAGE, **kwargs) -> "IPUnitRuntime":
         """``cond``: encoder outputs of N reference images; ``uncond``: of the "no image" input."""
-        proj = adapter.model.image_proj
-        with torch.no_grad():
-            tokens = proj(cond.float())
-            empty = proj(uncond.float())[:1]
-        if multi is MultiImage.CONCAT:
-            tokens = tokens.reshape(1, -1, tokens.shape[-1])
-            empty = empty.repeat(1, tokens.shape[1] // empty.shape[1], 1)
-        else:
-            tokens = tokens.mean(dim=0, keepdim=True)
+        tokens, empty = project_tokens(adapter, cond, uncond, multi)
         return cls(label, adapter, tokens, empty, **kwargs)
 
     def scale_at(self, site: IPSite) -> float:
@@ -101,6 +93,22 @@ class IPUnitRuntime:
         self._kv.clear()
         self._masks.clear()
         self.adapter.model.to("cpu")
+
+
+def project_tokens(adapter: LoadedIPAdapter, cond: torch.Tensor, uncond: torch.Tensor,
+                   multi: MultiImage = MultiImage.AVERAGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image tokens [1, T, context] of N reference images' encoder outputs, and the "no image" tokens of
+    the same shape; several images are averaged, or their tokens concatenated."""
+    proj = adapter.model.image_proj
+    with torch.no_grad():
+        tokens = proj(cond.float())
+        empty = proj(uncond.float())[:1]
+    if multi is MultiImage.CONCAT:
+        tokens = tokens.reshape(1, -1, tokens.shape[-1])
+        empty = empty.repeat(1, tokens.shape[1] // empty.shape[1], 1)
+    else:
+        tokens = tokens.mean(dim=0, keepdim=True)
+    return tokens, empty
 
 
 def fold_key_value(k: torch.Tensor, v: torch.Tensor, heads: int, out_weight: torch.Tensor

@@ -6,6 +6,7 @@ values raise ``InputError`` with the valid choices.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
@@ -38,6 +39,7 @@ class ControlMode(str, Enum):
 
 
 NO_MODEL = "None"
+WEIGHT_LIMIT = 10.0  # |weight| and |composition_weight| beyond this only make noise (the UI offers 0-2)
 _ALIASES = {"guidance_start": "start", "guidance_end": "end", "module": "preprocessor",
             "processor_res": "resolution", "input_image": "image"}
 
@@ -121,8 +123,13 @@ class AdapterUnit:
             object.__setattr__(self, name, value)
         if not 0.0 <= self.start <= self.end <= 1.0:
             raise InputError(f"start ({self.start}) and end ({self.end}) must satisfy 0 <= start <= end <= 1")
-        if not -10.0 <= self.weight <= 10.0:
-            raise InputError(f"weight {self.weight} is outside [-10, 10]")
+        # NaN fails every comparison, so these also refuse NaN and infinities
+        for name in ("weight", "composition_weight"):
+            if not -WEIGHT_LIMIT <= getattr(self, name) <= WEIGHT_LIMIT:
+                raise InputError(f"{name} {getattr(self, name)} is outside [-{WEIGHT_LIMIT:g}, {WEIGHT_LIMIT:g}]")
+        for name in ("threshold_a", "threshold_b"):
+            if not math.isfinite(getattr(self, name)):
+                raise InputError(f"{name} {getattr(self, name)} is not a finite number (-1: the preprocessor's default)")
         if not 64 <= self.resolution <= 4096:
             raise InputError(f"resolution {self.resolution} is outside [64, 4096]")
 

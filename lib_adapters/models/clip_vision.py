@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..errors import FormatError
-from ..formats.reader import read_state_dict
+from ..formats.reader import read_weights
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -121,11 +121,12 @@ class ClipVisionEncoder:
         """Outputs for the images and for "no image", as the reference computes uncond: zero pixels
         after normalisation through the encoder for hidden states, zero embeddings otherwise."""
         cond = self.encode(self.preprocess(images, crop), hidden_states)
-        if hidden_states:
-            uncond = self.empty_hidden_states()
-        else:
-            uncond = torch.zeros_like(cond[:1])
-        return cond, uncond
+        return cond, self.empty_hidden_states() if hidden_states else self.zero_image_embeds(cond)
+
+    @staticmethod
+    def zero_image_embeds(cond: torch.Tensor) -> torch.Tensor:
+        """The reference's "no image" for pooled embeddings: zeros, no encoder pass (one row like ``cond``'s)."""
+        return torch.zeros_like(cond[:1])
 
 
 def _prepare(image: np.ndarray, size: int, crop: CropMode) -> np.ndarray:
@@ -145,6 +146,11 @@ def _prepare(image: np.ndarray, size: int, crop: CropMode) -> np.ndarray:
 
 
 def encoder_from_state_dict(sd: Mapping[str, torch.Tensor], name: str) -> ClipVisionEncoder:
+    """The encoder with the file's weights. The network is built on the meta device and then takes fp32
+    copies of the file's tensors (``assign``): a ViT-H/14 is never initialised at random only to be
+    overwritten, which saves that allocation and seconds of CPU time. Copies, because safetensors hands out
+    tensors backed by a memory map of the file: a cached encoder must not keep the file mapped (it could not
+    be replaced on Windows, and a file rewritten in place would change or fault under it)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     shape = encoder_shape(sd, name)
@@ -152,15 +158,26 @@ def encoder_from_state_dict(sd: Mapping[str, torch.Tensor], name: str) -> ClipVi
                               projection_dim=shape.projection_dim, num_hidden_layers=shape.num_layers,
                               num_attention_heads=shape.num_heads, image_size=shape.image_size,
                               patch_size=shape.patch_size, hidden_act=shape.activation)
-    model = CLIPVisionModelWithProjection(config)
-    state = {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # a buffer in older files
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with torch.device("meta"):
+        model = CLIPVisionModelWithProjection(config)
+    state = {k: v.to(torch.float32, copy=True) for k, v in sd.items()
+             if not k.endswith("position_ids")}  # position_ids: a buffer in older files
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise FormatError(f"{name}: CLIP vision weights do not fit: {first}") from exc
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise FormatError(f"{name}: CLIP vision weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return ClipVisionEncoder(name, shape, model.float().eval().requires_grad_(False))
+    embeddings = model.vision_model.embeddings
+    embeddings.position_ids = torch.arange(embeddings.num_positions).expand((1, -1))  # the only tensor not in files
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise FormatError(f"{name}: CLIP vision weights do not fit: no values for {left[:3]}")
+    return ClipVisionEncoder(name, shape, model.eval().requires_grad_(False))
 
 
 def load_clip_vision(path: str | Path) -> ClipVisionEncoder:
     path = Path(path)
-    return encoder_from_state_dict(read_state_dict(path), path.stem)
+    return encoder_from_state_dict(read_weights(path), path.stem)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from enum import Enum
 from types import MappingProxyType
 from typing import Any, Mapping, Union
@@ -164,7 +165,24 @@ def fit_image(image: np.ndarray, width: int, height: int, mode: ResizeMode) -> n
 # Normalising inputs
 # ---------------------------------------------------------------------------------------------
 
-def _decode_base64(text: str) -> Image.Image:
+# 16 x 1024 x 1024 pixels: 4096 x 4096 passes. A 17 KB PNG can declare 12000 x 12000 pixels (3.4 GB once
+# decoded and converted), so encoded images are measured from their header, before any pixel is decoded.
+MEGAPIXEL = 1 << 20
+DEFAULT_MAX_MEGAPIXELS = 16
+LIMIT_SETTING = "Settings -> Adapters -> Largest condition, reference or mask image (megapixels)"
+
+
+def check_pixel_count(width: int, height: int, max_pixels: int | None) -> None:
+    """InputError when a ``width x height`` image is above ``max_pixels`` (None or 0: no limit)."""
+    if max_pixels and width * height > max_pixels:
+        raise InputError(
+            f"The image is {width}x{height} ({width * height / MEGAPIXEL:.1f} megapixels), above the limit of "
+            f"{max_pixels / MEGAPIXEL:g} megapixels set in {LIMIT_SETTING}; it was refused before decoding. "
+            "Use a smaller image, or raise the limit."
+        )
+
+
+def _decode_base64(text: str, max_pixels: int | None = None) -> Image.Image:
     payload = text.strip()
     if payload.startswith("data:"):
         header, sep, payload = payload.partition(",")
@@ -179,12 +197,16 @@ def _decode_base64(text: str) -> Image.Image:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InputError(f"The image string is not valid base64 ({exc}).") from None
-    return _open_image_bytes(raw)
+    return _open_image_bytes(raw, max_pixels)
 
 
-def _open_image_bytes(raw: bytes) -> Image.Image:
+def _open_image_bytes(raw: bytes, max_pixels: int | None = None) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(raw))
+        with warnings.catch_warnings():
+            if max_pixels:  # our own, stricter limit decides below: no "decompression bomb" warning first
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))  # lazy: reads the header (format, size), no pixels yet
+        check_pixel_count(image.width, image.height, max_pixels)
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(
@@ -259,27 +281,31 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array[:, :, :3])
 
 
-def to_hwc_uint8(image: Any) -> np.ndarray:
+def to_hwc_uint8(image: Any, max_pixels: int | None = None) -> np.ndarray:
     """Return any supported image as a new ``H x W x 3`` uint8 RGB array.
 
     Accepts a PIL image (any mode), a numpy array (H x W, H x W x 1/3/4, uint8 / bool /
     uint16 / float in [0, 1]), a base64 string (optionally a ``data:image/...;base64,`` URL),
     encoded image bytes, or a gradio 3.41 image-editor dict ``{"image": ..., "mask": ...}`` (only
-    the image is used). Alpha channels are dropped, not composited.
+    the image is used). Alpha channels are dropped, not composited. An image of more than
+    ``max_pixels`` pixels is refused (``InputError``): encoded data by its header, before decoding.
     """
     if isinstance(image, dict):
         if image.get("image") is None:
             raise InputError(
                 "The image-editor value has no 'image' entry; expected {'image': ..., 'mask': ...}."
             )
-        return to_hwc_uint8(image["image"])
+        return to_hwc_uint8(image["image"], max_pixels)
     if isinstance(image, str):
-        image = _decode_base64(image)
+        image = _decode_base64(image, max_pixels)
     elif isinstance(image, (bytes, bytearray)):
-        image = _open_image_bytes(bytes(image))
+        image = _open_image_bytes(bytes(image), max_pixels)
     if isinstance(image, Image.Image):
+        check_pixel_count(image.width, image.height, max_pixels)
         return np.array(_array_to_rgb(_pil_to_array(image)), copy=True)
     if isinstance(image, np.ndarray):
+        if image.ndim >= 2:
+            check_pixel_count(image.shape[1], image.shape[0], max_pixels)
         return np.array(_array_to_rgb(image), copy=True)
     if image is None:
         raise InputError("No image was given.")

@@ -19,13 +19,14 @@ from ..arch import cross_attention_dim
 from ..errors import AdapterError, IncompatibleModelError, InputError
 from ..formats.ip import LoadedIPAdapter
 from ..inference.blocks import block_weights
-from ..inference.cache import AdapterCache
+from ..inference.cache import AdapterCache, FileKey
+from ..inference.encodings import EncodingCache, ReferenceEncoder
 from ..inference.ip import IPUnitRuntime
 from ..inference.session import GenerationSession
 from ..inference.t2i import StyleUnitRuntime, T2IUnitRuntime
 from ..inference.units import AdapterUnit
 from ..preprocess.registry import PreprocessorCache, run_preprocessor
-from ..preprocess.resize import to_hwc_uint8
+from ..preprocess.resize import DEFAULT_MAX_MEGAPIXELS, MEGAPIXEL, to_hwc_uint8
 from ..unet.layout import BoundLayout, bind_layout
 from . import infotext
 
@@ -39,11 +40,11 @@ def rows_of(cond: Any) -> int:
     return int(cond.shape[0])
 
 
-def region_mask(image: Any) -> torch.Tensor | None:
+def region_mask(image: Any, max_pixels: int | None = None) -> torch.Tensor | None:
     """An attention mask image as [H, W] in [0, 1] (white: the image prompt acts there)."""
     if image is None or (isinstance(image, dict) and image.get("image") is None):
         return None
-    gray = to_hwc_uint8(image).astype(np.float32).mean(axis=2) / 255.0
+    gray = to_hwc_uint8(image, max_pixels).astype(np.float32).mean(axis=2) / 255.0
     return torch.from_numpy(gray)
 
 
@@ -56,6 +57,8 @@ class GenerationController:
     preprocessors: PreprocessorCache
     annotator_dir: Path
     encoders: EncoderCatalog
+    encodings: EncodingCache = field(default_factory=EncodingCache)
+    max_image_pixels: int | None = DEFAULT_MAX_MEGAPIXELS * MEGAPIXEL  # condition, reference and mask images
     session: GenerationSession | None = None
     messages: list[str] = field(default_factory=list)
 
@@ -96,10 +99,13 @@ class GenerationController:
             self.session.install()
 
     def end(self) -> None:
-        """Restore the UNet; safe to call at any time, any number of times."""
+        """Restore the UNet and unpin the generation's models; safe to call at any time, any number of times."""
         session, self.session = self.session, None
-        if session is not None:
-            session.restore()
+        try:
+            if session is not None:
+                session.restore()
+        finally:
+            self.adapters.release()
 
     def on_cfg_denoiser(self, params: Any) -> None:
         if self.session is None:
@@ -120,7 +126,8 @@ class GenerationController:
         loaded = self.adapters.load_adapter(path)
         if isinstance(loaded, LoadedIPAdapter):
             loaded.check_compatible(bound, label)
-            runtime: T2IUnitRuntime | IPUnitRuntime | StyleUnitRuntime = self._ip_runtime(label, unit, loaded, p, bound)
+            runtime: T2IUnitRuntime | IPUnitRuntime | StyleUnitRuntime = self._ip_runtime(label, unit, loaded, path, p,
+                                                                                          bound)
         elif loaded.is_style:
             runtime = self._style_runtime(label, unit, loaded, p, bound)
         else:
@@ -141,37 +148,43 @@ class GenerationController:
             raise IncompatibleModelError(
                 f"{label}: '{adapter.name}' makes {cfg.context_dim}-wide context tokens but this checkpoint's "
                 f"text context is {context} wide; the style adapter is for SD1.x.")
-        encoder = self.adapters.load_encoder(self.encoders.find(
-            True, cfg.width, f"ViT-L/14 (hidden states of width {cfg.width})"))
+        encoder = self._reference_encoder(self.encoders.find(
+            True, cfg.width, f"ViT-L/14 (hidden states of width {cfg.width})"), bound)
         with torch.no_grad():
             hidden = encoder.last_hidden_state(self._source_images(label, unit, p), unit.crop)
             tokens = adapter.module(hidden).mean(dim=0, keepdim=True)
         return StyleUnitRuntime(label, tokens, weight=unit.weight, start=unit.start, end=unit.end)
 
-    def _ip_runtime(self, label: str, unit: AdapterUnit, adapter: LoadedIPAdapter, p: Any,
+    def _ip_runtime(self, label: str, unit: AdapterUnit, adapter: LoadedIPAdapter, path: Path, p: Any,
                     bound: BoundLayout) -> IPUnitRuntime:
-        """Encode the reference images once for the whole job; the tokens serve every step and pass."""
+        """Encode and project the reference images once for the whole job (or not at all when the same images
+        went through the same encoder and adapter before); the tokens serve every step and pass."""
         need = adapter.encoder_need
-        encoder = self.adapters.load_encoder(self.encoders.find(need.hidden_states, need.width, need.description))
-        images = self._source_images(label, unit, p)
-        device = next(bound.unet.parameters()).device
-        encoder.model.to(device)
-        try:
-            cond, uncond = encoder.encode_images(images, unit.crop, need.hidden_states)
-        finally:
-            encoder.model.to("cpu")
-        return IPUnitRuntime.from_encoder_outputs(
-            label, adapter, cond, uncond, multi=unit.multi_image, weight=unit.weight, start=unit.start, end=unit.end,
+        encoder = self._reference_encoder(self.encoders.find(need.hidden_states, need.width, need.description), bound)
+        tokens, empty = encoder.ip_tokens(adapter, FileKey.of(path), self._source_images(label, unit, p), unit.crop,
+                                          unit.multi_image)
+        return IPUnitRuntime(
+            label, adapter, tokens, empty, weight=unit.weight, start=unit.start, end=unit.end,
             block_weights=block_weights(unit.block_preset, bound.arch, unit.composition_weight),
-            mask=region_mask(unit.mask))
+            mask=self._mask(label, unit.mask))
+
+    def _reference_encoder(self, path: Path, bound: BoundLayout) -> ReferenceEncoder:
+        device = next(bound.unet.parameters()).device
+        return ReferenceEncoder(self.adapters, self.encodings, path, device)
 
     def preprocess(self, unit: AdapterUnit, image: Any) -> np.ndarray:
+        image = to_hwc_uint8(image, self.max_image_pixels)  # the size is checked before anything is decoded
         return run_preprocessor(
             unit.preprocessor, image, resolution=unit.resolution, threshold_a=unit.threshold_a,
             threshold_b=unit.threshold_b, weights_dir=self.annotator_dir, cache=self.preprocessors)
 
-    @staticmethod
-    def _source_images(label: str, unit: AdapterUnit, p: Any) -> list[np.ndarray]:
+    def _mask(self, label: str, image: Any) -> torch.Tensor | None:
+        try:
+            return region_mask(image, self.max_image_pixels)
+        except InputError as exc:
+            raise InputError(f"{label}: attention mask: {exc}") from exc
+
+    def _source_images(self, label: str, unit: AdapterUnit, p: Any) -> list[np.ndarray]:
         images = [i for i in unit.images if not (isinstance(i, dict) and i.get("image") is None)]
         if not images:
             init_images = getattr(p, "init_images", None) or []
@@ -179,7 +192,10 @@ class GenerationController:
                 raise InputError(f"{label}: no image. Upload an image in the unit "
                                  "(in img2img the input image is used when the unit has none).")
             images = [init_images[0]]
-        return [to_hwc_uint8(image) for image in images]
+        try:
+            return [to_hwc_uint8(image, self.max_image_pixels) for image in images]
+        except InputError as exc:
+            raise InputError(f"{label}: {exc}") from exc
 
     def _skip(self, p: Any, label: str, exc: AdapterError) -> None:
         message = f"{label} skipped: {exc}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ..catalog import split_name_and_hash
 from ..inference.units import AdapterUnit
 
 PREFIX = "Adapter"
@@ -72,8 +73,8 @@ def on_infotext_pasted(infotext: str, params: dict[str, Any]) -> None:
         index = int(m.group(1)) - 1
         params[field_key(index, "Enabled")] = True
         parsed = parse_unit(value)
-        if "model" in parsed:
-            parsed["model"] = parsed["model"].split(" [", 1)[0]  # the dropdown lists bare names
+        if "model" in parsed:  # the dropdown lists bare names; the hash may be ours or sd-webui-controlnet's
+            parsed["model"] = split_name_and_hash(parsed["model"])[0]
         for name, label in FIELDS + IP_FIELDS:
             if name in parsed:
                 params[field_key(index, label)] = parsed[name]

@@ -7,7 +7,8 @@ Validation happens once, in ``AdapterUnit.from_value``, when the generation star
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -15,13 +16,11 @@ import gradio as gr
 from modules import script_callbacks, scripts
 from modules.ui_components import ToolButton
 
-import numpy as np
-from PIL import Image
-
 from ..catalog import EncoderCatalog, ModelCatalog
 from ..errors import AdapterError
 from ..inference.blocks import BlockPreset
-from ..inference.cache import AdapterCache
+from ..inference.cache import MB, AdapterCache
+from ..inference.encodings import EncodingCache
 from ..inference.ip import MultiImage
 from ..inference.units import FIELD_ORDER, NO_MODEL, AdapterUnit, ControlMode
 from ..models.clip_vision import CropMode
@@ -35,14 +34,17 @@ log = logging.getLogger("adapters")
 
 @dataclass
 class SharedResources:
-    """Process-wide caches of files read from disk, shared by the txt2img and img2img scripts so a
-    model is loaded once; emptied when the WebUI unloads the scripts."""
+    """Process-wide caches of files read from disk and of encoder outputs, shared by the txt2img and
+    img2img scripts so a model is loaded once; emptied when the WebUI unloads the scripts, loads
+    another checkpoint, or runs on another device."""
 
     catalog: ModelCatalog
     encoders: EncoderCatalog
     adapters: AdapterCache
     preprocessors: PreprocessorCache
+    encodings: EncodingCache = field(default_factory=EncodingCache)
     scanned: bool = False
+    host: tuple[str, str] | None = None  # (checkpoint, device) the caches were filled for
 
     def model_choices(self, refresh: bool = False) -> list[str]:
         if refresh or not self.scanned:
@@ -52,7 +54,15 @@ class SharedResources:
 
     def clear(self) -> None:
         self.adapters.clear()
+        self.encodings.clear()
         self.preprocessors.clear()
+
+    def bind_host(self, host: tuple[str, str]) -> None:
+        """Empty the caches when the generation runs on another checkpoint or device than the last one (a
+        model reload also empties them, through ``on_model_loaded``; this catches any other change)."""
+        if self.host is not None and host != self.host:
+            self.clear()
+        self.host = host
 
 
 _resources: SharedResources | None = None
@@ -63,15 +73,26 @@ def resources() -> SharedResources:
     cfg = settings.current()
     if _resources is None or tuple(_resources.catalog.own_folders) != cfg.model_dirs:
         _resources = SharedResources(ModelCatalog(cfg.model_dirs, cfg.shared_model_dirs),
-                                     EncoderCatalog(cfg.encoder_dirs), AdapterCache(cfg.cache_size),
+                                     EncoderCatalog(cfg.encoder_dirs), AdapterCache(cfg.cache_budget_mb * MB),
                                      PreprocessorCache())
-    _resources.adapters.max_items = cfg.cache_size
+    _resources.adapters.set_budget(cfg.cache_budget_mb * MB)
     return _resources
 
 
 def release_resources() -> None:
     if _resources is not None:
         _resources.clear()
+        _resources.host = None
+
+
+def host_of(p: Any) -> tuple[str, str]:
+    """What the cached models and encoder outputs were made for: the checkpoint and the WebUI's device."""
+    from modules import devices
+
+    model = p.sd_model
+    info = getattr(model, "sd_checkpoint_info", None)
+    checkpoint = getattr(info, "filename", None) or getattr(model, "sd_model_checkpoint", None) or ""
+    return str(checkpoint), str(getattr(devices, "device", "cpu"))
 
 
 def _threshold_updates(name: str, current_a: float = -1, current_b: float = -1) -> tuple[dict, dict]:
@@ -93,16 +114,18 @@ def _threshold_updates(name: str, current_a: float = -1, current_b: float = -1) 
 
 
 def _controller(res: SharedResources) -> GenerationController:
-    return GenerationController(res.catalog, res.adapters, res.preprocessors, settings.current().annotator_dir,
-                                res.encoders)
+    cfg = settings.current()
+    return GenerationController(res.catalog, res.adapters, res.preprocessors, cfg.annotator_dir, res.encoders,
+                                res.encodings, cfg.max_image_pixels)
 
 
 def _unit_value(*values: Any) -> dict:
-    """The unit dict from the field components, the extra reference images appended to ``image``."""
+    """The unit dict from the field components, the extra reference images appended to ``image``. Those
+    stay encoded (the file's bytes): they are measured and decoded at generation, like the API's base64."""
     *ordered, extra_files = values
     unit = dict(zip(FIELD_ORDER, ordered))
     if extra_files:
-        extra = [np.asarray(Image.open(getattr(f, "name", f)).convert("RGB")) for f in extra_files]
+        extra = [Path(getattr(f, "name", f)).read_bytes() for f in extra_files]
         unit["image"] = [i for i in [unit["image"], *extra] if i is not None]
     return unit
 
@@ -212,9 +235,11 @@ class AdaptersScript(scripts.Script):
     # generation ------------------------------------------------------------------------------
     def process(self, p: Any, *units: Any) -> None:
         res = resources()
-        if self._controller is None:
+        res.bind_host(host_of(p))
+        if self._controller is None or self._controller.adapters is not res.adapters:
             self._controller = _controller(res)
-        self._controller.annotator_dir = settings.current().annotator_dir
+        cfg = settings.current()
+        self._controller.annotator_dir, self._controller.max_image_pixels = cfg.annotator_dir, cfg.max_image_pixels
         self._controller.start(p, units)
         if self._controller.session is not None:
             # postprocess() is skipped when sampling raises, but txt2img, img2img and the API all run

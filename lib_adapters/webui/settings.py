@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..inference.cache import DEFAULT_BUDGET_MB
+from ..preprocess.resize import DEFAULT_MAX_MEGAPIXELS, MEGAPIXEL
+
 SECTION = ("adapters", "Adapters")
 
 
@@ -14,7 +17,8 @@ class PanelSettings:
     shared_model_dirs: tuple[Path, ...]  # only adapter files are listed from these
     annotator_dir: Path
     encoder_dirs: tuple[Path, ...]  # CLIP vision encoders for IP-Adapters
-    cache_size: int
+    cache_budget_mb: int  # memory for adapter models and encoders kept between generations
+    max_image_pixels: int | None  # larger condition/reference/mask images are refused; None: no limit
 
 
 def register() -> None:
@@ -31,8 +35,18 @@ def register() -> None:
         ).info("models/adapters is always searched; adapter files in models/ControlNet are listed too"),
         "adapters_annotator_dir": shared.OptionInfo(
             "", "Folder with preprocessor weights").info("empty: models/adapters/annotators"),
-        "adapters_cache_size": shared.OptionInfo(
-            2, "Adapter models kept in memory", gr.Slider, {"minimum": 1, "maximum": 10, "step": 1}),
+        # replaces "adapters_cache_size" (a count of models), which a config.json may still hold: it is ignored
+        "adapters_cache_budget_mb": shared.OptionInfo(
+            DEFAULT_BUDGET_MB, "Memory for adapter models kept between generations (MB)", gr.Slider,
+            {"minimum": 0, "maximum": 65536, "step": 256},
+        ).info("the models and CLIP encoders the units use stay loaded up to this size, least recently used out "
+               "first; the default fits three units and their encoders, SDXL's ViT-bigG/14 included"),
+        "adapters_max_image_megapixels": shared.OptionInfo(
+            # at most 160: Pillow itself refuses images above 179 million pixels (its bomb limit, x2)
+            DEFAULT_MAX_MEGAPIXELS, "Largest condition, reference or mask image (megapixels)", gr.Slider,
+            {"minimum": 0, "maximum": 160, "step": 1},
+        ).info("1 megapixel = 1024 x 1024 pixels, so 16 allows 4096 x 4096; larger images are refused before "
+               "they are decoded (a small PNG can hold a huge image); 0: no limit"),
     }))
 
 
@@ -49,5 +63,26 @@ def current() -> PanelSettings:
         shared_model_dirs=(models / "ControlNet",),
         annotator_dir=Path(annotators) if annotators else models / "adapters" / "annotators",
         encoder_dirs=(models / "clip_vision", models / "adapters" / "clip_vision"),
-        cache_size=int(getattr(shared.opts, "adapters_cache_size", 2) or 2),
+        cache_budget_mb=_budget_mb(getattr(shared.opts, "adapters_cache_budget_mb", DEFAULT_BUDGET_MB)),
+        max_image_pixels=_max_pixels(getattr(shared.opts, "adapters_max_image_megapixels", DEFAULT_MAX_MEGAPIXELS)),
     )
+
+
+def _budget_mb(value: object) -> int:
+    """The budget in MB; an unreadable or negative value falls back to the default (a hand-edited config)."""
+    try:
+        budget = int(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return DEFAULT_BUDGET_MB
+    return budget if budget >= 0 else DEFAULT_BUDGET_MB
+
+
+def _max_pixels(megapixels: object) -> int | None:
+    """The image size limit in pixels (None: no limit); an unreadable value falls back to the default."""
+    try:
+        value = float(megapixels)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = DEFAULT_MAX_MEGAPIXELS
+    if value != value or value < 0:  # NaN or negative from a hand-edited config
+        value = DEFAULT_MAX_MEGAPIXELS
+    return None if value == 0 or value == float("inf") else int(value * MEGAPIXEL)

@@ -183,3 +183,73 @@ def test_gradio_editor_dict_uses_the_image():
 def test_other_inputs_raise_input_error(value):
     with pytest.raises(InputError):
         to_hwc_uint8(value)
+
+
+# ----------------------------------------------------------------------------- pixel limit
+
+MP = 1 << 20
+
+
+def _no_decoding(monkeypatch):
+    """Make any pixel decoding fail the test: the limit must act on the header alone."""
+    from PIL import ImageFile
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the image was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    monkeypatch.setattr(Image.Image, "load", refuse)
+
+
+@pytest.mark.parametrize("wrap", ["base64", "data-url", "bytes", "editor-dict"])
+def test_a_huge_png_is_refused_from_its_header_without_decoding(monkeypatch, wrap):
+    import tracemalloc
+
+    from fixtures.images import huge_black_png
+
+    raw = huge_black_png(12000, 12000)
+    assert len(raw) < 20_000
+    text = base64.b64encode(raw).decode("ascii")
+    value = {"base64": text, "data-url": "data:image/png;base64," + text, "bytes": raw,
+             "editor-dict": {"image": text, "mask": None}}[wrap]
+    _no_decoding(monkeypatch)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError) as info:
+            to_hwc_uint8(value, max_pixels=16 * MP)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000  # the decoded image would be 144 MB (1 byte per pixel), 432 MB as RGB
+    message = str(info.value)
+    assert "12000x12000" in message and "137.3 megapixels" in message and "16 megapixels" in message
+    assert "Largest condition, reference or mask image" in message
+
+
+def test_a_huge_jpeg_header_is_refused_too(monkeypatch):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buffer, format="JPEG")
+    raw = bytearray(buffer.getvalue())
+    sof = raw.index(b"\xff\xc0")  # baseline frame header: length(2) precision(1) height(2) width(2)
+    raw[sof + 5:sof + 9] = (9000).to_bytes(2, "big") + (9000).to_bytes(2, "big")
+    _no_decoding(monkeypatch)
+    with pytest.raises(InputError, match="9000x9000"):
+        to_hwc_uint8(bytes(raw), max_pixels=16 * MP)
+
+
+def test_decoded_arrays_and_pil_images_are_checked_by_their_shape():
+    array = np.zeros((1025, 1024, 3), np.uint8)
+    with pytest.raises(InputError, match="1024x1025"):
+        to_hwc_uint8(array, max_pixels=MP)
+    with pytest.raises(InputError, match="1024x1025"):
+        to_hwc_uint8(Image.fromarray(array), max_pixels=MP)
+    with pytest.raises(InputError, match="1024x1025"):
+        to_hwc_uint8({"image": array[:, :, 0], "mask": None}, max_pixels=MP)
+
+
+def test_images_at_the_limit_or_without_a_limit_pass():
+    array = np.zeros((1024, 1024, 3), np.uint8)
+    assert to_hwc_uint8(array, max_pixels=MP).shape == (1024, 1024, 3)
+    assert to_hwc_uint8(encode(Image.fromarray(array)), max_pixels=MP).shape == (1024, 1024, 3)
+    assert to_hwc_uint8(np.zeros((1025, 1024), np.uint8), max_pixels=None).shape == (1025, 1024, 3)
+    assert to_hwc_uint8(np.zeros((1025, 1024), np.uint8), max_pixels=0).shape == (1025, 1024, 3)
