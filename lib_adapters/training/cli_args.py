@@ -107,6 +107,11 @@ def _read_json(path: Path) -> dict:
 def request_from_args(args: argparse.Namespace) -> TrainRequest:
     """The run's request: ``--config``'s JSON, then the flags given; checked as the web API checks a body."""
     values = _read_json(args.config) if getattr(args, "config", None) else {}
+    earlier = sorted(k for k in ("output_dir", "lora", "t2i", "ip") if k in values)
+    if earlier:  # the nested form of earlier versions
+        raise InputError(f"{args.config} holds {', '.join(earlier)}: a config file holds a request as the web API "
+                         "takes it, with flat names (rank, lora_targets, t2i_condition, ip_projection, ...), and the "
+                         "output folder is --output-dir")
     given = vars(args)
     values.update({f.name: given[f.name] for f in REQUEST_FIELDS if f.name in given})
     missing = [_flag(f) for f in ("dataset_dir", "output_name") if values.get(f) in (None, "")]
