@@ -63,8 +63,9 @@ from lib_adapters.formats.ip import LoadedIPAdapter, ip_from_state_dict  # noqa:
 from lib_adapters.formats.reader import flatten_state_dict  # noqa: E402
 from lib_adapters.inference.ip import IPUnitRuntime, image_attention  # noqa: E402
 from lib_adapters.inference.session import GenerationSession  # noqa: E402
-from lib_adapters.models.clip_vision import ClipVisionEncoder, CropMode, encoder_from_state_dict  # noqa: E402
-from lib_adapters.models.ip_adapter import IPAdapterModel, ProjectionConfig, ProjectionKind  # noqa: E402
+from lib_adapters.formats.clip_vision import encoder_from_state_dict  # noqa: E402
+from lib_adapters.models.clip_vision import ClipVisionEncoder, CropMode  # noqa: E402
+from lib_adapters.models.ip_adapter import IPAdapterModel, IPProjection, ProjectionConfig  # noqa: E402
 from lib_adapters.tiny import TINY_SD1, build_tiny_unet  # noqa: E402
 from lib_adapters.unet.layout import BoundLayout, IPSite, bind_layout  # noqa: E402
 
@@ -74,7 +75,7 @@ WEBUI_LATENT = 64  # 512x512, the WebUI's default size
 
 # ip-adapter-plus_sd15: Resampler(dim=768, depth=4, dim_head=64, heads=12, num_queries=16,
 # embedding_dim=1280, output_dim=768, ff_mult=4) reading ViT-H/14's penultimate hidden states.
-SD15_PLUS = ProjectionConfig(ProjectionKind.RESAMPLER, clip_dim=1280, context_dim=768, num_tokens=16,
+SD15_PLUS = ProjectionConfig(IPProjection.PLUS, clip_dim=1280, context_dim=768, num_tokens=16,
                              resampler_dim=768, resampler_depth=4, resampler_heads=12, resampler_ff_mult=4)
 # The image_encoder that ships with IP-Adapter (laion CLIP-ViT-H-14), as transformers describes it.
 VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, projection_dim=1024, num_hidden_layers=32,
@@ -91,7 +92,7 @@ RELEASED_SHAPES = {
 }
 RELEASED_SITES = 16
 
-TINY_PLUS = ProjectionConfig(ProjectionKind.RESAMPLER, clip_dim=96, context_dim=32, num_tokens=16,
+TINY_PLUS = ProjectionConfig(IPProjection.PLUS, clip_dim=96, context_dim=32, num_tokens=16,
                              resampler_dim=48, resampler_depth=2, resampler_heads=1, resampler_ff_mult=4)
 TINY_VIT = dict(hidden_size=96, intermediate_size=192, projection_dim=64, num_hidden_layers=2,
                 num_attention_heads=1, image_size=32, patch_size=8, hidden_act="gelu")

@@ -249,7 +249,8 @@ def first_generation_parts(bench: Bench, encoder_file: Path, adapter_file: Path)
     emptied first, so this is a cold load again; the file data may still be in the OS page cache)."""
     from lib_adapters.formats.adapter_file import load_adapter
     from lib_adapters.formats.reader import read_state_dict, read_weights
-    from lib_adapters.models.clip_vision import CropMode, load_clip_vision
+    from lib_adapters.formats.clip_vision import load_clip_vision
+    from lib_adapters.models.clip_vision import CropMode
 
     bench.controller.adapters.clear()
     bench.controller.encodings.clear()

@@ -42,15 +42,15 @@ from lib_adapters.formats.t2i import LoadedT2IAdapter, t2i_from_state_dict  # no
 from lib_adapters.inference.session import GenerationSession  # noqa: E402
 from lib_adapters.inference.t2i import LATENT_SCALE, T2IUnitRuntime  # noqa: E402
 from lib_adapters.inference.units import AdapterUnit  # noqa: E402
-from lib_adapters.models.t2i_adapter import AdapterKind, FullAdapter, SpatialAdapterConfig  # noqa: E402
+from lib_adapters.models.t2i_adapter import T2IKind, FullAdapter, SpatialAdapterConfig  # noqa: E402
 from lib_adapters.tiny import TINY_SD1, build_tiny_unet  # noqa: E402
 
 GOAL = 1.02
 
 # SD1.5's released full T2I-Adapters (depth, canny, sketch, ...); the UNet config is in common.py.
-SD15_ADAPTER = SpatialAdapterConfig(kind=AdapterKind.FULL, in_channels=192, channels=(320, 640, 1280, 1280),
+SD15_ADAPTER = SpatialAdapterConfig(kind=T2IKind.FULL, in_channels=192, channels=(320, 640, 1280, 1280),
                                     num_res_blocks=2, unshuffle=8)
-TINY_ADAPTER = SpatialAdapterConfig(kind=AdapterKind.FULL, in_channels=192, channels=(32, 64, 128, 128),
+TINY_ADAPTER = SpatialAdapterConfig(kind=T2IKind.FULL, in_channels=192, channels=(32, 64, 128, 128),
                                     num_res_blocks=2, unshuffle=8)
 
 

@@ -28,9 +28,9 @@ from lib_adapters.formats.t2i import t2i_from_state_dict  # noqa: E402
 from lib_adapters.inference.session import GenerationSession  # noqa: E402
 from lib_adapters.inference.t2i import T2IUnitRuntime  # noqa: E402
 from lib_adapters.inference.units import AdapterUnit  # noqa: E402
-from lib_adapters.models.t2i_adapter import AdapterKind, FullAdapter, SpatialAdapterConfig  # noqa: E402
+from lib_adapters.models.t2i_adapter import T2IKind, FullAdapter, SpatialAdapterConfig  # noqa: E402
 
-SD15_ADAPTER = SpatialAdapterConfig(kind=AdapterKind.FULL, in_channels=192, channels=(320, 640, 1280, 1280),
+SD15_ADAPTER = SpatialAdapterConfig(kind=T2IKind.FULL, in_channels=192, channels=(320, 640, 1280, 1280),
                                     num_res_blocks=2, unshuffle=8)
 
 

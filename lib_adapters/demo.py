@@ -23,7 +23,7 @@ from .formats.t2i import load_t2i_adapter
 from .inference.session import GenerationSession
 from .inference.t2i import T2IUnitRuntime
 from .inference.units import AdapterUnit
-from .models.t2i_adapter import AdapterKind, FullAdapter, SpatialAdapterConfig
+from .models.t2i_adapter import T2IKind, FullAdapter, SpatialAdapterConfig
 from .tiny import TINY_SD1, build_tiny_unet, scaled_linear_alphas_cumprod
 
 
@@ -81,7 +81,7 @@ def synthetic_depth(size: int) -> np.ndarray:
 
 def tiny_adapter_file(folder: Path, seed: int = 7) -> Path:
     """A random RGB T2I-Adapter sized for the tiny SD1 UNet, saved like a released file."""
-    cfg = SpatialAdapterConfig(kind=AdapterKind.FULL, in_channels=192, channels=(32, 64, 128, 128),
+    cfg = SpatialAdapterConfig(kind=T2IKind.FULL, in_channels=192, channels=(32, 64, 128, 128),
                                num_res_blocks=2, unshuffle=8)
     torch.manual_seed(seed)
     adapter = FullAdapter(cfg)

@@ -17,9 +17,10 @@ import torch
 from face.faceid_weights import CLIP_H, SD15, SDXL, face_embeddings, faceid_state_dict, flat
 from fixtures.ip import CLIP_HIDDEN, CLIP_TOKENS
 from fixtures.unets import LDM_SD1, LDM_SDXL, build_ldm_unet
-from lib_adapters.formats.faceid import FaceIDVariant, faceid_from_state_dict
+from lib_adapters.formats.faceid import faceid_from_state_dict
 from lib_adapters.inference.ip import IPUnitRuntime
 from lib_adapters.inference.session import GenerationSession
+from lib_adapters.models.faceid import FaceIDVariant
 from lib_adapters.unet.layout import bind_layout
 from test_ip_parity import _diffusers_with_ip
 
@@ -75,7 +76,7 @@ def test_projection_matches_diffusers_faceid_projection(converter, case, shapes,
     assert got.shape == (faces, tokens, shapes["context_dim"]) == expected.shape
     assert (got - expected).abs().max().item() <= 1e-4
     assert ours.variant is {"faceid": FaceIDVariant.FACEID, "portrait": FaceIDVariant.PORTRAIT,
-                            "unnorm": FaceIDVariant.PORTRAIT,
+                            "unnorm": FaceIDVariant.PORTRAIT_UNNORM,
                             "plus": FaceIDVariant.PLUS_V2 if "v2" in name else FaceIDVariant.PLUS}[variant]
 
 

@@ -7,9 +7,10 @@ import torch
 
 from fixtures.ip import clip_outputs, random_ip_state_dict
 from fixtures.unets import LDM_SD1, LDM_SDXL, build_ldm_unet, to_diffusers_unet
-from lib_adapters.formats.ip import IPVariant, ip_from_state_dict
+from lib_adapters.formats.ip import ip_from_state_dict
 from lib_adapters.formats.reader import flatten_state_dict
 from lib_adapters.inference.ip import IPUnitRuntime
+from lib_adapters.models.ip_adapter import IPProjection
 from lib_adapters.inference.session import GenerationSession
 from lib_adapters.unet.layout import bind_layout
 
@@ -34,7 +35,7 @@ def test_ip_unit_matches_diffusers_ip_adapter(name, cfg, variant):
     weight = 0.8
     ref = _diffusers_with_ip(ldm, cfg, nested, weight)
     loaded = ip_from_state_dict(flatten_state_dict(nested), name)
-    assert loaded.variant is {"base": IPVariant.BASE, "plus": IPVariant.PLUS, "full": IPVariant.FULL_FACE}[variant]
+    assert loaded.variant is {"base": IPProjection.PLAIN, "plus": IPProjection.PLUS, "full": IPProjection.FULL_FACE}[variant]
 
     cond_clip, uncond_clip = clip_outputs(variant, seed=1), clip_outputs(variant, seed=2)
     g = torch.Generator().manual_seed(5)

@@ -139,7 +139,7 @@ def test_the_budget_setting_replaces_the_old_count(webui):
 
 def test_a_repeated_ip_unit_is_not_projected_again(webui, monkeypatch):
     """The image tokens are kept too (by adapter file, encoding and multi-image mode): no Resampler pass."""
-    from lib_adapters.models.ip_adapter import Resampler
+    from lib_adapters.models.resampler import Resampler
 
     calls = []
     forward = Resampler.forward

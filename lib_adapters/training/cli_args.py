@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 
 from ..errors import InputError, MissingFileError
-from .config import IPAdapterConfig, LoraConfig, T2IConfig, TrainConfig
+from .config import ENUM_CHOICES, IPAdapterConfig, LoraConfig, T2IConfig, TrainConfig
 
 _RENAMED = {"dataset_dir": "dataset", "output_dir": "output-dir", "output_name": "name"}
 _NESTED = {"lora": LoraConfig, "t2i": T2IConfig, "ip": IPAdapterConfig}
@@ -31,7 +31,7 @@ def _optional(converter):
     return convert
 
 
-def _option_kwargs(hint, default) -> dict:
+def _option_kwargs(hint, default, members=None) -> dict:
     """argparse keyword arguments for a field of type ``hint``."""
     args = typing.get_args(hint)
     optional = type(None) in args
@@ -42,7 +42,8 @@ def _option_kwargs(hint, default) -> dict:
     if base is bool:
         return dict(action=argparse.BooleanOptionalAction)
     if isinstance(base, type) and issubclass(base, Enum):
-        return dict(choices=[e.value for e in base], metavar="{" + ",".join(e.value for e in base) + "}")
+        values = [e.value for e in (members or base)]
+        return dict(choices=values, metavar="{" + ",".join(values) + "}")
     converter = {int: int, float: float, str: str, Path: Path}.get(base, str)
     return dict(type=_optional(converter) if optional else converter, metavar=converter.__name__.upper())
 
@@ -63,7 +64,7 @@ def _add_fields(group, cls, prefix: str, skip: tuple[str, ...] = ()) -> None:
         dest = f"{prefix}{f.name}"
         default = f.default if f.default is not MISSING else MISSING
         group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=_help(default),
-                           **_option_kwargs(hints[f.name], default))
+                           **_option_kwargs(hints[f.name], default, ENUM_CHOICES.get(f.name)))
 
 
 def build_parser() -> argparse.ArgumentParser:

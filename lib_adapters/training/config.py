@@ -16,6 +16,9 @@ from enum import Enum
 from pathlib import Path
 
 from ..errors import InputError
+from ..formats.detect import T2ILayout
+from ..models.ip_adapter import IPProjection
+from ..models.t2i_adapter import T2IKind
 
 
 class Method(str, Enum):
@@ -57,40 +60,26 @@ class LoraTargets(str, Enum):
         return self is LoraTargets.ATTENTION_FF_CONV
 
 
-class IPProjection(str, Enum):
-    """The IP-Adapter's image projection (token counts fixed by the reference and its loaders)."""
-
-    PLAIN = "plain"  # linear projection of the pooled image_embeds to 4 tokens (ip-adapter_sd15 / _sdxl)
-    PLUS = "plus"  # Resampler over the penultimate hidden states to 16 tokens (ip-adapter-plus_*)
-
-
-class T2IKind(str, Enum):
-    FULL = "full"  # TencentARC ``Adapter`` / ``Adapter_XL`` (depth, sketch, canny, openpose, ...)
-    LIGHT = "light"  # TencentARC ``Adapter_light`` (colour)
-
-
 class TimestepSampling(str, Enum):
     UNIFORM = "uniform"
     CUBIC = "cubic"  # t = (1 - u**3) * T: more high-noise steps, where structure is decided (the SDXL recipe)
 
 
-class T2ILayout(str, Enum):
-    TENCENTARC = "tencentarc"  # body.N.* keys: what sd-webui-controlnet, ComfyUI and our panel load
-    DIFFUSERS = "diffusers"  # adapter.body.L.resnets.J.* keys: diffusers' ``T2IAdapter``
-
-
 def _coerce_enums(obj) -> None:
-    """Turn enum-typed fields given as strings into their enum (``InputError`` on unknown values)."""
+    """Turn enum-typed fields given as strings into their enum (``InputError`` on values not allowed there)."""
     for f in fields(obj):
         value = getattr(obj, f.name)
         enum_type = _ENUM_FIELDS.get(f.name)
-        if enum_type is None or isinstance(value, enum_type):
+        if enum_type is None:
             continue
+        allowed = ENUM_CHOICES.get(f.name, tuple(enum_type))
         try:
-            object.__setattr__(obj, f.name, enum_type(str(value).lower()))
+            member = value if isinstance(value, enum_type) else enum_type(str(value).lower())
         except ValueError:
-            allowed = ", ".join(e.value for e in enum_type)
-            raise InputError(f"{f.name} must be one of {allowed}; got {value!r}") from None
+            member = None
+        if member not in allowed:
+            raise InputError(f"{f.name} must be one of {', '.join(e.value for e in allowed)}; got {value!r}") from None
+        object.__setattr__(obj, f.name, member)
 
 
 MAX_OUTPUT_NAME = 120  # characters: the name becomes <name>.safetensors, <name>-checkpoints/<name>-step....state
@@ -301,6 +290,8 @@ class TrainConfig:
         return self.output_dir / "cache" / f"{name}-{digest}"
 
 
+# fields whose enum has members training does not make: full-face IP-Adapters are loaded, not trained
+ENUM_CHOICES = {"projection": (IPProjection.PLAIN, IPProjection.PLUS)}
 _ENUM_FIELDS = {"method": Method, "lr_schedule": LRSchedule, "optimizer": OptimizerKind, "precision": Precision,
                 "targets": LoraTargets, "save_precision": Precision, "projection": IPProjection,
                 "adapter_kind": T2IKind, "timesteps": TimestepSampling, "export_layout": T2ILayout}

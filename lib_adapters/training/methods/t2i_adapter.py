@@ -30,7 +30,7 @@ from ...errors import IncompatibleModelError
 from ...formats.reader import read_state_dict
 from ...formats.t2i import diffusers_config, t2i_from_state_dict, tencentarc_to_diffusers
 from ...inference.t2i import fit_feature
-from ...models.t2i_adapter import AdapterKind, SpatialAdapterConfig, build_adapter
+from ...models.t2i_adapter import SpatialAdapterConfig, build_adapter
 from ...unet.hooks import Forward, PatchSet
 from ...unet.layout import bind_layout
 from PIL import Image
@@ -38,7 +38,7 @@ from PIL import Image
 from ..backends.base import TrainingBackend
 from ..buckets import Bucket, place
 from ..conditions import load_condition, load_t2i_records
-from ..config import T2IConfig, T2IKind, T2ILayout, TimestepSampling, TrainConfig
+from ..config import T2IConfig, T2ILayout, TimestepSampling, TrainConfig
 from ..data import ImageRecord
 from ..named_files import load_t2i_start
 from ..nonfinite import InputSource, NonFiniteInput, bad_rows, kind, shown, unique, weights_advice
@@ -66,8 +66,7 @@ def unet_feature_channels(unet: nn.Module) -> tuple[int, ...]:
 def adapter_config(t2i: T2IConfig, arch: BaseArch, channels: tuple[int, ...]) -> SpatialAdapterConfig:
     """The shape of a new adapter for this UNet (the released adapters' shapes at the UNet's widths)."""
     unshuffle = 16 if arch is BaseArch.SDXL else 8
-    kind = AdapterKind.LIGHT if t2i.adapter_kind is T2IKind.LIGHT else AdapterKind.FULL
-    return SpatialAdapterConfig(kind=kind, in_channels=t2i.condition_channels * unshuffle**2, channels=channels,
+    return SpatialAdapterConfig(kind=t2i.adapter_kind, in_channels=t2i.condition_channels * unshuffle**2, channels=channels,
                                 num_res_blocks=t2i.res_blocks, unshuffle=unshuffle, sdxl=arch is BaseArch.SDXL)
 
 
