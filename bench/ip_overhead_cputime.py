@@ -61,13 +61,15 @@ from common import (RESULTS, SD15_UNET, Clock, StepTimer, check, check_device_sa
 from lib_adapters.demo import SampleSpec  # noqa: E402
 from lib_adapters.formats.ip import LoadedIPAdapter, ip_from_state_dict  # noqa: E402
 from lib_adapters.formats.reader import flatten_state_dict  # noqa: E402
-from lib_adapters.inference.ip import IPUnitRuntime, image_attention  # noqa: E402
+from lib_adapters.inference.ip import IPUnitRuntime  # noqa: E402
 from lib_adapters.inference.session import GenerationSession  # noqa: E402
 from lib_adapters.formats.clip_vision import encoder_from_state_dict  # noqa: E402
 from lib_adapters.models.clip_vision import ClipVisionEncoder, CropMode  # noqa: E402
 from lib_adapters.models.ip_adapter import IPAdapterModel, IPProjection, ProjectionConfig  # noqa: E402
 from lib_adapters.tiny import TINY_SD1, build_tiny_unet  # noqa: E402
+from lib_adapters.unet.a1111 import A1111Binding  # noqa: E402
 from lib_adapters.unet.layout import BoundLayout, IPSite, bind_layout  # noqa: E402
+from lib_adapters.unet.points import UNetCall  # noqa: E402
 
 GOAL = 1.08
 LATENT_SCALE = 8
@@ -223,15 +225,17 @@ class Bench:
             marks.append(self.clock())
             runtime = IPUnitRuntime.from_encoder_outputs("Adapter 1", self.adapter, cond_h, uncond_h, weight=weight)
             marks.append(self.clock())
-            session = GenerationSession(self.unet, bound=bound, ip_units=[runtime])
-            session.install()
+            session = GenerationSession(bound, [runtime])
+            binding = A1111Binding(session)
+            binding.install()
             marks.append(self.clock())
             try:
                 out = run_sampler(timer, self.spec, self.cond, self.uncond, session, self.device)  # type: ignore[arg-type]
             finally:
                 self.sync()
                 marks.append(self.clock())
-                session.restore()
+                binding.restore()
+                session.close()
             self.sync()
             marks.append(self.clock())
             parts = dict(zip(["bind_encode", "project", "install", "sampling", "restore"],
@@ -284,15 +288,17 @@ def image_attention_seconds(bench: Bench, runtime: IPUnitRuntime, inputs: dict[s
     The query is the text attention's (the wrapper catches it), so it is computed before the clock starts."""
     bound = bind_layout(bench.unet)
     sites: list[tuple[IPSite, torch.nn.Module]] = [(s, bound.module(s.path)) for s in bound.ip_sites()]
-    cond_mask = torch.tensor([1.0, 0.0], device=bench.device)
+    session = GenerationSession(bound, [runtime])
+    call = UNetCall((latent, latent), torch.tensor([1.0, 0.0], device=bench.device))
     autocast = torch.autocast(bench.device.type, dtype=torch.float16, enabled=bench.device.type == "cuda")
 
     def one_call() -> None:
         for site, attn in sites:
             x = inputs[site.path]
             text_out = x  # stands in for the text attention's output: same shape and dtype
-            _ = text_out + image_attention(attn, x, [(runtime, 1.0)], site, cond_mask.to(x.dtype),
-                                           (latent, latent), query=queries[site.path]).to(text_out.dtype)
+            rows = UNetCall(call.latent_hw, call.cond_mask.to(x.dtype))
+            added = session.attention(site, attn, x, queries[site.path], rows)
+            _ = text_out + added.to(text_out.dtype)
 
     with torch.no_grad(), autocast:
         queries = {site.path: attn.to_q(inputs[site.path]) for site, attn in sites}

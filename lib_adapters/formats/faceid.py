@@ -138,8 +138,8 @@ def faceid_config(proj: StateDict, keys: FaceIDVariant, context_dim: int, name: 
     shape = lambda key: shape_of(proj, key, name, "image_proj.")  # noqa: E731
     if keys is FaceIDVariant.PORTRAIT_UNNORM:
         latents = shape("latents")
-        return FaceIDConfig(keys, context_dim=context_dim, num_tokens=latents[1],
-                            id_dim=shape("proj_in.weight")[1], id_hidden=0, **_perceiver_fields(proj, "", latents[2], name))
+        return FaceIDConfig(keys, context_dim=context_dim, num_tokens=latents[1], id_dim=shape("proj_in.weight")[1],
+                            id_hidden=0, **_perceiver_fields(proj, "", latents[2], name))
     hidden, id_dim = shape("proj.0.weight")
     out = shape("proj.2.weight")[0]
     width = shape("norm.weight")[0]

@@ -21,8 +21,7 @@ from ..errors import AdapterError
 from ..inference.blocks import BlockPreset
 from ..inference.cache import MB, AdapterCache
 from ..inference.encodings import EncodingCache
-from ..inference.ip import MultiImage
-from ..inference.units import FIELD_ORDER, NO_MODEL, AdapterUnit, ControlMode
+from ..inference.units import FIELD_ORDER, NO_MODEL, AdapterUnit, ControlMode, MultiImage
 from ..models.clip_vision import CropMode
 from ..preprocess.registry import PreprocessorCache, get_preprocessor, list_preprocessors
 from ..preprocess.resize import ResizeMode
@@ -216,7 +215,7 @@ class AdaptersScript(scripts.Script):
         preview_button.click(fn=self._preview, inputs=[state], outputs=[preview])
 
         self.infotext_fields.append((enabled, infotext.field_key(index, "Enabled")))
-        labels = infotext.FIELDS + infotext.IP_FIELDS
+        labels = infotext.LABELS.items()
         for name, label in labels:
             self.infotext_fields.append((fields[name], infotext.field_key(index, label)))
         self.paste_field_names += [key for _, key in self.infotext_fields[-len(labels) - 1:]]
@@ -228,7 +227,7 @@ class AdaptersScript(scripts.Script):
             unit = AdapterUnit.from_value(value)
             if unit.image is None:
                 raise AdapterError("upload a condition image first")
-            return _controller(res).preprocess(unit, unit.images[0])
+            return _controller(res).inputs().condition(unit, unit.images[0])
         except AdapterError as exc:
             raise gr.Error(str(exc)) from exc
 

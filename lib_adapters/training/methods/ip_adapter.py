@@ -6,7 +6,7 @@ The recipe is the reference's (tencent-ailab ``tutorial_train.py`` / ``tutorial_
 its image (the reference's uncond: zero ``image_embeds``, or the encoder's output for an all-zero input
 for Plus), without its caption, or without both, at the configured rates, drawn from the run's seeded
 generator so that a resumed run draws the same. Image tokens reach the UNet through the panel's own
-``GenerationSession`` attn2 wrapper and ``image_attention``; only the unit below differs from the
+``GenerationSession`` and attn2 wrapper (``unet/a1111.py``); only the unit below differs from the
 panel's: its keys and values are per batch row and keep their gradients. The UNet is never modified:
 ``close()`` removes the wrappers, and the CLIP vision encoder is the run's own frozen copy.
 
@@ -35,6 +35,7 @@ from ...inference.ip import IPUnitRuntime, fold_key_value
 from ...inference.session import GenerationSession
 from ...models.ip_adapter import IPAdapterModel, ProjectionConfig
 from ...models.resampler import DIM_HEAD
+from ...unet.a1111 import A1111Binding
 from ...unet.layout import IPSite
 from ..backends.base import TrainingBackend
 from ..config import IPAdapterConfig, IPProjection, Precision, TrainConfig
@@ -159,8 +160,8 @@ class IPAdapterMethod(MethodBase):
         adapter = LoadedIPAdapter("training", self.model, self.projection, {s.number: s.hidden for s in sites})
         empty = torch.zeros(1, 1, self.projection.context_dim)
         self.unit = TrainingIPUnit("IP-Adapter training", adapter, empty, empty)
-        self.session = GenerationSession(self.backend.unet, bound=self.bound, ip_units=[self.unit])
-        self.session.install()
+        self.binding = A1111Binding(GenerationSession(self.bound, [self.unit]))
+        self.binding.install()
 
     # -- per batch ------------------------------------------------------------------------------------
     @property
@@ -283,7 +284,7 @@ class IPAdapterMethod(MethodBase):
         load_strict(self.model, state, str(path))
 
     def close(self) -> None:
-        self.session.restore()
+        self.binding.restore()
         self.encoder.model.to("cpu")
 
 
