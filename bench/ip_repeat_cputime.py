@@ -66,7 +66,7 @@ from lib_adapters.inference.encodings import EncodingCache  # noqa: E402
 from lib_adapters.preprocess.registry import PreprocessorCache  # noqa: E402
 from lib_adapters.tiny import build_tiny_unet  # noqa: E402
 from lib_adapters.unet.layout import bind_layout  # noqa: E402
-from lib_adapters.webui.generation import GenerationController  # noqa: E402
+from lib_adapters.webui.panel.generation import GenerationController  # noqa: E402
 
 GOAL = 1.03
 ADAPTER_NAME = "ip-adapter-plus_sd15_random"

@@ -244,7 +244,7 @@ def _method(method: str) -> Method:
 
 
 def _panel_settings():
-    from . import settings
+    from .panel import settings
     return settings.current()
 
 

@@ -21,7 +21,7 @@ from ..catalog import ModelCatalog
 from ..formats.detect import ModelFamily, detect_family
 from ..formats.reader import MODEL_SUFFIXES, PICKLE_SUFFIXES, read_safetensors_keys
 from ..preprocess.registry import list_preprocessors
-from . import settings
+from .panel import settings
 from .training_view import AUTO_ENCODER, SCRATCH
 
 log = logging.getLogger("adapters")

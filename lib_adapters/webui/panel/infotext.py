@@ -15,9 +15,9 @@ from typing import Any
 
 from typing import Sequence
 
-from ..catalog import split_name_and_hash
-from ..inference import t2i
-from ..inference.units import AdapterUnit
+from ...catalog import split_name_and_hash
+from ...inference import t2i
+from ...inference.units import AdapterUnit
 
 PREFIX = "Adapter"
 # unit field -> infotext label, for every field a family may write; enabled is implied by the unit's presence.

@@ -13,19 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..catalog import EncoderCatalog, ModelCatalog
-from ..errors import AdapterError
-from ..inference.build import BuildContext, UnitInputs
-from ..inference.cache import AdapterCache
-from ..inference.encodings import EncodingCache
-from ..inference.families import build_runtime
-from ..inference.runtime import UnitRuntime
-from ..inference.session import GenerationSession
-from ..inference.units import AdapterUnit
-from ..preprocess.registry import PreprocessorCache
-from ..preprocess.resize import DEFAULT_MAX_MEGAPIXELS, MEGAPIXEL
-from ..unet.a1111 import A1111Binding
-from ..unet.layout import bind_layout
+from ...catalog import EncoderCatalog, ModelCatalog
+from ...errors import AdapterError
+from ...inference.build import BuildContext, UnitInputs
+from ...inference.cache import AdapterCache
+from ...inference.encodings import EncodingCache
+from ...inference.families import build_runtime
+from ...inference.runtime import UnitRuntime
+from ...inference.session import GenerationSession
+from ...inference.units import AdapterUnit
+from ...preprocess.registry import PreprocessorCache
+from ...preprocess.resize import DEFAULT_MAX_MEGAPIXELS, MEGAPIXEL
+from ...unet.a1111 import A1111Binding
+from ...unet.layout import bind_layout
 from . import infotext
 
 log = logging.getLogger("adapters")
