@@ -38,10 +38,6 @@ class LoadedT2IAdapter:
     config: SpatialAdapterConfig | StyleAdapterConfig
     family: ModelFamily
 
-    @property
-    def is_style(self) -> bool:
-        return isinstance(self.config, StyleAdapterConfig)
-
     def check_compatible(self, bound: "BoundLayout", label: str) -> None:
         """``IncompatibleModelError`` unless this adapter fits that UNet: a spatial adapter's base and feature
         widths, the style adapter's token width (the text context's)."""

@@ -53,11 +53,6 @@ class SpatialAdapterConfig:
             return level == 2
         return level > 0
 
-    @property
-    def total_downscale(self) -> int:
-        halvings = sum(self.halves_before(i) for i in range(len(self.channels)))
-        return self.unshuffle * 2**halvings
-
 
 @dataclass(frozen=True)
 class StyleAdapterConfig:
