@@ -61,12 +61,15 @@ from common import (RESULTS, SD15_UNET, Clock, StepTimer, check, check_device_sa
 from lib_adapters.demo import SampleSpec  # noqa: E402
 from lib_adapters.formats.ip import LoadedIPAdapter, ip_from_state_dict  # noqa: E402
 from lib_adapters.formats.reader import flatten_state_dict  # noqa: E402
-from lib_adapters.inference.ip import IPUnitRuntime, image_attention  # noqa: E402
+from lib_adapters.inference.ip import IPUnitRuntime  # noqa: E402
 from lib_adapters.inference.session import GenerationSession  # noqa: E402
-from lib_adapters.models.clip_vision import ClipVisionEncoder, CropMode, encoder_from_state_dict  # noqa: E402
-from lib_adapters.models.ip_adapter import IPAdapterModel, ProjectionConfig, ProjectionKind  # noqa: E402
+from lib_adapters.formats.clip_vision import encoder_from_state_dict  # noqa: E402
+from lib_adapters.models.clip_vision import ClipVisionEncoder, CropMode  # noqa: E402
+from lib_adapters.models.ip_adapter import IPAdapterModel, IPProjection, ProjectionConfig  # noqa: E402
 from lib_adapters.tiny import TINY_SD1, build_tiny_unet  # noqa: E402
+from lib_adapters.unet.a1111 import A1111Binding  # noqa: E402
 from lib_adapters.unet.layout import BoundLayout, IPSite, bind_layout  # noqa: E402
+from lib_adapters.unet.points import UNetCall  # noqa: E402
 
 GOAL = 1.08
 LATENT_SCALE = 8
@@ -74,7 +77,7 @@ WEBUI_LATENT = 64  # 512x512, the WebUI's default size
 
 # ip-adapter-plus_sd15: Resampler(dim=768, depth=4, dim_head=64, heads=12, num_queries=16,
 # embedding_dim=1280, output_dim=768, ff_mult=4) reading ViT-H/14's penultimate hidden states.
-SD15_PLUS = ProjectionConfig(ProjectionKind.RESAMPLER, clip_dim=1280, context_dim=768, num_tokens=16,
+SD15_PLUS = ProjectionConfig(IPProjection.PLUS, clip_dim=1280, context_dim=768, num_tokens=16,
                              resampler_dim=768, resampler_depth=4, resampler_heads=12, resampler_ff_mult=4)
 # The image_encoder that ships with IP-Adapter (laion CLIP-ViT-H-14), as transformers describes it.
 VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, projection_dim=1024, num_hidden_layers=32,
@@ -91,7 +94,7 @@ RELEASED_SHAPES = {
 }
 RELEASED_SITES = 16
 
-TINY_PLUS = ProjectionConfig(ProjectionKind.RESAMPLER, clip_dim=96, context_dim=32, num_tokens=16,
+TINY_PLUS = ProjectionConfig(IPProjection.PLUS, clip_dim=96, context_dim=32, num_tokens=16,
                              resampler_dim=48, resampler_depth=2, resampler_heads=1, resampler_ff_mult=4)
 TINY_VIT = dict(hidden_size=96, intermediate_size=192, projection_dim=64, num_hidden_layers=2,
                 num_attention_heads=1, image_size=32, patch_size=8, hidden_act="gelu")
@@ -222,15 +225,17 @@ class Bench:
             marks.append(self.clock())
             runtime = IPUnitRuntime.from_encoder_outputs("Adapter 1", self.adapter, cond_h, uncond_h, weight=weight)
             marks.append(self.clock())
-            session = GenerationSession(self.unet, bound=bound, ip_units=[runtime])
-            session.install()
+            session = GenerationSession(bound, [runtime])
+            binding = A1111Binding(session)
+            binding.install()
             marks.append(self.clock())
             try:
                 out = run_sampler(timer, self.spec, self.cond, self.uncond, session, self.device)  # type: ignore[arg-type]
             finally:
                 self.sync()
                 marks.append(self.clock())
-                session.restore()
+                binding.restore()
+                session.close()
             self.sync()
             marks.append(self.clock())
             parts = dict(zip(["bind_encode", "project", "install", "sampling", "restore"],
@@ -283,15 +288,17 @@ def image_attention_seconds(bench: Bench, runtime: IPUnitRuntime, inputs: dict[s
     The query is the text attention's (the wrapper catches it), so it is computed before the clock starts."""
     bound = bind_layout(bench.unet)
     sites: list[tuple[IPSite, torch.nn.Module]] = [(s, bound.module(s.path)) for s in bound.ip_sites()]
-    cond_mask = torch.tensor([1.0, 0.0], device=bench.device)
+    session = GenerationSession(bound, [runtime])
+    call = UNetCall((latent, latent), torch.tensor([1.0, 0.0], device=bench.device))
     autocast = torch.autocast(bench.device.type, dtype=torch.float16, enabled=bench.device.type == "cuda")
 
     def one_call() -> None:
         for site, attn in sites:
             x = inputs[site.path]
             text_out = x  # stands in for the text attention's output: same shape and dtype
-            _ = text_out + image_attention(attn, x, [(runtime, 1.0)], site, cond_mask.to(x.dtype),
-                                           (latent, latent), query=queries[site.path]).to(text_out.dtype)
+            rows = UNetCall(call.latent_hw, call.cond_mask.to(x.dtype))
+            added = session.attention(site, attn, x, queries[site.path], rows)
+            _ = text_out + added.to(text_out.dtype)
 
     with torch.no_grad(), autocast:
         queries = {site.path: attn.to_q(inputs[site.path]) for site, attn in sites}

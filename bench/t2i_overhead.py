@@ -42,15 +42,17 @@ from lib_adapters.formats.t2i import LoadedT2IAdapter, t2i_from_state_dict  # no
 from lib_adapters.inference.session import GenerationSession  # noqa: E402
 from lib_adapters.inference.t2i import LATENT_SCALE, T2IUnitRuntime  # noqa: E402
 from lib_adapters.inference.units import AdapterUnit  # noqa: E402
-from lib_adapters.models.t2i_adapter import AdapterKind, FullAdapter, SpatialAdapterConfig  # noqa: E402
+from lib_adapters.models.t2i_adapter import FullAdapter, SpatialAdapterConfig, T2IKind  # noqa: E402
 from lib_adapters.tiny import TINY_SD1, build_tiny_unet  # noqa: E402
+from lib_adapters.unet.a1111 import A1111Binding  # noqa: E402
+from lib_adapters.unet.layout import bind_layout  # noqa: E402
 
 GOAL = 1.02
 
 # SD1.5's released full T2I-Adapters (depth, canny, sketch, ...); the UNet config is in common.py.
-SD15_ADAPTER = SpatialAdapterConfig(kind=AdapterKind.FULL, in_channels=192, channels=(320, 640, 1280, 1280),
+SD15_ADAPTER = SpatialAdapterConfig(kind=T2IKind.FULL, in_channels=192, channels=(320, 640, 1280, 1280),
                                     num_res_blocks=2, unshuffle=8)
-TINY_ADAPTER = SpatialAdapterConfig(kind=AdapterKind.FULL, in_channels=192, channels=(32, 64, 128, 128),
+TINY_ADAPTER = SpatialAdapterConfig(kind=T2IKind.FULL, in_channels=192, channels=(32, 64, 128, 128),
                                     num_res_blocks=2, unshuffle=8)
 
 
@@ -99,7 +101,7 @@ class Bench:
 
     def runtime(self, weight: float) -> T2IUnitRuntime:
         unit = AdapterUnit(enabled=True, model=self.adapter.name, weight=weight)
-        return T2IUnitRuntime("Adapter 1", unit, self.adapter, self.condition)
+        return T2IUnitRuntime.from_unit("Adapter 1", unit, self.adapter, self.condition)
 
     def generate(self, weight: float | None) -> Run:
         """One full generation; ``weight=None`` means no unit."""
@@ -111,7 +113,8 @@ class Bench:
             out, passes = self._sample(timer, None), 0
         else:
             runtime = self.runtime(weight)  # new per generation: its feature cache starts empty
-            with GenerationSession(self.unet, [runtime]) as session:
+            session = GenerationSession(bind_layout(self.unet), [runtime])
+            with A1111Binding(session):
                 out = self._sample(timer, session)
             passes = runtime.forward_count
         self._sync()
@@ -129,7 +132,7 @@ class Bench:
             runtime.features(latent_hw, self.device)
             self._sync()
             times.append(time.perf_counter() - start)
-            self.adapter.module.to("cpu")  # as GenerationSession.restore does after every generation
+            self.adapter.module.to("cpu")  # as the runtime's release does after every generation
         return times
 
 

@@ -28,9 +28,11 @@ from lib_adapters.formats.t2i import t2i_from_state_dict  # noqa: E402
 from lib_adapters.inference.session import GenerationSession  # noqa: E402
 from lib_adapters.inference.t2i import T2IUnitRuntime  # noqa: E402
 from lib_adapters.inference.units import AdapterUnit  # noqa: E402
-from lib_adapters.models.t2i_adapter import AdapterKind, FullAdapter, SpatialAdapterConfig  # noqa: E402
+from lib_adapters.models.t2i_adapter import FullAdapter, SpatialAdapterConfig, T2IKind  # noqa: E402
+from lib_adapters.unet.a1111 import A1111Binding  # noqa: E402
+from lib_adapters.unet.layout import bind_layout  # noqa: E402
 
-SD15_ADAPTER = SpatialAdapterConfig(kind=AdapterKind.FULL, in_channels=192, channels=(320, 640, 1280, 1280),
+SD15_ADAPTER = SpatialAdapterConfig(kind=T2IKind.FULL, in_channels=192, channels=(320, 640, 1280, 1280),
                                     num_res_blocks=2, unshuffle=8)
 
 
@@ -55,8 +57,9 @@ def main() -> int:
     def run(with_unit: bool) -> float:
         start = time.process_time()
         if with_unit:
-            runtime = T2IUnitRuntime("Adapter 1", AdapterUnit(enabled=True, model="a"), adapter, condition)
-            with GenerationSession(unet, [runtime]) as session:
+            runtime = T2IUnitRuntime.from_unit("Adapter 1", AdapterUnit(enabled=True, model="a"), adapter, condition)
+            session = GenerationSession(bind_layout(unet), [runtime])
+            with A1111Binding(session):
                 sample(unet, spec, cond, uncond, session)
             assert runtime.forward_count == 1
         else:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .errors import MissingFileError
-from .formats.detect import ModelFamily, detect_family
+from .errors import FormatError, MissingFileError
+from .formats.adapter_file import LOADERS
+from .formats.detect import detect_family
 from .formats.reader import (MODEL_SUFFIXES, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_safetensors_keys,
                              read_safetensors_shapes, read_state_dict)
-from .errors import FormatError
 
 SKIPPED_SUBFOLDERS = ("annotators", "clip_vision")  # preprocessor weights and encoders, not adapters
 _ADAPTER_NAME_HINTS = ("t2i", "adapter", "t2ia", "ip-adapter", "ip_adapter", "ipadapter")
@@ -43,7 +43,7 @@ def _is_adapter_file_in_shared_folder(path: Path) -> bool:
         family = detect_family({k: None for k in keys})[0]  # key presence is all the signatures read
     except FormatError:
         return False
-    return family.is_t2i or family is ModelFamily.IP_ADAPTER
+    return family in LOADERS  # a family the panel loads
 
 
 def _model_files(folder: Path) -> list[Path]:

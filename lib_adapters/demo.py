@@ -23,8 +23,10 @@ from .formats.t2i import load_t2i_adapter
 from .inference.session import GenerationSession
 from .inference.t2i import T2IUnitRuntime
 from .inference.units import AdapterUnit
-from .models.t2i_adapter import AdapterKind, FullAdapter, SpatialAdapterConfig
+from .models.t2i_adapter import FullAdapter, SpatialAdapterConfig, T2IKind
 from .tiny import TINY_SD1, build_tiny_unet, scaled_linear_alphas_cumprod
+from .unet.a1111 import A1111Binding
+from .unet.layout import bind_layout
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def synthetic_depth(size: int) -> np.ndarray:
 
 def tiny_adapter_file(folder: Path, seed: int = 7) -> Path:
     """A random RGB T2I-Adapter sized for the tiny SD1 UNet, saved like a released file."""
-    cfg = SpatialAdapterConfig(kind=AdapterKind.FULL, in_channels=192, channels=(32, 64, 128, 128),
+    cfg = SpatialAdapterConfig(kind=T2IKind.FULL, in_channels=192, channels=(32, 64, 128, 128),
                                num_res_blocks=2, unshuffle=8)
     torch.manual_seed(seed)
     adapter = FullAdapter(cfg)
@@ -107,9 +109,9 @@ def run(out: Path, spec: SampleSpec = SampleSpec()) -> dict:
         if unit_weight is None:
             return sample(unet, spec, cond, uncond), time.perf_counter() - start, 0
         unit = AdapterUnit(enabled=True, model=adapter.name, weight=unit_weight)
-        runtime = T2IUnitRuntime("Adapter 1", unit, adapter, condition)
-        units = [runtime] if unit.is_active else []
-        with GenerationSession(unet, units) as session:
+        runtime = T2IUnitRuntime.from_unit("Adapter 1", unit, adapter, condition)
+        session = GenerationSession(bind_layout(unet), [runtime] if unit.is_active else [])
+        with A1111Binding(session):
             result = sample(unet, spec, cond, uncond, session)
         return result, time.perf_counter() - start, runtime.forward_count
 

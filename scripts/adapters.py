@@ -2,8 +2,8 @@
 ``scripts.Script`` (``AdaptersScript``) and runs the callback registrations below at import."""
 from modules import script_callbacks
 
-from lib_adapters.webui import infotext, settings
-from lib_adapters.webui.panel import AdaptersScript, release_resources  # noqa: F401  (loaded by the WebUI)
+from lib_adapters.webui.panel import infotext, release_resources, settings
+from lib_adapters.webui.panel.script import AdaptersScript  # noqa: F401  (loaded by the WebUI)
 
 settings.register()
 script_callbacks.on_infotext_pasted(infotext.on_infotext_pasted)

@@ -90,7 +90,7 @@ def test_short_hash_is_the_one_sd_webui_controlnet_shows(tmp_path):
 def test_names_resolve_with_either_hash_and_renamed_files_by_theirs(tmp_path):
     import hashlib
 
-    from lib_adapters.webui import infotext
+    from lib_adapters.webui.panel import infotext
 
     own = tmp_path / "adapters"
     depth, _ = save_both_layouts(diffusers_adapter("full_adapter", 3, seed=0), own, "depth")

@@ -8,7 +8,8 @@ import torch
 from fixtures.clip import save_clip_vision, tiny_clip_vision
 from lib_adapters.catalog import EncoderCatalog
 from lib_adapters.errors import FormatError, MissingFileError
-from lib_adapters.models.clip_vision import CropMode, load_clip_vision
+from lib_adapters.formats.clip_vision import load_clip_vision
+from lib_adapters.models.clip_vision import CropMode
 
 
 def _image(h=40, w=64, seed=0):

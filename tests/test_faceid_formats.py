@@ -11,10 +11,9 @@ from face.faceid_weights import SD15, face_embeddings, faceid_state_dict, flat
 from fixtures.ip import random_ip_state_dict
 from fixtures.unets import LDM_SD1, LDM_SDXL, build_ldm_unet
 from lib_adapters.errors import FormatError, IncompatibleModelError
-from lib_adapters.formats.faceid import (FaceIDVariant, faceid_from_state_dict, is_faceid_state_dict,
-                                         load_faceid_adapter)
-from lib_adapters.formats.ip import EncoderNeed
-from lib_adapters.models.faceid import FaceIDKind
+from lib_adapters.formats.faceid import faceid_from_state_dict, is_faceid_state_dict, load_faceid_adapter
+from lib_adapters.models.clip_vision import EncoderNeed
+from lib_adapters.models.faceid import FaceIDVariant
 from lib_adapters.unet.layout import bind_layout
 
 SITES = {1: 16, 3: 16, 5: 32, 7: 32}  # four attention sites, as a tiny UNet might have
@@ -32,21 +31,21 @@ def _save(tmp_path, nested, name, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
-@pytest.mark.parametrize("variant,name,expected,kind,tokens,lora", [
-    ("faceid", "ip-adapter-faceid_sd15", FaceIDVariant.FACEID, FaceIDKind.MLP, 4, True),
-    ("portrait", "ip-adapter-faceid-portrait-v11_sd15", FaceIDVariant.PORTRAIT, FaceIDKind.MLP, 16, False),
-    ("unnorm", "ip-adapter-faceid-portrait_sdxl_unnorm", FaceIDVariant.PORTRAIT, FaceIDKind.RESAMPLER, 16, False),
-    ("plus", "ip-adapter-faceid-plus_sd15", FaceIDVariant.PLUS, FaceIDKind.PLUS, 4, True),
-    ("plus", "ip-adapter-faceid-plusv2_sd15", FaceIDVariant.PLUS_V2, FaceIDKind.PLUS, 4, True),
+@pytest.mark.parametrize("variant,name,expected,tokens,lora", [
+    ("faceid", "ip-adapter-faceid_sd15", FaceIDVariant.FACEID, 4, True),
+    ("portrait", "ip-adapter-faceid-portrait-v11_sd15", FaceIDVariant.PORTRAIT, 16, False),
+    ("unnorm", "ip-adapter-faceid-portrait_sdxl_unnorm", FaceIDVariant.PORTRAIT_UNNORM, 16, False),
+    ("plus", "ip-adapter-faceid-plus_sd15", FaceIDVariant.PLUS, 4, True),
+    ("plus", "ip-adapter-faceid-plusv2_sd15", FaceIDVariant.PLUS_V2, 4, True),
 ])
-def test_variants_from_keys_in_both_layouts(tmp_path, fmt, variant, name, expected, kind, tokens, lora):
+def test_variants_from_keys_in_both_layouts(tmp_path, fmt, variant, name, expected, tokens, lora):
     nested = faceid_state_dict(variant, SITES, CONTEXT, heads=1, clip_dim=40)
     loaded = load_faceid_adapter(_save(tmp_path, nested, name, fmt))
-    assert loaded.name == name and loaded.variant is expected and loaded.config.kind is kind
+    assert loaded.name == name and loaded.variant is expected and loaded.config.variant is expected
     assert loaded.tokens_per_face == tokens and loaded.config.context_dim == CONTEXT and loaded.site_hidden == SITES
     assert loaded.shortcut is (expected is FaceIDVariant.PLUS_V2)
     assert loaded.normed_embedding is (variant != "unnorm")
-    assert loaded.encoder_need == (EncoderNeed(hidden_states=True, width=40) if kind is FaceIDKind.PLUS else None)
+    assert loaded.encoder_need == (EncoderNeed(hidden_states=True, width=40) if variant == "plus" else None)
     # every key of the file is in the model or in a LoRA record
     model_keys = len(loaded.model.state_dict())
     lora_keys = sum(len(r.down) + len(r.up) for r in loaded.lora.values())

@@ -16,10 +16,11 @@ import torch
 
 from face.faceid_weights import CLIP_H, SD15, SDXL, face_embeddings, faceid_state_dict, flat
 from fixtures.ip import CLIP_HIDDEN, CLIP_TOKENS
+from fixtures.sessions import hooked
 from fixtures.unets import LDM_SD1, LDM_SDXL, build_ldm_unet
-from lib_adapters.formats.faceid import FaceIDVariant, faceid_from_state_dict
+from lib_adapters.formats.faceid import faceid_from_state_dict
 from lib_adapters.inference.ip import IPUnitRuntime
-from lib_adapters.inference.session import GenerationSession
+from lib_adapters.models.faceid import FaceIDVariant
 from lib_adapters.unet.layout import bind_layout
 from test_ip_parity import _diffusers_with_ip
 
@@ -75,7 +76,7 @@ def test_projection_matches_diffusers_faceid_projection(converter, case, shapes,
     assert got.shape == (faces, tokens, shapes["context_dim"]) == expected.shape
     assert (got - expected).abs().max().item() <= 1e-4
     assert ours.variant is {"faceid": FaceIDVariant.FACEID, "portrait": FaceIDVariant.PORTRAIT,
-                            "unnorm": FaceIDVariant.PORTRAIT,
+                            "unnorm": FaceIDVariant.PORTRAIT_UNNORM,
                             "plus": FaceIDVariant.PLUS_V2 if "v2" in name else FaceIDVariant.PLUS}[variant]
 
 
@@ -128,7 +129,7 @@ def test_faceid_unit_matches_diffusers(name, cfg, variant, file_name, faces):
     t = torch.tensor([100.0, 100.0])
     ctx = torch.randn(2, 7, cfg["context_dim"], generator=g)
     with torch.no_grad():
-        with GenerationSession(ldm, ip_units=[runtime]) as session:
+        with hooked(ldm, [runtime]) as session:
             session.on_denoiser(1, 1, 0, 20)
             ours = ldm(x, t, context=ctx)
         image_embeds = torch.stack([embeds, zeros])  # [rows, images, 512]

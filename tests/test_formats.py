@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from fixtures.adapters import diffusers_adapter, save_both_layouts
 from lib_adapters.errors import FormatError, MissingFileError
-from lib_adapters.formats.detect import KeyLayout, ModelFamily, detect_family
+from lib_adapters.formats.detect import ModelFamily, T2ILayout, detect_family
 from lib_adapters.formats.reader import flatten_state_dict, read_safetensors_metadata, read_state_dict
 from lib_adapters.formats.t2i import load_t2i_adapter
 
@@ -91,8 +91,8 @@ def test_detection_ignores_file_names(tmp_path, adapter_files):
 def test_prefixed_tencentarc_and_diffusers_layouts_are_told_apart(adapter_files):
     tencent = read_state_dict(adapter_files[0])
     prefixed = {f"adapter.{k}": v for k, v in tencent.items()}
-    assert detect_family(prefixed)[:2] == (ModelFamily.T2I_FULL, KeyLayout.TENCENTARC)
-    assert detect_family(read_state_dict(adapter_files[1]))[:2] == (ModelFamily.T2I_FULL, KeyLayout.DIFFUSERS)
+    assert detect_family(prefixed)[:2] == (ModelFamily.T2I_FULL, T2ILayout.TENCENTARC)
+    assert detect_family(read_state_dict(adapter_files[1]))[:2] == (ModelFamily.T2I_FULL, T2ILayout.DIFFUSERS)
 
 
 def test_nested_dicts_flatten_and_wrappers_unwrap():

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from fixtures.ip import clip_outputs, random_ip_state_dict
+from fixtures.sessions import hooked
 from fixtures.unets import LDM_SD1, LDM_SDXL, build_ldm_unet, to_diffusers_unet
-from lib_adapters.formats.ip import IPVariant, ip_from_state_dict
+from lib_adapters.formats.ip import ip_from_state_dict
 from lib_adapters.formats.reader import flatten_state_dict
 from lib_adapters.inference.ip import IPUnitRuntime
-from lib_adapters.inference.session import GenerationSession
+from lib_adapters.models.ip_adapter import IPProjection
 from lib_adapters.unet.layout import bind_layout
 
 CASES = [("sd1-base", LDM_SD1, "base"), ("sd1-plus", LDM_SD1, "plus"), ("sd1-full-face", LDM_SD1, "full"),
@@ -34,7 +35,8 @@ def test_ip_unit_matches_diffusers_ip_adapter(name, cfg, variant):
     weight = 0.8
     ref = _diffusers_with_ip(ldm, cfg, nested, weight)
     loaded = ip_from_state_dict(flatten_state_dict(nested), name)
-    assert loaded.variant is {"base": IPVariant.BASE, "plus": IPVariant.PLUS, "full": IPVariant.FULL_FACE}[variant]
+    expected_projection = {"base": IPProjection.PLAIN, "plus": IPProjection.PLUS, "full": IPProjection.FULL_FACE}
+    assert loaded.variant is expected_projection[variant]
 
     cond_clip, uncond_clip = clip_outputs(variant, seed=1), clip_outputs(variant, seed=2)
     g = torch.Generator().manual_seed(5)
@@ -43,7 +45,7 @@ def test_ip_unit_matches_diffusers_ip_adapter(name, cfg, variant):
     ctx = torch.randn(2, 7, cfg["context_dim"], generator=g)
     runtime = IPUnitRuntime.from_encoder_outputs("Adapter 1", loaded, cond_clip, uncond_clip, weight=weight)
     with torch.no_grad():
-        with GenerationSession(ldm, ip_units=[runtime]) as session:
+        with hooked(ldm, [runtime]) as session:
             session.on_denoiser(1, 1, 0, 20)
             ours = ldm(x, t, context=ctx)
         embeds = torch.cat([cond_clip, uncond_clip])[:, None]  # [rows, 1 image, ...]

@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from fixtures.ip import clip_outputs, random_ip_state_dict
+from fixtures.sessions import build_context, hooked
 from fixtures.unets import LDM_SD1, LDM_SDXL, build_ldm_unet
 from lib_adapters.errors import IncompatibleModelError, UnsupportedModelError
 from lib_adapters.formats.ip import ip_from_state_dict
 from lib_adapters.formats.reader import flatten_state_dict
 from lib_adapters.inference.blocks import BlockPreset, block_weights
-from lib_adapters.inference.ip import IPUnitRuntime, MultiImage
-from lib_adapters.inference.session import GenerationSession
+from lib_adapters.inference import ip
+from lib_adapters.inference.ip import IPUnitRuntime
+from lib_adapters.inference.units import AdapterUnit, MultiImage
 from lib_adapters.unet.layout import bind_layout
 
 
@@ -48,7 +50,7 @@ def _run(unet, units=(), rows=(1, 1), context_dim=32):
     with torch.no_grad():
         if not units:
             return unet(x, torch.full((n,), 300.0), context=ctx)
-        with GenerationSession(unet, ip_units=list(units)) as session:
+        with hooked(unet, units) as session:
             session.on_denoiser(rows[0], rows[1], 0, 10)
             return unet(x, torch.full((n,), 300.0), context=ctx)
 
@@ -175,12 +177,14 @@ def test_multiple_images_average_or_concatenate(sd1):
     assert torch.allclose(avg.cond_tokens[0], per_image.mean(0), atol=1e-6)
 
 
-def test_sdxl_ip_file_on_sd1_is_refused(sd1):
+def test_sdxl_ip_file_on_sd1_is_refused(sd1, tmp_path):
+    """Checked once, when the unit's runtime is built, before any encoder is looked for."""
     unet, bound = sd1
     xl_bound = bind_layout(build_ldm_unet(LDM_SDXL))
     runtime = _runtime(xl_bound, 48)
+    unit = AdapterUnit(enabled=True, model="xl")  # no encoder, no image: the check comes first
     with pytest.raises(IncompatibleModelError, match="IP-Adapter for a 48-wide context .* Pick an IP-Adapter made"):
-        GenerationSession(unet, ip_units=[runtime])
+        ip.FAMILY.build(build_context(unet), "Adapter 1", unit, runtime.adapter, tmp_path / "xl.bin")
 
 
 def test_faceid_files_are_recognised_and_refused(sd1):
@@ -234,7 +238,7 @@ def test_split_and_skipped_uncond_calls_give_the_same_rows_as_one_batch(sd1):
     g = torch.Generator().manual_seed(3)
     x, ctx, t = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 7, 32, generator=g), torch.full((4,), 300.0)
     runtime = _runtime(bound, 32)
-    with torch.no_grad(), GenerationSession(unet, ip_units=[runtime]) as session:
+    with torch.no_grad(), hooked(unet, [runtime]) as session:
         session.on_denoiser(2, 2, 0, 10)
         batched = unet(x, t, context=ctx)
         session.on_denoiser(2, 2, 1, 10)

@@ -128,7 +128,7 @@ def test_more_reference_images_from_the_ui_stay_encoded_until_the_generation(web
     from PIL import Image
 
     from lib_adapters.inference.units import FIELD_ORDER, AdapterUnit
-    from lib_adapters.webui.panel import _unit_value
+    from lib_adapters.webui.panel.script import _unit_value
 
     small, huge = tmp_path / "small.png", tmp_path / "huge.png"
     Image.fromarray(_condition(seed=8)).save(small)

@@ -126,7 +126,7 @@ def test_another_checkpoint_or_device_empties_the_caches_without_the_callback(we
 
 def test_the_budget_setting_replaces_the_old_count(webui):
     from lib_adapters.inference.cache import DEFAULT_BUDGET_MB, MB
-    from lib_adapters.webui import settings
+    from lib_adapters.webui.panel import settings
 
     shared.opts.data["adapters_cache_size"] = 1  # an old config.json: read without effect
     assert settings.current().cache_budget_mb == DEFAULT_BUDGET_MB
@@ -139,7 +139,7 @@ def test_the_budget_setting_replaces_the_old_count(webui):
 
 def test_a_repeated_ip_unit_is_not_projected_again(webui, monkeypatch):
     """The image tokens are kept too (by adapter file, encoding and multi-image mode): no Resampler pass."""
-    from lib_adapters.models.ip_adapter import Resampler
+    from lib_adapters.models.resampler import Resampler
 
     calls = []
     forward = Resampler.forward

@@ -291,7 +291,7 @@ def test_settings_exist_without_the_ui(webui):
 
 
 def test_pasted_thresholds_survive_the_preprocessor_change(webui):
-    from lib_adapters.webui.panel import _threshold_updates
+    from lib_adapters.webui.panel.script import _threshold_updates
 
     a, b = _threshold_updates("canny", 50, 150)
     assert (a["value"], b["value"]) == (50, 150)

@@ -134,3 +134,44 @@ def test_style_adapter_without_its_encoder_is_skipped(webui):
         f.unlink()
     result = driver.txt2img(alwayson_scripts=_units({"enabled": True, "model": "t2i-style", "image": _condition()}))
     assert "Adapter 1 skipped" in result.comments and "ViT-L/14" in result.comments
+
+
+def test_each_family_writes_only_its_own_fields_and_is_checked_once(webui, monkeypatch):
+    """Infotext: an IP unit has no preprocessor, resolution, thresholds or control/resize mode (they do nothing
+    for it); a T2I unit no IP options; a style unit its crop. Each file is checked against the UNet once."""
+    from lib_adapters.formats.ip import LoadedIPAdapter
+    from lib_adapters.formats.t2i import LoadedT2IAdapter
+    from modules.infotext_utils import parse_generation_parameters
+
+    _, models = webui
+    _save_style_adapter(models)
+    checks = []
+    for cls in (LoadedIPAdapter, LoadedT2IAdapter):
+        original = cls.check_compatible
+        monkeypatch.setattr(cls, "check_compatible", lambda self, bound, label, original=original: (
+            checks.append(label), original(self, bound, label))[1])
+    units = [{"enabled": True, "model": "ip-plus", "image": _condition(seed=5), "weight": 2.0},
+             {"enabled": True, "model": "depth", "image": _condition(seed=6)},
+             {"enabled": True, "model": "t2i-style", "image": _condition(seed=9)}]
+    params = parse_generation_parameters(driver.txt2img(alwayson_scripts=_units(*units)).infotexts[0])
+    assert sorted(checks) == ["Adapter 1", "Adapter 2", "Adapter 3"]
+    labels = [[part.split(": ")[0] for part in params[f"Adapter {i}"].split(", ")] for i in (1, 2, 3)]
+    assert labels[0] == ["Model", "Weight", "Start", "End", "Blocks", "Composition weight", "Multi-image", "Crop"]
+    assert labels[1] == ["Model", "Preprocessor", "Weight", "Start", "End", "Control mode", "Resize mode",
+                         "Resolution", "Threshold A", "Threshold B"]
+    assert labels[2] == ["Model", "Weight", "Start", "End", "Crop"]
+
+
+def test_an_ip_unit_written_with_the_t2i_fields_still_pastes(webui):
+    """Infotext from before the families wrote their own fields: every label is still read back."""
+    from modules.infotext_utils import parse_generation_parameters
+
+    old = ('a prompt\nSteps: 4, Sampler: Euler, CFG scale: 7, Adapter 1: "Model: ip-plus [00000000], '
+           'Preprocessor: none, Weight: 0.7, Start: 0, End: 0.9, Control mode: Balanced, Resize mode: Crop and Resize, '
+           'Resolution: 512, Threshold A: -1, Threshold B: -1, '
+           'Blocks: Style, Composition weight: 1, Multi-image: Average, Crop: Squash"')
+    params = parse_generation_parameters(old)
+    script_callbacks.infotext_pasted_callback(old, params)
+    assert (params["Adapter 1 Model"], params["Adapter 1 Weight"], params["Adapter 1 End"]) == ("ip-plus", "0.7", "0.9")
+    assert (params["Adapter 1 Blocks"], params["Adapter 1 Crop"], params["Adapter 1 Resolution"]) == (
+        "Style", "Squash", "512")

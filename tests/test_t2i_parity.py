@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fixtures.adapters import diffusers_adapter, save_both_layouts
+from fixtures.sessions import hooked
 from fixtures.unets import LDM_SD1, LDM_SDXL, build_ldm_unet, to_diffusers_unet
 from lib_adapters.formats.t2i import load_t2i_adapter
-from lib_adapters.inference.session import GenerationSession
 from lib_adapters.inference.t2i import T2IUnitRuntime
 from lib_adapters.inference.units import AdapterUnit
 
@@ -49,9 +49,9 @@ def test_hooked_ldm_unet_matches_diffusers_with_adapter_residuals(tmp_path, name
     x, t, ctx = _inputs(ldm_cfg["context_dim"])
 
     unit = AdapterUnit(enabled=True, model=name, weight=weight, resize_mode="Just Resize")
-    runtime = T2IUnitRuntime("Adapter 1", unit, load_t2i_adapter(pth), image)
+    runtime = T2IUnitRuntime.from_unit("Adapter 1", unit, load_t2i_adapter(pth), image)
     with torch.no_grad():
-        with GenerationSession(ldm, [runtime]):
+        with hooked(ldm, [runtime]):
             ours = ldm(x, t, context=ctx)
         cond = torch.from_numpy(image).float().div(255).permute(2, 0, 1)[None][:, :channels]
         # diffusers' pipelines repeat residuals to the batch; its SDXL mid-block add needs equal shapes

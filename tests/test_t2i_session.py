@@ -6,12 +6,16 @@ import pytest
 import torch
 
 from fixtures.adapters import diffusers_adapter, save_both_layouts
+from fixtures.sessions import build_context, hooked
 from fixtures.unets import LDM_SD1, LDM_SDXL, build_ldm_unet, install_webui_cat_hijack
 from lib_adapters.errors import IncompatibleModelError
 from lib_adapters.formats.t2i import load_t2i_adapter
+from lib_adapters.inference import t2i
 from lib_adapters.inference.session import GenerationSession
 from lib_adapters.inference.t2i import T2IUnitRuntime
 from lib_adapters.inference.units import AdapterUnit
+from lib_adapters.unet.a1111 import A1111Binding
+from lib_adapters.unet.layout import bind_layout
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +32,7 @@ def sd1_adapter_file(tmp_path_factory):
 def _runtime(path, **unit_kw) -> T2IUnitRuntime:
     image = np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
     unit = AdapterUnit(enabled=True, model="depth", **unit_kw)
-    return T2IUnitRuntime("Adapter 1", unit, load_t2i_adapter(path), image)
+    return T2IUnitRuntime.from_unit("Adapter 1", unit, load_t2i_adapter(path), image)
 
 
 def _snapshot(unet):
@@ -55,7 +59,7 @@ def test_restore_is_exact_and_output_returns_to_baseline(sd1_unet, sd1_adapter_f
     snap = _snapshot(sd1_unet)
     with torch.no_grad():
         base = _call(sd1_unet)
-        with GenerationSession(sd1_unet, [_runtime(sd1_adapter_file)]):
+        with hooked(sd1_unet, [_runtime(sd1_adapter_file)]):
             changed = _call(sd1_unet)
         after = _call(sd1_unet)
     assert (changed - base).abs().max() > 1e-3
@@ -66,7 +70,7 @@ def test_restore_is_exact_and_output_returns_to_baseline(sd1_unet, sd1_adapter_f
 def test_restore_after_sampling_raises(sd1_unet, sd1_adapter_file):
     snap = _snapshot(sd1_unet)
     with pytest.raises(RuntimeError, match="boom"):
-        with GenerationSession(sd1_unet, [_runtime(sd1_adapter_file)]):
+        with hooked(sd1_unet, [_runtime(sd1_adapter_file)]):
             with torch.no_grad():
                 _call(sd1_unet)
             raise RuntimeError("boom")
@@ -84,7 +88,7 @@ def test_chains_onto_another_extensions_wrapper_and_restores_it(sd1_unet, sd1_ad
 
     block.forward = other_extension
     try:
-        with GenerationSession(sd1_unet, [_runtime(sd1_adapter_file)]):
+        with hooked(sd1_unet, [_runtime(sd1_adapter_file)]):
             with torch.no_grad():
                 _call(sd1_unet)
         assert calls == [1], "the other extension's wrapper must still run under ours"
@@ -94,12 +98,12 @@ def test_chains_onto_another_extensions_wrapper_and_restores_it(sd1_unet, sd1_ad
 
 
 def test_wrapped_over_by_someone_else_becomes_pass_through(sd1_unet, sd1_adapter_file):
-    session = GenerationSession(sd1_unet, [_runtime(sd1_adapter_file)])
-    session.install()
+    binding = A1111Binding(GenerationSession(bind_layout(sd1_unet), [_runtime(sd1_adapter_file)]))
+    binding.install()
     block = sd1_unet.input_blocks[5]
     ours = block.forward
     block.forward = lambda *a, **k: ours(*a, **k)  # another extension installs after us
-    session.restore()
+    binding.restore()
     with torch.no_grad():
         base_block = _call(sd1_unet)
     del block.__dict__["forward"]
@@ -109,7 +113,7 @@ def test_wrapped_over_by_someone_else_becomes_pass_through(sd1_unet, sd1_adapter
 
 def test_features_computed_once_per_resolution(sd1_unet, sd1_adapter_file):
     runtime = _runtime(sd1_adapter_file)
-    with torch.no_grad(), GenerationSession(sd1_unet, [runtime]) as session:
+    with torch.no_grad(), hooked(sd1_unet, [runtime]) as session:
         for step in range(5):
             session.on_denoiser(2, 2, step, 5)
             _call(sd1_unet, rows=4)
@@ -123,7 +127,7 @@ def test_sizes_that_do_not_divide_evenly(sd1_unet, sd1_adapter_file, size):
     install_webui_cat_hijack()
     with torch.no_grad():
         base = _call(sd1_unet, size=size)
-        with GenerationSession(sd1_unet, [_runtime(sd1_adapter_file)]):
+        with hooked(sd1_unet, [_runtime(sd1_adapter_file)]):
             out = _call(sd1_unet, size=size)
     assert out.shape == base.shape and torch.isfinite(out).all()
     assert (out - base).abs().max() > 1e-3
@@ -135,7 +139,7 @@ def test_sdxl_odd_size_is_handled(tmp_path):
     pth, _ = save_both_layouts(diffusers_adapter("full_adapter_xl", 3, seed=1), tmp_path, "xl")
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(1, 4, 15, 17, generator=g), torch.randn(1, 5, 48, generator=g)
-    with torch.no_grad(), GenerationSession(unet, [_runtime(pth)]):
+    with torch.no_grad(), hooked(unet, [_runtime(pth)]):
         out = unet(x, torch.tensor([10.0]), context=ctx)
     assert out.shape == x.shape and torch.isfinite(out).all()
 
@@ -150,7 +154,7 @@ def test_adapter_more_important_touches_cond_rows_only_whatever_the_call_split(s
     with torch.no_grad():
         base = sd1_unet(x, t, context=ctx)
         base_split = torch.cat([sd1_unet(x[:2], t[:2], context=ctx[:2]), sd1_unet(x[2:], t[2:], context=ctx[2:])])
-        with GenerationSession(sd1_unet, [runtime]) as session:
+        with hooked(sd1_unet, [runtime]) as session:
             session.on_denoiser(2, 2, 0, 10)
             batched = sd1_unet(x, t, context=ctx)
             session.on_denoiser(2, 2, 1, 10)
@@ -169,7 +173,7 @@ def test_balanced_mode_touches_every_row(sd1_unet, sd1_adapter_file):
     x, ctx, t = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 5, 32, generator=g), torch.full((4,), 300.0)
     with torch.no_grad():
         base = sd1_unet(x, t, context=ctx)
-        with GenerationSession(sd1_unet, [_runtime(sd1_adapter_file)]) as session:
+        with hooked(sd1_unet, [_runtime(sd1_adapter_file)]) as session:
             session.on_denoiser(2, 2, 0, 10)
             out = sd1_unet(x, t, context=ctx)
     assert ((out - base).abs().amax(dim=(1, 2, 3)) > 1e-3).all()
@@ -179,7 +183,7 @@ def test_sampling_window(sd1_unet, sd1_adapter_file):
     runtime = _runtime(sd1_adapter_file, start=0.2, end=0.5)
     with torch.no_grad():
         base = _call(sd1_unet)
-        with GenerationSession(sd1_unet, [runtime]) as session:
+        with hooked(sd1_unet, [runtime]) as session:
             outs = []
             for step in range(10):
                 session.on_denoiser(2, 0, step, 10)
@@ -203,7 +207,7 @@ def test_two_units_sum_per_level(sd1_unet, sd1_adapter_file, tmp_path):
         for name, units in (("a", [a]), ("b", [b]), ("ab", [a, b])):
             handle = sd1_unet.input_blocks[3].register_forward_pre_hook(
                 lambda m, args, name=name: captured.setdefault(name, []).append(args[0]))
-            with GenerationSession(sd1_unet, units):
+            with hooked(sd1_unet, units):
                 _call(sd1_unet)
             handle.remove()
         handle = sd1_unet.input_blocks[3].register_forward_pre_hook(
@@ -217,15 +221,17 @@ def test_two_units_sum_per_level(sd1_unet, sd1_adapter_file, tmp_path):
 
 
 def test_sdxl_adapter_on_sd1_unet_is_refused(sd1_unet, tmp_path):
+    """Checked once, when the unit's runtime is built, before its condition is preprocessed."""
     pth, _ = save_both_layouts(diffusers_adapter("full_adapter_xl", 3, seed=1), tmp_path, "xl")
+    unit = AdapterUnit(enabled=True, model="xl")  # no image: the check comes first
     with pytest.raises(IncompatibleModelError, match="SDXL T2I-Adapter"):
-        GenerationSession(sd1_unet, [_runtime(pth)])
+        t2i.FAMILY.build(build_context(sd1_unet), "Adapter 1", unit, load_t2i_adapter(pth), pth)
 
 
 def test_style_tokens_reach_cond_rows_of_every_cross_attention(sd1_unet, monkeypatch):
     from ldm.modules.attention import CrossAttention
 
-    from lib_adapters.inference.t2i import StyleUnitRuntime
+    from lib_adapters.inference.style import StyleUnitRuntime
 
     seen = []
     original = CrossAttention.forward
@@ -238,7 +244,7 @@ def test_style_tokens_reach_cond_rows_of_every_cross_attention(sd1_unet, monkeyp
     monkeypatch.setattr(CrossAttention, "forward", recording)
     tokens = torch.randn(1, 8, 32)
     style = StyleUnitRuntime("Adapter 1", tokens, weight=0.5)
-    with torch.no_grad(), GenerationSession(sd1_unet, style_units=[style]) as session:
+    with torch.no_grad(), hooked(sd1_unet, [style]) as session:
         session.on_denoiser(2, 2, 0, 10)
         _call(sd1_unet, rows=4)
     assert len(seen) == 16  # every attn2 of the SD1-shaped UNet

@@ -6,7 +6,7 @@ import pytest
 from lib_adapters.errors import InputError
 from lib_adapters.inference.units import FIELD_ORDER, AdapterUnit, ControlMode
 from lib_adapters.preprocess.resize import ResizeMode
-from lib_adapters.webui import infotext
+from lib_adapters.webui.panel import infotext
 
 
 def test_named_fields_with_sd_webui_controlnet_aliases():

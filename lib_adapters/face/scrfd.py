@@ -23,7 +23,6 @@ import cv2
 import numpy as np
 
 from ..errors import FormatError, InputError
-from .onnx_info import GraphInfo
 
 DET_MEAN, DET_STD = 127.5, 128.0
 DEFAULT_DET_SIZE = (640, 640)  # (width, height), insightface's FaceAnalysis default
@@ -55,10 +54,6 @@ class DetectorSpec:
         fixed = (int(dims[1]), int(dims[0])) if len(dims) == 2 and all(isinstance(d, int) and d > 0 for d in dims) \
             else None
         return cls(input_name, tuple(output_names), strides, anchors, kps, fixed)
-
-    @classmethod
-    def from_graph(cls, info: GraphInfo, source: str = "the detector") -> "DetectorSpec":
-        return cls.from_signature(info.inputs[0].name, info.inputs[0].shape, [o.name for o in info.outputs], source)
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,33 @@
-"""Load any adapter file: one read, the family from its keys, then the family's own loader."""
+"""Load any adapter file: one read, the family from its keys (``detect.py``), then that family's loader.
+
+``LOADERS`` is the formats half of an adapter family's detection entry: a new family adds its
+signature to ``detect.SIGNATURES`` and its loader here (every loaded adapter says its ``family``,
+which the inference side's registry builds a runtime for).
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 from .detect import ModelFamily, detect_family
 from .ip import LoadedIPAdapter, ip_from_state_dict
 from .reader import read_weights
+from .state_dict import StateDict
 from .t2i import LoadedT2IAdapter, t2i_from_state_dict
 
 LoadedAdapter = Union[LoadedT2IAdapter, LoadedIPAdapter]
+
+LOADERS: dict[ModelFamily, Callable[[StateDict, str], LoadedAdapter]] = {
+    ModelFamily.T2I_FULL: t2i_from_state_dict,
+    ModelFamily.T2I_LIGHT: t2i_from_state_dict,
+    ModelFamily.T2I_STYLE: t2i_from_state_dict,
+    ModelFamily.IP_ADAPTER: ip_from_state_dict,
+}
 
 
 def load_adapter(path: str | Path) -> LoadedAdapter:
     path = Path(path)
     sd = read_weights(path)
     family = detect_family(sd, path.name)[0]
-    if family is ModelFamily.IP_ADAPTER:
-        return ip_from_state_dict(sd, path.stem)
-    return t2i_from_state_dict(sd, path.stem)  # names the family when it is not an adapter at all
+    # not an adapter at all: the T2I loader names what the file is
+    return LOADERS.get(family, t2i_from_state_dict)(sd, path.stem)

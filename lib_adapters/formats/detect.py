@@ -1,6 +1,7 @@
 """The one table that tells model families apart by their keys, never by file name.
 
-``detect_family`` returns the family and key layout of a flat state dict. Families the extension
+``detect_family`` returns the family of a flat state dict and, for T2I-Adapters, its key layout.
+Families the extension
 cannot use in a given place (a ControlNet, a LoRA, a whole checkpoint) are recognised too, so the
 error can say what the file is instead of "unknown".
 """
@@ -8,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
 from ..errors import FormatError
+from .state_dict import StateDict
 
 
 class ModelFamily(str, Enum):
@@ -29,20 +31,18 @@ class ModelFamily(str, Enum):
         return self in (ModelFamily.T2I_FULL, ModelFamily.T2I_LIGHT, ModelFamily.T2I_STYLE)
 
 
-class KeyLayout(str, Enum):
-    TENCENTARC = "tencentarc"  # TencentARC .pth layout (optionally with an "adapter." prefix)
-    DIFFUSERS = "diffusers"  # diffusers T2IAdapter layout ("adapter.body.N.resnets.M...")
-    IP_FLAT = "ip-flat"  # "image_proj.*" / "ip_adapter.*" (flattened from nested .bin or flat .safetensors)
-    OTHER = "other"
+class T2ILayout(str, Enum):
+    """The key layout of a T2I-Adapter file: THE name for it (detection, conversion, training's export)."""
 
-
-StateDict = Mapping[str, torch.Tensor]
+    TENCENTARC = "tencentarc"  # body.N.* keys (optionally with an "adapter." prefix): what sd-webui-controlnet,
+    #                            ComfyUI and our panel load
+    DIFFUSERS = "diffusers"  # adapter.body.L.resnets.J.* keys: diffusers' ``T2IAdapter``
 
 
 @dataclass(frozen=True)
 class Signature:
     family: ModelFamily
-    layout: KeyLayout
+    layout: T2ILayout | None  # T2I-Adapters only: other families have one layout each
     matches: Callable[[StateDict], bool]
 
 
@@ -60,19 +60,19 @@ def _any_contains(*parts: str) -> Callable[[StateDict], bool]:
 
 # Order matters: the first match wins, so more specific signatures come first.
 SIGNATURES: tuple[Signature, ...] = (
-    Signature(ModelFamily.T2I_LIGHT, KeyLayout.DIFFUSERS,
+    Signature(ModelFamily.T2I_LIGHT, T2ILayout.DIFFUSERS,
               _has("adapter.body.0.in_conv.weight", "adapter.body.0.out_conv.weight", "adapter.body.0.resnets.0.block1.weight")),
-    Signature(ModelFamily.T2I_FULL, KeyLayout.DIFFUSERS,
+    Signature(ModelFamily.T2I_FULL, T2ILayout.DIFFUSERS,
               _has("adapter.conv_in.weight", "adapter.body.0.resnets.0.block1.weight")),
-    Signature(ModelFamily.T2I_FULL, KeyLayout.TENCENTARC, _has("conv_in.weight", "body.0.block1.weight")),
-    Signature(ModelFamily.T2I_LIGHT, KeyLayout.TENCENTARC,
+    Signature(ModelFamily.T2I_FULL, T2ILayout.TENCENTARC, _has("conv_in.weight", "body.0.block1.weight")),
+    Signature(ModelFamily.T2I_LIGHT, T2ILayout.TENCENTARC,
               _has("body.0.in_conv.weight", "body.0.out_conv.weight", "body.0.body.0.block1.weight")),
-    Signature(ModelFamily.T2I_STYLE, KeyLayout.TENCENTARC, _has("style_embedding", "proj", "ln_pre.weight")),
-    Signature(ModelFamily.IP_ADAPTER, KeyLayout.IP_FLAT, _has_prefixes("image_proj.", "ip_adapter.")),
-    Signature(ModelFamily.CONTROLNET, KeyLayout.OTHER,
+    Signature(ModelFamily.T2I_STYLE, T2ILayout.TENCENTARC, _has("style_embedding", "proj", "ln_pre.weight")),
+    Signature(ModelFamily.IP_ADAPTER, None, _has_prefixes("image_proj.", "ip_adapter.")),
+    Signature(ModelFamily.CONTROLNET, None,
               _any_contains("input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight")),
-    Signature(ModelFamily.LORA, KeyLayout.OTHER, _any_contains("lora_down.weight", "lora_A.weight", "lora_up.weight")),
-    Signature(ModelFamily.CHECKPOINT, KeyLayout.OTHER, _any_contains("model.diffusion_model.input_blocks.0.0.weight")),
+    Signature(ModelFamily.LORA, None, _any_contains("lora_down.weight", "lora_A.weight", "lora_up.weight")),
+    Signature(ModelFamily.CHECKPOINT, None, _any_contains("model.diffusion_model.input_blocks.0.0.weight")),
 )
 
 
@@ -85,8 +85,9 @@ def strip_adapter_prefix(sd: StateDict) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def detect_family(sd: StateDict, source: str = "the file") -> tuple[ModelFamily, KeyLayout, dict[str, torch.Tensor]]:
-    """Family, key layout and the (prefix-normalised) state dict; ``FormatError`` when unknown."""
+def detect_family(sd: StateDict, source: str = "the file"
+                  ) -> tuple[ModelFamily, T2ILayout | None, dict[str, torch.Tensor]]:
+    """Family, key layout (T2I-Adapters) and the (prefix-normalised) state dict; ``FormatError`` when unknown."""
     normalised = strip_adapter_prefix(sd)
     for sig in SIGNATURES:
         if sig.matches(normalised):

@@ -23,32 +23,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
 from ..errors import FormatError
-from ..models.faceid import FACE_EMBEDDING_DIM, FaceIDAdapterModel, FaceIDConfig, FaceIDKind
-from ..unet.layout import BoundLayout
+from ..models.clip_vision import EncoderNeed
+from ..models.faceid import FACE_EMBEDDING_DIM, FaceIDAdapterModel, FaceIDConfig, FaceIDVariant
 from .detect import ModelFamily, detect_family
-from .ip import DIM_HEAD, EncoderNeed, LoadedIPAdapter, _split
+from .ip import check_ip_sites, resampler_shape, site_widths, split_ip_file
 from .reader import read_state_dict
-from .t2i import load_strict
+from .state_dict import StateDict, load_strict, shape_of
 
-StateDict = Mapping[str, torch.Tensor]
+if TYPE_CHECKING:  # only for annotations: formats never need the UNet's table
+    from ..unet.layout import BoundLayout
+
 PORTRAIT_TOKENS = 16
 LORA_PARTS = ("q", "k", "v", "out")
 _LORA_KEY = re.compile(r"(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
 _KV_KEY = re.compile(r"(\d+)\.to_(k|v)_ip\.weight$")
-
-
-class FaceIDVariant(str, Enum):
-    FACEID = "FaceID"
-    PLUS = "FaceID Plus"
-    PLUS_V2 = "FaceID Plus v2"
-    PORTRAIT = "FaceID Portrait"
 
 
 @dataclass(frozen=True)
@@ -75,35 +69,33 @@ class LoadedFaceIDAdapter:
     name: str
     model: FaceIDAdapterModel
     config: FaceIDConfig
-    variant: FaceIDVariant
     site_hidden: dict[int, int]
     lora: dict[int, AttentionLoRA] = field(default_factory=dict)  # processor number -> its LoRA; {} for Portrait
 
     @property
-    def projection(self) -> FaceIDConfig:
-        return self.config
+    def variant(self) -> FaceIDVariant:
+        return self.config.variant
 
     @property
     def encoder_need(self) -> EncoderNeed | None:
         """Plus needs CLIP hidden states of the aligned face crop; the others no CLIP encoder at all."""
-        return EncoderNeed(hidden_states=True, width=self.config.clip_dim) if self.config.kind.uses_clip else None
+        return EncoderNeed(hidden_states=True, width=self.config.clip_dim) if self.variant.uses_clip else None
 
     @property
     def shortcut(self) -> bool:
-        """Plus v2 adds the identity tokens back onto the perceiver's output, weighted by ``s_scale``."""
-        return self.variant is FaceIDVariant.PLUS_V2
+        return self.variant.shortcut
 
     @property
     def normed_embedding(self) -> bool:
         """Feed ``FaceResult.normed_embedding`` (True) or the raw ``embedding`` (Portrait unnorm)."""
-        return self.config.kind.normed_embedding
+        return self.variant.normed_embedding
 
     @property
     def tokens_per_face(self) -> int:
         return self.config.num_tokens
 
-    def check_compatible(self, bound: BoundLayout, label: str) -> None:
-        LoadedIPAdapter.check_compatible(self, bound, label)  # type: ignore[arg-type]  # same fields, same rule
+    def check_compatible(self, bound: "BoundLayout", label: str) -> None:
+        check_ip_sites(self.name, self.config.context_dim, self.site_hidden, bound, label)
 
     def tokens(self, face_embeds: torch.Tensor, clip_hidden: torch.Tensor | None = None,
                s_scale: float = 1.0) -> torch.Tensor:
@@ -111,74 +103,61 @@ class LoadedFaceIDAdapter:
         crops' CLIP hidden states [N, 257, 1280]). The "no face" tokens are ``tokens(zeros, empty_clip)``."""
         with torch.no_grad():
             clip = clip_hidden.float() if clip_hidden is not None else None
-            return self.model.image_proj(face_embeds.float(), clip, s_scale=s_scale, shortcut=self.shortcut)
+            return self.model.image_proj(face_embeds.float(), clip, s_scale=s_scale)
 
 
-def faceid_kind(image_proj: StateDict) -> FaceIDKind | None:
-    """The FaceID projection these ``image_proj`` keys belong to, or None for other IP-Adapters."""
+def variant_of_keys(image_proj: StateDict) -> FaceIDVariant | None:
+    """The FaceID variant these ``image_proj`` keys show, or None for other IP-Adapters. Keys tell the projection
+    only: ``faceid_config`` refines FaceID into Portrait (16 tokens) and Plus into Plus v2 (the name)."""
     if "perceiver_resampler.proj_in.weight" in image_proj:
-        return FaceIDKind.PLUS
+        return FaceIDVariant.PLUS
     if "proj.0.weight" in image_proj and "norm.weight" in image_proj and "proj.3.weight" not in image_proj:
-        return FaceIDKind.MLP
+        return FaceIDVariant.FACEID
     proj_in = image_proj.get("proj_in.weight")
     if "latents" in image_proj and proj_in is not None and int(proj_in.shape[1]) == FACE_EMBEDDING_DIM:
-        return FaceIDKind.RESAMPLER  # no CLIP encoder has 512-wide hidden states: a face embedding
+        return FaceIDVariant.PORTRAIT_UNNORM  # no CLIP encoder has 512-wide hidden states: a face embedding
     return None
 
 
 def is_faceid_state_dict(sd: StateDict) -> bool:
     """True for FaceID files (flat ``image_proj.*``/``ip_adapter.*`` keys), False for other IP-Adapters."""
     proj = {k[len("image_proj."):]: v for k, v in sd.items() if k.startswith("image_proj.")}
-    return faceid_kind(proj) is not None or any(_LORA_KEY.match(k[len("ip_adapter."):]) for k in sd
-                                                   if k.startswith("ip_adapter."))
+    return variant_of_keys(proj) is not None or any(_LORA_KEY.match(k[len("ip_adapter."):]) for k in sd
+                                                      if k.startswith("ip_adapter."))
 
 
-def _layer_count(proj: StateDict, prefix: str) -> int:
-    return len({int(m.group(1)) for k in proj for m in [re.match(rf"{re.escape(prefix)}layers\.(\d+)\.0\.to_q\.", k)]
-                if m})
+def _perceiver_fields(proj: StateDict, prefix: str, dim: int, source: str) -> dict[str, int]:
+    depth, heads, ff_mult = resampler_shape(proj, prefix, dim, source)
+    return dict(perceiver_dim=dim, perceiver_depth=depth, perceiver_heads=heads, perceiver_ff_mult=ff_mult)
 
 
-def _shape(proj: StateDict, key: str, source: str) -> tuple[int, ...]:
-    if key not in proj:
-        raise FormatError(f"{source}: the FaceID image projection lacks image_proj.{key}; the file is incomplete.")
-    return tuple(int(d) for d in proj[key].shape)
-
-
-def faceid_config(proj: StateDict, kind: FaceIDKind, context_dim: int, source: str) -> FaceIDConfig:
-    if kind is FaceIDKind.RESAMPLER:
-        latents = _shape(proj, "latents", source)
-        dim = latents[2]
-        return FaceIDConfig(kind, context_dim=context_dim, num_tokens=latents[1],
-                            id_dim=_shape(proj, "proj_in.weight", source)[1], id_hidden=0, perceiver_dim=dim,
-                            perceiver_depth=_layer_count(proj, ""),
-                            perceiver_heads=_shape(proj, "layers.0.0.to_q.weight", source)[0] // DIM_HEAD,
-                            perceiver_ff_mult=_shape(proj, "layers.0.1.1.weight", source)[0] // dim)
-    hidden, id_dim = _shape(proj, "proj.0.weight", source)
-    out = _shape(proj, "proj.2.weight", source)[0]
-    width = _shape(proj, "norm.weight", source)[0]
+def faceid_config(proj: StateDict, keys: FaceIDVariant, context_dim: int, name: str,
+                  plus_v2: bool | None = None) -> FaceIDConfig:
+    """The config of a FaceID ``image_proj`` whose keys show ``keys`` (``variant_of_keys``); a Plus file is
+    Plus v2 when ``plus_v2`` says so, or when it is None and the name has "v2" in it."""
+    shape = lambda key: shape_of(proj, key, name, "image_proj.")  # noqa: E731
+    if keys is FaceIDVariant.PORTRAIT_UNNORM:
+        latents = shape("latents")
+        return FaceIDConfig(keys, context_dim=context_dim, num_tokens=latents[1], id_dim=shape("proj_in.weight")[1],
+                            id_hidden=0, **_perceiver_fields(proj, "", latents[2], name))
+    hidden, id_dim = shape("proj.0.weight")
+    out = shape("proj.2.weight")[0]
+    width = shape("norm.weight")[0]
     if width != context_dim or out % width:
-        raise FormatError(f"{source}: image_proj gives tokens {width} wide ({out} values) but ip_adapter expects "
+        raise FormatError(f"{name}: image_proj gives tokens {width} wide ({out} values) but ip_adapter expects "
                           f"{context_dim}-wide context tokens; the file mixes two models.")
-    if kind is FaceIDKind.MLP:
-        return FaceIDConfig(kind, context_dim=context_dim, num_tokens=out // width, id_dim=id_dim, id_hidden=hidden)
+    if keys is not FaceIDVariant.PLUS:
+        variant = FaceIDVariant.PORTRAIT if out // width == PORTRAIT_TOKENS else FaceIDVariant.FACEID
+        return FaceIDConfig(variant, context_dim=context_dim, num_tokens=out // width, id_dim=id_dim, id_hidden=hidden)
     pre = "perceiver_resampler."
-    dim, clip_dim = _shape(proj, pre + "proj_in.weight", source)
-    if dim != context_dim or _shape(proj, pre + "proj_out.weight", source)[0] != context_dim:
-        raise FormatError(f"{source}: the FaceID Plus perceiver is {dim} wide, expected the context width "
+    dim, clip_dim = shape(pre + "proj_in.weight")
+    if dim != context_dim or shape(pre + "proj_out.weight")[0] != context_dim:
+        raise FormatError(f"{name}: the FaceID Plus perceiver is {dim} wide, expected the context width "
                           f"{context_dim}; the file is not a FaceID Plus model this extension knows.")
-    return FaceIDConfig(kind, context_dim=context_dim, num_tokens=out // width, id_dim=id_dim, id_hidden=hidden,
-                        clip_dim=clip_dim, perceiver_dim=dim, perceiver_depth=_layer_count(proj, pre),
-                        perceiver_heads=_shape(proj, pre + "layers.0.0.to_q.weight", source)[0] // DIM_HEAD,
-                        perceiver_ff_mult=_shape(proj, pre + "layers.0.1.1.weight", source)[0] // dim)
-
-
-def _variant(cfg: FaceIDConfig, name: str, plus_v2: bool | None) -> FaceIDVariant:
-    if cfg.kind is FaceIDKind.PLUS:
-        v2 = ("v2" in name.lower()) if plus_v2 is None else plus_v2
-        return FaceIDVariant.PLUS_V2 if v2 else FaceIDVariant.PLUS
-    if cfg.kind is FaceIDKind.RESAMPLER or cfg.num_tokens == PORTRAIT_TOKENS:
-        return FaceIDVariant.PORTRAIT
-    return FaceIDVariant.FACEID
+    v2 = ("v2" in name.lower()) if plus_v2 is None else plus_v2
+    return FaceIDConfig(FaceIDVariant.PLUS_V2 if v2 else FaceIDVariant.PLUS, context_dim=context_dim,
+                        num_tokens=out // width, id_dim=id_dim, id_hidden=hidden, clip_dim=clip_dim,
+                        **_perceiver_fields(proj, pre, dim, name))
 
 
 def _split_ip(ip: StateDict, source: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -227,24 +206,19 @@ def faceid_from_state_dict(sd: StateDict, name: str = "ip-adapter-faceid", plus_
     family, _, sd = detect_family(sd, name)
     if family is not ModelFamily.IP_ADAPTER:
         raise FormatError(f"{name}: this is a {family.value} file, not an IP-Adapter FaceID.")
-    proj, ip = _split(sd)
-    kind = faceid_kind(proj)
-    if kind is None:
+    proj, ip = split_ip_file(sd, name)
+    keys = variant_of_keys(proj)
+    if keys is None:
         raise FormatError(f"{name}: this IP-Adapter takes CLIP image features, not a face embedding; it is not a "
                           "FaceID model. Load it as a regular IP-Adapter.")
     kv, lora = _split_ip(ip, name)
-    numbers = sorted({int(_KV_KEY.match(k).group(1)) for k in kv})  # type: ignore[union-attr]
-    if not numbers:
-        raise FormatError(f"{name}: no ip_adapter.N.to_k_ip weights found.")
-    context_dim = int(kv[f"{numbers[0]}.to_k_ip.weight"].shape[1])
-    site_hidden = {n: int(kv[f"{n}.to_k_ip.weight"].shape[0]) for n in numbers}
-    cfg = faceid_config(proj, kind, context_dim, name)
+    context_dim, site_hidden = site_widths(kv, name)
+    cfg = faceid_config(proj, keys, context_dim, name, plus_v2)
     model = FaceIDAdapterModel(cfg, site_hidden)
     load_strict(model, {f"image_proj.{k}": v for k, v in proj.items()} | {f"ip_adapter.{k}": v for k, v in kv.items()},
                 name)
     return LoadedFaceIDAdapter(name=name, model=model.eval().requires_grad_(False), config=cfg,
-                               variant=_variant(cfg, name, plus_v2), site_hidden=site_hidden,
-                               lora=_lora_records(lora, site_hidden, context_dim, name))
+                               site_hidden=site_hidden, lora=_lora_records(lora, site_hidden, context_dim, name))
 
 
 def load_faceid_adapter(path: str | Path, plus_v2: bool | None = None) -> LoadedFaceIDAdapter:

@@ -10,19 +10,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..errors import FormatError
-from ..models.t2i_adapter import AdapterKind, SpatialAdapterConfig, StyleAdapterConfig, build_adapter
-from .detect import KeyLayout, ModelFamily, detect_family
+from ..arch import cross_attention_dim
+from ..errors import FormatError, IncompatibleModelError
+from ..models.t2i_adapter import SpatialAdapterConfig, StyleAdapterConfig, T2IKind, build_adapter
+from .detect import ModelFamily, T2ILayout, detect_family
 from .reader import read_weights
+from .state_dict import StateDict, load_strict, numbered
+
+if TYPE_CHECKING:  # only for the annotation: formats never need the UNet's table
+    from ..unet.layout import BoundLayout
 
 NUM_LEVELS = 4  # every T2I-Adapter produces four feature levels (one per injection site)
 _SD_UNSHUFFLE, _XL_UNSHUFFLE = 8, 16
-StateDict = Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -34,14 +38,26 @@ class LoadedT2IAdapter:
     config: SpatialAdapterConfig | StyleAdapterConfig
     family: ModelFamily
 
-    @property
-    def is_style(self) -> bool:
-        return isinstance(self.config, StyleAdapterConfig)
-
-
-def _indices(sd: StateDict, pattern: str) -> list[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in sd for m in [rx.match(k)] if m})
+    def check_compatible(self, bound: "BoundLayout", label: str) -> None:
+        """``IncompatibleModelError`` unless this adapter fits that UNet: a spatial adapter's base and feature
+        widths, the style adapter's token width (the text context's)."""
+        cfg = self.config
+        if isinstance(cfg, StyleAdapterConfig):
+            context = cross_attention_dim(bound.unet)
+            if cfg.context_dim != context:
+                raise IncompatibleModelError(
+                    f"{label}: '{self.name}' makes {cfg.context_dim}-wide context tokens but this checkpoint's "
+                    f"text context is {context} wide; the style adapter is for SD1.x.")
+            return
+        if cfg.sdxl != bound.arch.is_sdxl:
+            kind = "SDXL" if cfg.sdxl else "SD1.x/SD2.x"
+            raise IncompatibleModelError(
+                f"{label}: '{self.name}' is an {kind} T2I-Adapter but the loaded checkpoint is "
+                f"{bound.arch.value}. Pick an adapter made for {bound.arch.value}.")
+        if tuple(cfg.channels) != bound.t2i_channels:
+            raise IncompatibleModelError(
+                f"{label}: '{self.name}' produces features of widths {cfg.channels} but this UNet "
+                f"expects {bound.t2i_channels}.")
 
 
 def _unshuffle_for(in_channels: int, source: str) -> tuple[int, bool]:
@@ -59,7 +75,7 @@ def full_config(sd: StateDict, source: str) -> SpatialAdapterConfig:
     """Config of a TencentARC-layout full adapter."""
     if any(".skep." in k for k in sd):
         raise FormatError(f"{source}: uses the unreleased 'sk=False' adapter variant, which is not supported.")
-    blocks = _indices(sd, r"body\.(\d+)\.block1\.weight$")
+    blocks = numbered(sd, r"body\.(\d+)\.block1\.weight$")
     if not blocks or len(blocks) % NUM_LEVELS or blocks != list(range(len(blocks))):
         raise FormatError(f"{source}: expected {NUM_LEVELS} levels of body blocks, found blocks {blocks}.")
     per_level = len(blocks) // NUM_LEVELS
@@ -67,7 +83,7 @@ def full_config(sd: StateDict, source: str) -> SpatialAdapterConfig:
     in_channels = int(sd["conv_in.weight"].shape[1])
     unshuffle, sdxl = _unshuffle_for(in_channels, source)
     return SpatialAdapterConfig(
-        kind=AdapterKind.FULL,
+        kind=T2IKind.FULL,
         in_channels=in_channels,
         channels=channels,
         num_res_blocks=per_level,
@@ -80,16 +96,16 @@ def full_config(sd: StateDict, source: str) -> SpatialAdapterConfig:
 
 def light_config(sd: StateDict, source: str) -> SpatialAdapterConfig:
     """Config of a TencentARC-layout light (colour) adapter."""
-    levels = _indices(sd, r"body\.(\d+)\.out_conv\.weight$")
+    levels = numbered(sd, r"body\.(\d+)\.out_conv\.weight$")
     if levels != list(range(NUM_LEVELS)):
         raise FormatError(f"{source}: expected {NUM_LEVELS} light extractors, found {levels}.")
     in_channels = int(sd["body.0.in_conv.weight"].shape[1])
     unshuffle, sdxl = _unshuffle_for(in_channels, source)
     return SpatialAdapterConfig(
-        kind=AdapterKind.LIGHT,
+        kind=T2IKind.LIGHT,
         in_channels=in_channels,
         channels=tuple(int(sd[f"body.{i}.out_conv.weight"].shape[0]) for i in levels),
-        num_res_blocks=len(_indices(sd, r"body\.0\.body\.(\d+)\.block1\.weight$")),
+        num_res_blocks=len(numbered(sd, r"body\.0\.body\.(\d+)\.block1\.weight$")),
         unshuffle=unshuffle,
         sdxl=sdxl,
     )
@@ -101,13 +117,13 @@ def style_config(sd: StateDict) -> StyleAdapterConfig:
         width=int(sd["style_embedding"].shape[2]),
         context_dim=int(sd["proj"].shape[1]),
         num_tokens=int(sd["style_embedding"].shape[1]),
-        num_layers=len(_indices(sd, r"transformer_layes\.(\d+)\.ln_1\.weight$")),
+        num_layers=len(numbered(sd, r"transformer_layes\.(\d+)\.ln_1\.weight$")),
     )
 
 
 def diffusers_to_tencentarc(sd: StateDict, light: bool) -> dict[str, torch.Tensor]:
     """``adapter.body.{i}.resnets.{j}.*`` -> ``body.{i*n+j}.*`` (full) or ``body.{i}.body.{j}.*`` (light)."""
-    per_level = len(_indices(sd, r"adapter\.body\.0\.resnets\.(\d+)\.block1\.weight$"))
+    per_level = len(numbered(sd, r"adapter\.body\.0\.resnets\.(\d+)\.block1\.weight$"))
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if not key.startswith("adapter."):
@@ -130,7 +146,7 @@ def tencentarc_to_diffusers(sd: StateDict, cfg: SpatialAdapterConfig) -> dict[st
     out: dict[str, torch.Tensor] = {}
     n = cfg.num_res_blocks
     for key, value in sd.items():
-        if cfg.kind is AdapterKind.LIGHT:
+        if cfg.kind is T2IKind.LIGHT:
             key = re.sub(r"^body\.(\d+)\.body\.(\d+)\.", r"body.\1.resnets.\2.", key)
         else:
             m = re.match(r"body\.(\d+)\.(in_conv\.)?(.*)$", key)
@@ -144,7 +160,7 @@ def tencentarc_to_diffusers(sd: StateDict, cfg: SpatialAdapterConfig) -> dict[st
 def diffusers_config(cfg: SpatialAdapterConfig) -> dict:
     """The ``config.json`` diffusers' ``T2IAdapter`` needs for a converted state dict."""
     channels = list(cfg.channels)
-    if cfg.kind is AdapterKind.LIGHT:
+    if cfg.kind is T2IKind.LIGHT:
         adapter_type = "light_adapter"
         channels = channels[:-1]  # diffusers' LightAdapter appends the last level itself
     else:
@@ -163,7 +179,7 @@ def t2i_from_state_dict(sd: StateDict, name: str = "adapter") -> LoadedT2IAdapte
     family, layout, sd = detect_family(sd, name)
     if not family.is_t2i:
         raise FormatError(f"{name}: this is a {family.value} file, not a T2I-Adapter.")
-    if layout is KeyLayout.DIFFUSERS:
+    if layout is T2ILayout.DIFFUSERS:
         sd = diffusers_to_tencentarc(sd, light=family is ModelFamily.T2I_LIGHT)
     if family is ModelFamily.T2I_FULL:
         cfg: SpatialAdapterConfig | StyleAdapterConfig = full_config(sd, name)
@@ -179,24 +195,3 @@ def t2i_from_state_dict(sd: StateDict, name: str = "adapter") -> LoadedT2IAdapte
 def load_t2i_adapter(path: str | Path) -> LoadedT2IAdapter:
     path = Path(path)
     return t2i_from_state_dict(read_weights(path), name=path.stem)
-
-
-def load_strict(module: nn.Module, sd: StateDict, source: str) -> None:
-    """Load every key or fail with a message naming what is missing, extra, or mis-shaped."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(sd) if tuple(expected[k].shape) != tuple(sd[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} keys of the wrong shape (e.g. {k}: file {tuple(sd[k].shape)}, "
-                         f"model {tuple(expected[k].shape)})")
-        raise FormatError(f"{source}: the weights do not fit the detected model: {'; '.join(parts)}. "
-                          "The file is damaged or a variant this extension does not know.")
-    module.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)

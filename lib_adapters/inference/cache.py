@@ -22,8 +22,8 @@ import torch
 
 from ..errors import MissingFileError
 from ..formats.adapter_file import LoadedAdapter, load_adapter
-from ..formats.t2i import LoadedT2IAdapter, load_t2i_adapter
-from ..models.clip_vision import ClipVisionEncoder, load_clip_vision
+from ..formats.clip_vision import load_clip_vision
+from ..models.clip_vision import ClipVisionEncoder
 
 log = logging.getLogger("adapters")
 
@@ -108,9 +108,6 @@ class AdapterCache:
         self._pinned.add(key)
         self._trim()
         return entry.value
-
-    def load_t2i(self, path: Path) -> LoadedT2IAdapter:
-        return self.get("t2i", path, load_t2i_adapter)
 
     def load_adapter(self, path: Path) -> LoadedAdapter:
         """A T2I-Adapter or an IP-Adapter, whichever the file holds."""

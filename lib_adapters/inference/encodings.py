@@ -9,10 +9,9 @@ bit for bit what a miss computes), the crop mode and the output. The multi-image
 concatenate the tokens) acts after the projection, on these outputs, so it needs no entry of its
 own: switching it reuses the encoding. The encoder itself is loaded only on a miss.
 
-An IP unit's image tokens (the adapter's projection of those outputs, then averaged or
-concatenated by the multi-image mode) are kept the same way, under the adapter file and the
-multi-image mode besides the encoding's key: a repeated unit then costs neither an encoder pass
-nor a projection (a Resampler pass for Plus models).
+The cache takes other keys too: the IP family keeps its image tokens (the adapter's projection of
+those outputs) under the adapter file and the multi-image mode besides the encoding's key
+(``ip.TokenKey``), so a repeated unit costs neither an encoder pass nor a projection.
 
 The cache is small (a few dozen entries of at most a few MB each) and is emptied with the model
 cache when the checkpoint or the device changes.
@@ -25,15 +24,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from ..formats.ip import LoadedIPAdapter
 from ..models.clip_vision import ClipVisionEncoder, CropMode
 from .cache import AdapterCache, FileKey
-from .ip import MultiImage, project_tokens
 
 DEFAULT_MAX_ITEMS = 32  # ViT-H hidden states are 1.3 MB per image, plus tokens 16 x 768: tens of MB at most
 
@@ -52,13 +49,6 @@ class EncodingKey:
     output: EncoderOutput
 
 
-@dataclass(frozen=True)
-class TokenKey:
-    adapter: FileKey
-    encoding: EncodingKey  # the reference images' encoding (the "no image" one follows from it)
-    multi: MultiImage
-
-
 def image_digest(image: np.ndarray) -> str:
     """Digest of an image's pixels and shape (two images with the same bytes but another shape differ)."""
     array = np.ascontiguousarray(image)
@@ -71,11 +61,11 @@ def image_digest(image: np.ndarray) -> str:
 @dataclass
 class EncodingCache:
     max_items: int = DEFAULT_MAX_ITEMS
-    _items: "OrderedDict[EncodingKey | TokenKey, torch.Tensor]" = field(default_factory=OrderedDict)
+    _items: "OrderedDict[Hashable, torch.Tensor]" = field(default_factory=OrderedDict)
     hits: int = 0
     misses: int = 0
 
-    def get(self, key: EncodingKey | TokenKey, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get(self, key: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The cached output for ``key`` or ``compute()``'s; callers get their own copy to use freely."""
         cached = self._items.get(key)
         if cached is None:
@@ -106,20 +96,6 @@ class ReferenceEncoder:
     path: Path
     device: torch.device = torch.device("cpu")
 
-    def ip_tokens(self, adapter: LoadedIPAdapter, adapter_file: FileKey, images: Sequence[np.ndarray],
-                  crop: CropMode, multi: MultiImage) -> tuple[torch.Tensor, torch.Tensor]:
-        """An IP unit's image tokens and "no image" tokens (``project_tokens`` of ``ip_outputs``), cached."""
-        hidden_states = adapter.encoder_need.hidden_states
-        output = EncoderOutput.PENULTIMATE if hidden_states else EncoderOutput.IMAGE_EMBEDS
-        key = TokenKey(adapter_file, self._key(images, crop, output), multi)
-
-        def compute() -> torch.Tensor:
-            tokens, empty = project_tokens(adapter, *self.ip_outputs(images, crop, hidden_states), multi)
-            return torch.cat([tokens, empty])  # one entry: both are [1, T, context]
-
-        both = self.encodings.get(key, compute)
-        return both[:1], both[1:]
-
     def ip_outputs(self, images: Sequence[np.ndarray], crop: CropMode, hidden_states: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """An IP unit's encoder outputs for its images and for "no image", as
@@ -140,12 +116,12 @@ class ReferenceEncoder:
             return self._cached(images, crop, EncoderOutput.LAST_HIDDEN,
                                 lambda: encoder().last_hidden_state(images, crop))
 
-    def _key(self, images: Sequence[np.ndarray], crop: CropMode | None, output: EncoderOutput) -> EncodingKey:
+    def encoding_key(self, images: Sequence[np.ndarray], crop: CropMode | None, output: EncoderOutput) -> EncodingKey:
         return EncodingKey(FileKey.of(self.path), tuple(image_digest(i) for i in images), crop, output)
 
     def _cached(self, images: Sequence[np.ndarray], crop: CropMode | None, output: EncoderOutput,
                 compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return self.encodings.get(self._key(images, crop, output), compute)
+        return self.encodings.get(self.encoding_key(images, crop, output), compute)
 
     @contextlib.contextmanager
     def _lazy_encoder(self, on_device: bool) -> Iterator[Callable[[], ClipVisionEncoder]]:

@@ -1,40 +1,49 @@
-"""IP-Adapter runtime: image tokens once per job, decoupled attention added at every attn2.
+"""The IP-Adapter family: image tokens once per job, decoupled attention added at every attn2.
 
-At each cross-attention the session calls the forward that is current (the WebUI's chosen
-attention: sdp, xformers, sub-quadratic, ... untouched) and adds, for every IP unit,
-``scale * W_out @ attention(to_q(x), to_k_ip(tokens), to_v_ip(tokens))``. ``to_out`` is linear,
-so adding the image branch after it (without its bias, already in the text output) equals the
-reference's "add before to_out". Cond rows attend to the image tokens, uncond rows to the
-uncond tokens, by the row layout the denoiser reported.
+At each cross-attention the binding calls the forward that is current (the WebUI's chosen
+attention: sdp, xformers, sub-quadratic, ... untouched) and the session adds, for every IP unit,
+``scale * W_out @ attention(to_q(x), to_k_ip(tokens), to_v_ip(tokens))`` (``Point.ATTENTION``).
+``to_out`` is linear, so adding the image branch after it (without its bias, already in the text
+output) equals the reference's "add before to_out". Cond rows attend to the image tokens, uncond
+rows to the uncond tokens, by the row layout of the call.
 
 Two things keep the per-step cost small (bench/ip_overhead_cputime.py): the query is the one the
-text attention computed (caught by a forward hook on ``to_q`` for the duration of the call, never
-recomputed unless the current attention did not call ``to_q`` on this very input), and ``W_out`` is
-folded into the image values once per job: per head h, ``A_h V_h W_out_h^T = A_h (V_h W_out_h^T)``,
-so each step attends to 16 (or 4) precomputed rows of width ``dim`` instead of applying ``W_out``
-to every position.
+text attention computed (the binding catches it, see ``unet/a1111.capture_query``; it is recomputed
+only when the current attention did not call ``to_q`` on this very input), and ``W_out`` is folded
+into the image values once per job: per head h, ``A_h V_h W_out_h^T = A_h (V_h W_out_h^T)``, so each
+step attends to 16 (or 4) precomputed rows of width ``dim`` instead of applying ``W_out`` to every
+position.
+
+The image tokens (the adapter's projection of the encoder outputs, averaged or concatenated over the
+reference images) are kept in the encoding cache by adapter file, encoding and multi-image mode
+(``TokenKey``): a repeated unit costs neither an encoder pass nor a projection.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Iterator
+from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..formats.detect import ModelFamily
 from ..formats.ip import LoadedIPAdapter
+from ..models.clip_vision import CropMode
 from ..unet.layout import IPSite
-
-
-class MultiImage(str, Enum):
-    AVERAGE = "Average"  # one set of tokens: the mean over reference images
-    CONCAT = "Concatenate"  # N sets of tokens side by side
+from ..unet.points import Point, UNetCall
+from .blocks import block_weights
+from .build import BuildContext, Family
+from .cache import FileKey
+from .encodings import EncoderOutput, EncodingKey, ReferenceEncoder
+from .runtime import UnitRuntime
+from .units import AdapterUnit, MultiImage
 
 
 @dataclass
-class IPUnitRuntime:
+class IPUnitRuntime(UnitRuntime):
     label: str
     adapter: LoadedIPAdapter
     cond_tokens: torch.Tensor  # [1, T, context]
@@ -47,6 +56,8 @@ class IPUnitRuntime:
     _kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
+    points = frozenset({Point.ATTENTION})
+
     @classmethod
     def from_encoder_outputs(cls, label: str, adapter: LoadedIPAdapter, cond: torch.Tensor, uncond: torch.Tensor,
                              multi: MultiImage = MultiImage.AVERAGE, **kwargs) -> "IPUnitRuntime":
@@ -57,6 +68,18 @@ class IPUnitRuntime:
     def scale_at(self, site: IPSite) -> float:
         factor = 1.0 if self.block_weights is None else self.block_weights.get(site.block_index, 0.0)
         return self.weight * factor
+
+    def attends(self, site: IPSite) -> bool:
+        return self.scale_at(site) != 0.0
+
+    def attention(self, site: IPSite, attn: nn.Module, q: torch.Tensor, call: UNetCall | None) -> torch.Tensor:
+        """``scale * to_out_linear(attention(q, k_ip, v_ip))`` [rows, tokens, dim] for one attn2 call."""
+        cond_mask = call.cond_mask if call is not None else None
+        k, v = self.key_value(site, cond_mask, q, int(attn.heads), attn.to_out[0].weight)
+        # [b, heads, n, dim] summed over heads == W_out applied to the concatenated heads
+        out = F.scaled_dot_product_attention(q, k, v).sum(dim=1) * self.scale_at(site)
+        region = self.mask_for(call.latent_hw if call is not None else None, q.shape[2], out)
+        return out if region is None else out * region
 
     def key_value(self, site: IPSite, cond_mask: torch.Tensor | None, like: torch.Tensor, heads: int,
                   out_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,40 +157,43 @@ def layer_grid(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int] | Non
     return None
 
 
-@contextlib.contextmanager
-def capture_query(attn: torch.nn.Module, x: torch.Tensor) -> Iterator[dict]:
-    """While the text attention runs, keep what ``attn.to_q`` returns for exactly this ``x``."""
-    captured: dict[str, torch.Tensor] = {}
+@dataclass(frozen=True)
+class TokenKey:
+    """An IP unit's image tokens in the encoding cache: the adapter file, the images' encoding, the multi-image mode."""
 
-    def hook(_module, inputs, output):
-        if inputs and inputs[0] is x and "q" not in captured:
-            captured["q"] = output
-
-    handle = attn.to_q.register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
+    adapter: FileKey
+    encoding: EncodingKey  # the reference images' encoding (the "no image" one follows from it)
+    multi: MultiImage
 
 
-def image_attention(attn: torch.nn.Module, x: torch.Tensor, units: list[tuple[IPUnitRuntime, float]],
-                    site: IPSite, cond_mask: torch.Tensor | None,
-                    latent_hw: tuple[int, int] | None = None, query: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum over units of ``scale * to_out_linear(attention(q, k_ip, v_ip))`` for one attn2 call.
-    ``query``: ``to_q(x)`` as the text attention computed it, if caught (see ``capture_query``)."""
-    heads = int(attn.heads)
-    q = query if query is not None and query.shape[:2] == x.shape[:2] else attn.to_q(x)
-    b, n, inner = q.shape
-    q = q.view(b, n, heads, inner // heads).transpose(1, 2)
-    out_weight = attn.to_out[0].weight
-    total: torch.Tensor | None = None
-    for unit, scale in units:
-        k, v = unit.key_value(site, cond_mask, q, heads, out_weight)
-        # [b, heads, n, dim] summed over heads == W_out applied to the concatenated heads
-        out = F.scaled_dot_product_attention(q, k, v).sum(dim=1) * scale
-        region = unit.mask_for(latent_hw, n, out)
-        if region is not None:
-            out = out * region
-        total = out if total is None else total + out
-    assert total is not None
-    return total
+def cached_tokens(encoder: ReferenceEncoder, adapter: LoadedIPAdapter, adapter_file: FileKey,
+                  images: Sequence[np.ndarray], crop: CropMode, multi: MultiImage) -> tuple[torch.Tensor, torch.Tensor]:
+    """An IP unit's image tokens and "no image" tokens (``project_tokens`` of the encoder's outputs), cached."""
+    hidden_states = adapter.encoder_need.hidden_states
+    output = EncoderOutput.PENULTIMATE if hidden_states else EncoderOutput.IMAGE_EMBEDS
+    key = TokenKey(adapter_file, encoder.encoding_key(images, crop, output), multi)
+
+    def compute() -> torch.Tensor:
+        tokens, empty = project_tokens(adapter, *encoder.ip_outputs(images, crop, hidden_states), multi)
+        return torch.cat([tokens, empty])  # one entry: both are [1, T, context]
+
+    both = encoder.encodings.get(key, compute)
+    return both[:1], both[1:]
+
+
+def build(ctx: BuildContext, label: str, unit: AdapterUnit, adapter: LoadedIPAdapter, file: Path) -> IPUnitRuntime:
+    """Encode and project the reference images once for the whole job (or not at all when the same images
+    went through the same encoder and adapter before); the tokens serve every step and pass."""
+    adapter.check_compatible(ctx.bound, label)
+    need = adapter.encoder_need
+    encoder = ctx.reference_encoder(ctx.encoders.find(need.hidden_states, need.width, need.description))
+    tokens, empty = cached_tokens(encoder, adapter, FileKey.of(file), ctx.inputs.source_images(label, unit), unit.crop,
+                                  unit.multi_image)
+    return IPUnitRuntime(
+        label, adapter, tokens, empty, weight=unit.weight, start=unit.start, end=unit.end,
+        block_weights=block_weights(unit.block_preset, ctx.bound.arch, unit.composition_weight),
+        mask=ctx.inputs.mask(label, unit.mask))
+
+
+FAMILY = Family("IP-Adapter", (ModelFamily.IP_ADAPTER,),
+                ("model", "weight", "start", "end", "block_preset", "composition_weight", "multi_image", "crop"), build)

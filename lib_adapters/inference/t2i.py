@@ -1,37 +1,53 @@
-"""T2I-Adapter runtime: a condition image turned into four feature maps, once per resolution.
+"""The T2I-Adapter family: a condition image turned into four feature maps, once per resolution.
 
 The condition (the preprocessed map) is fitted to the size being generated (latent size x 8) with
 the unit's resize mode, padded at the bottom/right to a multiple of the adapter's PixelUnshuffle
 factor, and run through the adapter once; the result is cached by latent size, so the hires pass
-recomputes at its own size and sampling steps only read the cache.
+recomputes at its own size and sampling steps only read the cache. Each level's feature is added to
+``h`` after the T2I site of that level (``Point.RESIDUAL``), scaled per level by the control mode.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import IncompatibleModelError
+from ..formats.detect import ModelFamily
 from ..formats.t2i import LoadedT2IAdapter
 from ..models.t2i_adapter import SpatialAdapterConfig
-from ..preprocess.resize import fit_image
-from ..unet.layout import BoundLayout
+from ..preprocess.resize import ResizeMode, fit_image
+from ..unet.points import Point, UNetCall
+from .build import BuildContext, Family
+from .runtime import UnitRuntime
 from .schedule import cond_rows_only, level_scales
-from .units import AdapterUnit
+from .units import AdapterUnit, ControlMode
 
 LATENT_SCALE = 8  # pixels per latent cell in SD1.x/2.x and SDXL
 
 
 @dataclass
-class T2IUnitRuntime:
+class T2IUnitRuntime(UnitRuntime):
     label: str  # e.g. "Adapter 1", for messages
-    unit: AdapterUnit
     adapter: LoadedT2IAdapter
     condition: np.ndarray  # HWC uint8: the preprocessed map
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    control_mode: ControlMode = ControlMode.BALANCED
+    resize_mode: ResizeMode = ResizeMode.CROP_AND_RESIZE
     _cache: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict)
     forward_count: int = 0  # adapter evaluations so far (once per resolution)
+
+    points = frozenset({Point.RESIDUAL})
+
+    @classmethod
+    def from_unit(cls, label: str, unit: AdapterUnit, adapter: LoadedT2IAdapter,
+                  condition: np.ndarray) -> "T2IUnitRuntime":
+        return cls(label, adapter, condition, weight=unit.weight, start=unit.start, end=unit.end,
+                   control_mode=unit.control_mode, resize_mode=unit.resize_mode)
 
     @property
     def config(self) -> SpatialAdapterConfig:
@@ -40,25 +56,19 @@ class T2IUnitRuntime:
 
     @property
     def scales(self) -> tuple[float, ...]:
-        return level_scales(self.unit.weight, self.unit.control_mode)
+        return level_scales(self.weight, self.control_mode)
 
     @property
     def cond_rows_only(self) -> bool:
-        return cond_rows_only(self.unit.control_mode)
+        return cond_rows_only(self.control_mode)
 
-    def check_compatible(self, bound: BoundLayout) -> None:
-        cfg = self.config
-        if cfg.sdxl != bound.arch.is_sdxl:
-            kind = "SDXL" if cfg.sdxl else "SD1.x/SD2.x"
-            raise IncompatibleModelError(
-                f"{self.label}: '{self.adapter.name}' is an {kind} T2I-Adapter but the loaded checkpoint is "
-                f"{bound.arch.value}. Pick an adapter made for {bound.arch.value}."
-            )
-        if tuple(cfg.channels) != bound.t2i_channels:
-            raise IncompatibleModelError(
-                f"{self.label}: '{self.adapter.name}' produces features of widths {cfg.channels} but this UNet "
-                f"expects {bound.t2i_channels}."
-            )
+    def residual(self, level: int, h: torch.Tensor, call: UNetCall) -> torch.Tensor | None:
+        assert call.latent_hw is not None, "the binding reads the latent size off the UNet's entry"
+        feature = fit_feature(self.features(call.latent_hw, h.device)[level], h).to(h.dtype)
+        feature = feature * self.scales[level]
+        if self.cond_rows_only and call.cond_mask is not None:
+            feature = feature * call.cond_mask.view(-1, 1, 1, 1)
+        return feature
 
     def features(self, latent_hw: tuple[int, int], device: torch.device) -> list[torch.Tensor]:
         """fp32 features for this latent size, computed on first use."""
@@ -74,7 +84,7 @@ class T2IUnitRuntime:
 
     def condition_tensor(self, latent_hw: tuple[int, int]) -> torch.Tensor:
         height, width = latent_hw[0] * LATENT_SCALE, latent_hw[1] * LATENT_SCALE
-        fitted = fit_image(self.condition, width, height, self.unit.resize_mode)
+        fitted = fit_image(self.condition, width, height, self.resize_mode)
         tensor = torch.from_numpy(np.ascontiguousarray(fitted)).float().div(255.0).permute(2, 0, 1)[None]
         if self.config.image_channels == 1:
             tensor = tensor[:, :1]  # edge/sketch maps: the references feed the first channel
@@ -84,23 +94,19 @@ class T2IUnitRuntime:
             tensor = F.pad(tensor, (0, pad_w, 0, pad_h), mode="replicate")
         return tensor
 
+    def release(self) -> None:
+        self.adapter.module.to("cpu")
 
-@dataclass
-class StyleUnitRuntime:
-    """Style T2I-Adapter: tokens appended to the text context of every cross-attention, for cond
-    rows only (uncond rows get zero tokens, as sd-webui-controlnet does), scaled by the weight."""
 
-    label: str
-    tokens: torch.Tensor  # [1, num_tokens, context]
-    weight: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
+def build(ctx: BuildContext, label: str, unit: AdapterUnit, adapter: LoadedT2IAdapter, file: Path) -> T2IUnitRuntime:
+    adapter.check_compatible(ctx.bound, label)
+    condition = ctx.inputs.condition(unit, ctx.inputs.source_images(label, unit)[0])
+    return T2IUnitRuntime.from_unit(label, unit, adapter, condition)
 
-    def context_for(self, rows: int, cond_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-        tokens = (self.tokens * self.weight).to(like.device, like.dtype).expand(rows, -1, -1)
-        if cond_mask is not None:
-            tokens = tokens * cond_mask.to(like.dtype).view(-1, 1, 1)
-        return tokens
+
+FAMILY = Family("T2I-Adapter", (ModelFamily.T2I_FULL, ModelFamily.T2I_LIGHT),
+                ("model", "preprocessor", "weight", "start", "end", "control_mode", "resize_mode", "resolution",
+                 "threshold_a", "threshold_b"), build)
 
 
 def fit_feature(feature: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

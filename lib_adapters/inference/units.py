@@ -15,7 +15,6 @@ from ..errors import InputError
 from ..models.clip_vision import CropMode
 from ..preprocess.resize import ResizeMode
 from .blocks import BlockPreset
-from .ip import MultiImage
 
 
 class ControlMode(str, Enum):
@@ -36,6 +35,13 @@ class ControlMode(str, Enum):
             if "controlnet is more important" in value.lower():  # sd-webui-controlnet's wording
                 return cls.ADAPTER
         raise InputError(f"control_mode {value!r} is not one of: {', '.join(m.value for m in cls)}")
+
+
+class MultiImage(str, Enum):
+    """How an IP unit's several reference images combine."""
+
+    AVERAGE = "Average"  # one set of tokens: the mean over reference images
+    CONCAT = "Concatenate"  # N sets of tokens side by side
 
 
 NO_MODEL = "None"

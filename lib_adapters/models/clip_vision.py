@@ -1,30 +1,24 @@
-"""CLIP vision encoders from local files (transformers' ``CLIPVisionModelWithProjection`` layout).
+"""CLIP vision encoders (transformers' ``CLIPVisionModelWithProjection``) and what adapters need of them.
 
-The config (width, depth, patch, image size, projection) is read from the file's shapes; the two
-things shapes cannot tell come from the three released encoders: 16 heads for widths 1024 (ViT-L),
-1280 (ViT-H) and 1664 (ViT-bigG), and quick-GELU only for OpenAI's ViT-L. Images are prepared as
-the reference does (shortest side to the encoder's size with bicubic, centre crop, CLIP mean/std),
-or squashed to a square without cropping, as sd-webui-controlnet does.
+``ClipVisionEncoder`` wraps a loaded encoder (``formats/clip_vision.py`` reads the files): images are
+prepared as the reference does (shortest side to the encoder's size with bicubic, centre crop, CLIP
+mean/std), or squashed to a square without cropping, as sd-webui-controlnet does. ``EncoderShape``
+is its config; the two things a file's shapes cannot tell come from the three released encoders: 16
+heads for widths 1024 (ViT-L), 1280 (ViT-H) and 1664 (ViT-bigG), and quick-GELU only for OpenAI's
+ViT-L. ``EncoderNeed`` is what an adapter asks of an encoder (which output, how wide).
 """
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import FormatError
-from ..formats.reader import read_weights
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_PREFIX = "vision_model."
 _KNOWN_HEADS = {1024: 16, 1280: 16, 1664: 16}
 
 
@@ -58,22 +52,19 @@ class EncoderShape:
         return "quick_gelu" if self.hidden_size == 1024 else "gelu"
 
 
-def encoder_shape(sd: Mapping[str, torch.Tensor], source: str) -> EncoderShape:
-    try:
-        patch = sd[f"{_PREFIX}embeddings.patch_embedding.weight"]
-        positions = int(sd[f"{_PREFIX}embeddings.position_embedding.weight"].shape[0])
-        layers = {int(m.group(1)) for k in sd for m in [re.match(rf"{_PREFIX}encoder\.layers\.(\d+)\.", k)] if m}
-        return EncoderShape(
-            hidden_size=int(sd[f"{_PREFIX}embeddings.class_embedding"].shape[0]),
-            projection_dim=int(sd["visual_projection.weight"].shape[0]),
-            num_layers=len(layers),
-            patch_size=int(patch.shape[-1]),
-            image_size=int(patch.shape[-1] * math.isqrt(positions - 1)),
-            intermediate_size=int(sd[f"{_PREFIX}encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        )
-    except KeyError as exc:
-        raise FormatError(f"{source}: not a CLIP vision encoder in the transformers layout (missing {exc}). "
-                          "Use the image_encoder files that come with IP-Adapter (model.safetensors).") from exc
+@dataclass(frozen=True)
+class EncoderNeed:
+    """What an adapter needs from a CLIP vision encoder."""
+
+    hidden_states: bool  # penultimate hidden states (plus, full-face) or pooled image_embeds (base)
+    width: int  # hidden size (hidden_states) or projection size (image_embeds)
+
+    @property
+    def description(self) -> str:
+        names = {(False, 1024): "ViT-H/14", (False, 1280): "ViT-bigG/14", (True, 1280): "ViT-H/14",
+                 (True, 1664): "ViT-bigG/14", (False, 768): "ViT-L/14", (True, 1024): "ViT-L/14"}
+        kind = "hidden states" if self.hidden_states else "image embeddings"
+        return f"{names.get((self.hidden_states, self.width), 'CLIP vision')} ({kind} of width {self.width})"
 
 
 @dataclass
@@ -143,41 +134,3 @@ def _prepare(image: np.ndarray, size: int, crop: CropMode) -> np.ndarray:
         left, top = (new_w - size) // 2, (new_h - size) // 2
         pil = pil.crop((left, top, left + size, top + size))
     return np.asarray(pil, dtype=np.float32) / 255.0
-
-
-def encoder_from_state_dict(sd: Mapping[str, torch.Tensor], name: str) -> ClipVisionEncoder:
-    """The encoder with the file's weights. The network is built on the meta device and then takes fp32
-    copies of the file's tensors (``assign``): a ViT-H/14 is never initialised at random only to be
-    overwritten, which saves that allocation and seconds of CPU time. Copies, because safetensors hands out
-    tensors backed by a memory map of the file: a cached encoder must not keep the file mapped (it could not
-    be replaced on Windows, and a file rewritten in place would change or fault under it)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    shape = encoder_shape(sd, name)
-    config = CLIPVisionConfig(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-                              projection_dim=shape.projection_dim, num_hidden_layers=shape.num_layers,
-                              num_attention_heads=shape.num_heads, image_size=shape.image_size,
-                              patch_size=shape.patch_size, hidden_act=shape.activation)
-    with torch.device("meta"):
-        model = CLIPVisionModelWithProjection(config)
-    state = {k: v.to(torch.float32, copy=True) for k, v in sd.items()
-             if not k.endswith("position_ids")}  # position_ids: a buffer in older files
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as exc:  # a tensor of the wrong shape
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise FormatError(f"{name}: CLIP vision weights do not fit: {first}") from exc
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise FormatError(f"{name}: CLIP vision weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    embeddings = model.vision_model.embeddings
-    embeddings.position_ids = torch.arange(embeddings.num_positions).expand((1, -1))  # the only tensor not in files
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise FormatError(f"{name}: CLIP vision weights do not fit: no values for {left[:3]}")
-    return ClipVisionEncoder(name, shape, model.eval().requires_grad_(False))
-
-
-def load_clip_vision(path: str | Path) -> ClipVisionEncoder:
-    path = Path(path)
-    return encoder_from_state_dict(read_weights(path), path.stem)

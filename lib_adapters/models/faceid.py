@@ -1,20 +1,21 @@
 """IP-Adapter FaceID image projections, in the reference (tencent-ailab) key layout.
 
-FaceID replaces the CLIP image embedding by a face-recognition (ArcFace) embedding of 512 values:
+FaceID replaces the CLIP image embedding by a face-recognition (ArcFace) embedding of 512 values.
+``FaceIDVariant`` names the released models; each variant fixes its projection:
 
 - ``FaceIDProjection`` (FaceID, FaceID Portrait; reference ``MLPProjModel``): an MLP from the
   embedding to ``num_tokens`` context tokens (4; 16 for Portrait), each layer-normed.
   Keys: ``proj.0`` [hidden, 512], ``proj.2`` [tokens * dim, hidden], ``norm``.
 - ``FaceIDPlusProjection`` (FaceID Plus, Plus v2; reference ``ProjPlusModel``): the same MLP's
   tokens become the queries of a Perceiver over the CLIP ViT-H penultimate hidden states of the
-  aligned face crop (``perceiver_resampler.*``, the Plus ``Resampler`` without learned latents).
+  aligned face crop (``perceiver_resampler.*``: a ``Resampler`` without learned latents).
   Plus v2 was trained with a shortcut: ``out = id_tokens + s_scale * perceiver(id_tokens, clip)``;
   Plus uses the perceiver output alone. ``s_scale`` weighs the face structure seen by CLIP.
-- ``FaceIDResamplerProjection`` (FaceID Portrait SDXL "unnorm"): the Plus ``Resampler`` (learned
-  latents) reading the raw, not normalised, embedding as a one-token sequence: [N, 1, 512] -> 16 tokens.
+- ``FaceIDResamplerProjection`` (FaceID Portrait SDXL "unnorm"): a ``Resampler`` with learned
+  latents reading the raw, not normalised, embedding as a one-token sequence: [N, 1, 512] -> 16 tokens.
 
-``FaceIDAdapterModel`` pairs a projection with the per-attn2 ``to_k_ip``/``to_v_ip`` of the file
-(``IPKeyValue``), the shape the IP-Adapter runtime reads (``.image_proj``, ``.site(number)``).
+``FaceIDAdapterModel`` pairs a projection with the per-attn2 ``to_k_ip``/``to_v_ip`` of the file: an
+``ImagePromptModel``, the shape the IP-Adapter runtime reads (``.image_proj``, ``.site(number)``).
 """
 from __future__ import annotations
 
@@ -24,29 +25,40 @@ from enum import Enum
 import torch
 from torch import nn
 
-from .ip_adapter import IPKeyValue, ProjectionConfig, ProjectionKind, Resampler
+from .ip_adapter import ImagePromptModel
+from .resampler import Resampler
 
 FACE_EMBEDDING_DIM = 512
 
 
-class FaceIDKind(str, Enum):
-    MLP = "mlp"  # FaceID, FaceID Portrait
-    PLUS = "plus"  # FaceID Plus, Plus v2
-    RESAMPLER = "resampler"  # FaceID Portrait SDXL unnorm
+class FaceIDVariant(str, Enum):
+    """The released FaceID models: THE name for a FaceID file's kind (its projection follows from it)."""
+
+    FACEID = "FaceID"
+    PORTRAIT = "FaceID Portrait"
+    PORTRAIT_UNNORM = "FaceID Portrait (unnorm)"  # SDXL: a Resampler over the raw embedding
+    PLUS = "FaceID Plus"
+    PLUS_V2 = "FaceID Plus v2"  # the keys of Plus; trained with the shortcut
 
     @property
     def uses_clip(self) -> bool:
-        return self is FaceIDKind.PLUS
+        """Plus reads CLIP hidden states of the aligned face crop besides the face embedding."""
+        return self in (FaceIDVariant.PLUS, FaceIDVariant.PLUS_V2)
 
     @property
     def normed_embedding(self) -> bool:
         """Whether the projection takes the unit-length embedding (the unnorm model takes the raw one)."""
-        return self is not FaceIDKind.RESAMPLER
+        return self is not FaceIDVariant.PORTRAIT_UNNORM
+
+    @property
+    def shortcut(self) -> bool:
+        """Plus v2 adds the identity tokens back onto the perceiver's output, weighted by ``s_scale``."""
+        return self is FaceIDVariant.PLUS_V2
 
 
 @dataclass(frozen=True)
 class FaceIDConfig:
-    kind: FaceIDKind
+    variant: FaceIDVariant
     context_dim: int  # the UNet's cross-attention width (768 SD1.5, 2048 SDXL)
     num_tokens: int  # tokens per face (4; 16 for Portrait)
     id_dim: int = FACE_EMBEDDING_DIM
@@ -57,14 +69,12 @@ class FaceIDConfig:
     perceiver_heads: int = 0  # 64-wide heads
     perceiver_ff_mult: int = 4
 
-    def perceiver_config(self) -> ProjectionConfig:
-        """The Plus resampler's config: for Plus the perceiver over CLIP (its queries are the identity
-        tokens), for unnorm the whole projection over the face embedding (``id_dim`` wide)."""
-        width = self.id_dim if self.kind is FaceIDKind.RESAMPLER else self.clip_dim
-        return ProjectionConfig(ProjectionKind.RESAMPLER, clip_dim=width, context_dim=self.context_dim,
-                                num_tokens=self.num_tokens, resampler_dim=self.perceiver_dim,
-                                resampler_depth=self.perceiver_depth, resampler_heads=self.perceiver_heads,
-                                resampler_ff_mult=self.perceiver_ff_mult)
+    def perceiver_shape(self) -> tuple[int, int, int, int, int, int]:
+        """``Resampler``'s (in_dim, dim, out_dim, depth, heads, ff_mult): for Plus the perceiver over CLIP (its
+        queries are the identity tokens), for unnorm the whole projection over the face embedding."""
+        width = self.clip_dim if self.variant.uses_clip else self.id_dim
+        return (width, self.perceiver_dim, self.context_dim, self.perceiver_depth, self.perceiver_heads,
+                self.perceiver_ff_mult)
 
 
 class FaceIDProjection(nn.Module):
@@ -82,25 +92,10 @@ class FaceIDProjection(nn.Module):
         return self.norm(tokens)
 
     def forward(self, face_embeds: torch.Tensor, clip_hidden: torch.Tensor | None = None,
-                s_scale: float = 1.0, shortcut: bool = False) -> torch.Tensor:
+                s_scale: float = 1.0) -> torch.Tensor:
         if clip_hidden is not None:
             raise ValueError("FaceID (not Plus) takes no CLIP hidden states")
         return self.id_tokens(face_embeds)
-
-
-class FacePerceiver(Resampler):
-    """The Plus ``Resampler`` whose queries are the identity tokens instead of learned latents."""
-
-    def __init__(self, cfg: ProjectionConfig):
-        super().__init__(cfg)
-        del self.latents  # not in FaceID Plus files: the queries come from the face embedding
-
-    def forward(self, latents: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = self.proj_in(hidden_states)
-        for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
-            latents = ff(latents) + latents
-        return self.norm_out(self.proj_out(latents))
 
 
 class FaceIDPlusProjection(FaceIDProjection):
@@ -108,46 +103,41 @@ class FaceIDPlusProjection(FaceIDProjection):
 
     def __init__(self, cfg: FaceIDConfig):
         super().__init__(cfg)
-        self.perceiver_resampler = FacePerceiver(cfg.perceiver_config())
+        self.perceiver_resampler = Resampler(*cfg.perceiver_shape())  # no latents: the identity tokens query
 
     def forward(self, face_embeds: torch.Tensor, clip_hidden: torch.Tensor | None = None,
-                s_scale: float = 1.0, shortcut: bool = False) -> torch.Tensor:
+                s_scale: float = 1.0) -> torch.Tensor:
         if clip_hidden is None:
             raise ValueError("FaceID Plus needs the CLIP hidden states of the aligned face crop")
         tokens = self.id_tokens(face_embeds)
-        out = self.perceiver_resampler(tokens, clip_hidden)
-        return tokens + s_scale * out if shortcut else out
+        out = self.perceiver_resampler(clip_hidden, latents=tokens)
+        return tokens + s_scale * out if self.config.variant.shortcut else out
 
 
 class FaceIDResamplerProjection(Resampler):
-    """Raw face embedding [N, 512] -> [N, num_tokens, context_dim] through the Plus resampler."""
+    """Raw face embedding [N, 512] -> [N, num_tokens, context_dim] through a Resampler with learned latents."""
 
     def __init__(self, cfg: FaceIDConfig):
-        super().__init__(cfg.perceiver_config())
+        super().__init__(*cfg.perceiver_shape(), num_latents=cfg.num_tokens)
 
     def forward(self, face_embeds: torch.Tensor, clip_hidden: torch.Tensor | None = None,  # type: ignore[override]
-                s_scale: float = 1.0, shortcut: bool = False) -> torch.Tensor:
+                s_scale: float = 1.0) -> torch.Tensor:
         if clip_hidden is not None:
             raise ValueError("FaceID Portrait takes no CLIP hidden states")
         return super().forward(face_embeds[:, None, :])
 
 
 def build_faceid_projection(cfg: FaceIDConfig) -> nn.Module:
-    """The projection for ``cfg``; every kind is called as ``proj(face_embeds, clip_hidden, s_scale, shortcut)``."""
-    if cfg.kind is FaceIDKind.PLUS:
+    """The projection for ``cfg``; every variant's is called as ``proj(face_embeds, clip_hidden, s_scale)``."""
+    if cfg.variant.uses_clip:
         return FaceIDPlusProjection(cfg)
-    if cfg.kind is FaceIDKind.RESAMPLER:
+    if cfg.variant is FaceIDVariant.PORTRAIT_UNNORM:
         return FaceIDResamplerProjection(cfg)
     return FaceIDProjection(cfg)
 
 
-class FaceIDAdapterModel(nn.Module):
-    """``image_proj`` (a FaceID projection) plus one ``IPKeyValue`` per attn2 site, keyed by the file's numbers."""
+class FaceIDAdapterModel(ImagePromptModel):
+    """A FaceID projection plus one ``IPKeyValue`` per attn2 site, keyed by the file's numbers."""
 
     def __init__(self, cfg: FaceIDConfig, site_hidden: dict[int, int]):
-        super().__init__()
-        self.image_proj = build_faceid_projection(cfg)
-        self.ip_adapter = nn.ModuleDict({str(n): IPKeyValue(cfg.context_dim, h) for n, h in sorted(site_hidden.items())})
-
-    def site(self, number: int) -> IPKeyValue:
-        return self.ip_adapter[str(number)]
+        super().__init__(build_faceid_projection(cfg), cfg.context_dim, site_hidden)

@@ -1,41 +1,46 @@
 """IP-Adapter networks in the reference (tencent-ailab) key layout.
 
-An IP-Adapter file holds an image projection (``image_proj.*``) that turns CLIP vision outputs
-into context tokens, and per cross-attention site a pair of bias-free projections
-(``ip_adapter.{N}.to_k_ip`` / ``to_v_ip``) that turn those tokens into keys and values. The
-projection comes in three forms, each built from a frozen config read off the file's shapes:
+An IP-Adapter file holds an image projection (``image_proj.*``) that turns image features into
+context tokens, and per cross-attention site a pair of bias-free projections
+(``ip_adapter.{N}.to_k_ip`` / ``to_v_ip``) that turn those tokens into keys and values. That pair
+of parts is the shape every IP-Adapter family shares (``ImagePromptModel``; FaceID's projection
+reads a face embedding instead, see ``faceid.py``). The CLIP projection comes in three forms
+(``IPProjection``), each built from a frozen config read off the file's shapes:
 
-- ``LinearProjection`` (base, light, vit-G): pooled ``image_embeds`` -> ``num_tokens`` tokens.
+- ``LinearProjection`` (plain: base, light, vit-G): pooled ``image_embeds`` -> ``num_tokens`` tokens.
 - ``Resampler`` (plus, plus-face): penultimate hidden states -> 16 learned queries (a Perceiver).
 - ``MLPProjection`` (full-face): every penultimate hidden state -> one token each (257).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import Enum
 
 import torch
 from torch import nn
 
+from .resampler import Resampler
 
-class ProjectionKind(str, Enum):
-    LINEAR = "linear"  # ImageProjModel
-    RESAMPLER = "resampler"  # Resampler (plus)
-    MLP = "mlp"  # MLPProjModel (full-face)
+
+class IPProjection(str, Enum):
+    """An IP-Adapter's image projection: THE name for it (files, the runtime, training, the API's values)."""
+
+    PLAIN = "plain"  # LinearProjection (the reference's ImageProjModel): ip-adapter_sd15, _light, _vit-G, _sdxl
+    PLUS = "plus"  # Resampler: ip-adapter-plus_*, plus-face
+    FULL_FACE = "full-face"  # MLPProjection (MLPProjModel): ip-adapter-full-face
 
     @property
     def uses_hidden_states(self) -> bool:
         """Plus and full-face read the encoder's penultimate hidden states, not ``image_embeds``."""
-        return self is not ProjectionKind.LINEAR
+        return self is not IPProjection.PLAIN
 
 
 @dataclass(frozen=True)
 class ProjectionConfig:
-    kind: ProjectionKind
+    kind: IPProjection
     clip_dim: int  # width of what the encoder hands over (image_embeds or hidden states)
     context_dim: int  # the UNet's cross-attention width
-    num_tokens: int  # tokens per image (linear and resampler; MLP keeps the encoder's count)
+    num_tokens: int  # tokens per image (plain and plus; full-face keeps the encoder's count)
     resampler_dim: int = 0
     resampler_depth: int = 0
     resampler_heads: int = 0
@@ -67,64 +72,13 @@ class MLPProjection(nn.Module):
         return self.proj(hidden_states)
 
 
-class _PerceiverAttention(nn.Module):
-    """Latents attend to [image tokens, latents]; 64-dim heads as in every released file."""
-
-    def __init__(self, dim: int, heads: int, dim_head: int = 64):
-        super().__init__()
-        self.heads, self.dim_head = heads, dim_head
-        inner = heads * dim_head
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.heads, self.dim_head).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        x, latents = self.norm1(x), self.norm2(latents)
-        q = self._heads(self.to_q(latents))
-        k, v = (self._heads(t) for t in self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1))
-        scale = 1 / math.sqrt(math.sqrt(self.dim_head))  # split between q and k for fp16 range
-        weight = torch.softmax(((q * scale) @ (k * scale).transpose(-2, -1)).float(), dim=-1).to(q.dtype)
-        out = (weight @ v).transpose(1, 2).reshape(latents.shape[0], latents.shape[1], -1)
-        return self.to_out(out)
-
-
-class Resampler(nn.Module):
-    def __init__(self, cfg: ProjectionConfig):
-        super().__init__()
-        self.config = cfg
-        dim = cfg.resampler_dim
-        self.latents = nn.Parameter(torch.randn(1, cfg.num_tokens, dim) / dim**0.5)
-        self.proj_in = nn.Linear(cfg.clip_dim, dim)
-        self.proj_out = nn.Linear(dim, cfg.context_dim)
-        self.norm_out = nn.LayerNorm(cfg.context_dim)
-        inner = dim * cfg.resampler_ff_mult
-        self.layers = nn.ModuleList(
-            nn.ModuleList([
-                _PerceiverAttention(dim, cfg.resampler_heads),
-                nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
-                              nn.Linear(inner, dim, bias=False)),
-            ])
-            for _ in range(cfg.resampler_depth)
-        )
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        latents = self.latents.expand(hidden_states.shape[0], -1, -1)
-        x = self.proj_in(hidden_states)
-        for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
-            latents = ff(latents) + latents
-        return self.norm_out(self.proj_out(latents))
-
-
 def build_projection(cfg: ProjectionConfig) -> nn.Module:
-    return {ProjectionKind.LINEAR: LinearProjection, ProjectionKind.RESAMPLER: Resampler,
-            ProjectionKind.MLP: MLPProjection}[cfg.kind](cfg)
+    if cfg.kind is IPProjection.PLUS:
+        return Resampler(cfg.clip_dim, cfg.resampler_dim, cfg.context_dim, cfg.resampler_depth, cfg.resampler_heads,
+                         cfg.resampler_ff_mult, num_latents=cfg.num_tokens)
+    if cfg.kind is IPProjection.FULL_FACE:
+        return MLPProjection(cfg)
+    return LinearProjection(cfg)
 
 
 class IPKeyValue(nn.Module):
@@ -136,14 +90,21 @@ class IPKeyValue(nn.Module):
         self.to_v_ip = nn.Linear(context_dim, hidden, bias=False)
 
 
-class IPAdapterModel(nn.Module):
-    """``image_proj`` plus one ``IPKeyValue`` per attn2 site, keyed by the file's odd numbers."""
+class ImagePromptModel(nn.Module):
+    """``image_proj`` (any projection to context tokens) plus one ``IPKeyValue`` per attn2 site, keyed by the
+    file's odd numbers: what the IP-Adapter runtime reads (``.image_proj``, ``.site(number)``)."""
 
-    def __init__(self, projection: ProjectionConfig, site_hidden: dict[int, int]):
+    def __init__(self, image_proj: nn.Module, context_dim: int, site_hidden: dict[int, int]):
         super().__init__()
-        self.image_proj = build_projection(projection)
-        self.ip_adapter = nn.ModuleDict({str(n): IPKeyValue(projection.context_dim, h)
-                                         for n, h in sorted(site_hidden.items())})
+        self.image_proj = image_proj
+        self.ip_adapter = nn.ModuleDict({str(n): IPKeyValue(context_dim, h) for n, h in sorted(site_hidden.items())})
 
     def site(self, number: int) -> IPKeyValue:
         return self.ip_adapter[str(number)]
+
+
+class IPAdapterModel(ImagePromptModel):
+    """An IP-Adapter over CLIP image features: the projection of ``projection``'s kind."""
+
+    def __init__(self, projection: ProjectionConfig, site_hidden: dict[int, int]):
+        super().__init__(build_projection(projection), projection.context_dim, site_hidden)

@@ -22,17 +22,19 @@ import torch
 from torch import nn
 
 
-class AdapterKind(str, Enum):
-    FULL = "full"
-    LIGHT = "light"
-    STYLE = "style"
+class T2IKind(str, Enum):
+    """A spatial T2I-Adapter's network: THE name for it (files, training, the API's values). The style adapter
+    is no kind of these: it has its own config and network (``StyleAdapterConfig``)."""
+
+    FULL = "full"  # TencentARC ``Adapter`` / ``Adapter_XL`` (depth, sketch, canny, openpose, ...)
+    LIGHT = "light"  # TencentARC ``Adapter_light`` (colour)
 
 
 @dataclass(frozen=True)
 class SpatialAdapterConfig:
     """Shape of a full or light adapter, as read from a state dict."""
 
-    kind: AdapterKind
+    kind: T2IKind
     in_channels: int  # after PixelUnshuffle: image channels * unshuffle**2
     channels: tuple[int, ...]  # feature channels per level
     num_res_blocks: int
@@ -51,11 +53,6 @@ class SpatialAdapterConfig:
             return level == 2
         return level > 0
 
-    @property
-    def total_downscale(self) -> int:
-        halvings = sum(self.halves_before(i) for i in range(len(self.channels)))
-        return self.unshuffle * 2**halvings
-
 
 @dataclass(frozen=True)
 class StyleAdapterConfig:
@@ -64,7 +61,6 @@ class StyleAdapterConfig:
     num_heads: int = 8
     num_layers: int = 3
     num_tokens: int = 8
-    kind: AdapterKind = AdapterKind.STYLE
 
 
 class _Downsample(nn.Module):
@@ -234,6 +230,6 @@ def build_adapter(cfg: SpatialAdapterConfig | StyleAdapterConfig) -> nn.Module:
     """The module for a config; weights are random until a state dict is loaded."""
     if isinstance(cfg, StyleAdapterConfig):
         return StyleAdapter(cfg)
-    if cfg.kind is AdapterKind.LIGHT:
+    if cfg.kind is T2IKind.LIGHT:
         return LightAdapter(cfg)
     return FullAdapter(cfg)

@@ -27,6 +27,9 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..formats.detect import T2ILayout
+from ..models.ip_adapter import IPProjection
+from ..models.t2i_adapter import T2IKind
 
 
 class Method(str, Enum):
@@ -84,26 +87,9 @@ class LoraTargets(str, Enum):
         return self is LoraTargets.ATTENTION_FF_CONV
 
 
-class IPProjection(str, Enum):
-    """The IP-Adapter's image projection (token counts fixed by the reference and its loaders)."""
-
-    PLAIN = "plain"  # linear projection of the pooled image_embeds to 4 tokens (ip-adapter_sd15 / _sdxl)
-    PLUS = "plus"  # Resampler over the penultimate hidden states to 16 tokens (ip-adapter-plus_*)
-
-
-class T2IKind(str, Enum):
-    FULL = "full"  # TencentARC ``Adapter`` / ``Adapter_XL`` (depth, sketch, canny, openpose, ...)
-    LIGHT = "light"  # TencentARC ``Adapter_light`` (colour)
-
-
 class TimestepSampling(str, Enum):
     UNIFORM = "uniform"
     CUBIC = "cubic"  # t = (1 - u**3) * T: more high-noise steps, where structure is decided (the SDXL recipe)
-
-
-class T2ILayout(str, Enum):
-    TENCENTARC = "tencentarc"  # body.N.* keys: what sd-webui-controlnet, ComfyUI and our panel load
-    DIFFUSERS = "diffusers"  # adapter.body.L.resnets.J.* keys: diffusers' ``T2IAdapter``
 
 
 SAVED_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.BF16)
@@ -243,7 +229,9 @@ class LoraConfig:
 class IPAdapterConfig:
     """IP-Adapter training (the reference's tutorial_train.py / tutorial_train_plus.py recipe)."""
 
-    projection: IPProjection = knob(IPProjection.PLAIN, label="Projection (plus: Resampler, 16 tokens)")
+    # full-face IP-Adapters are loaded by the panel, not trained
+    projection: IPProjection = knob(IPProjection.PLAIN, label="Projection (plus: Resampler, 16 tokens)",
+                                    choices=(IPProjection.PLAIN, IPProjection.PLUS))
     image_encoder: Path | None = knob(None, label="CLIP image encoder", file="encoder",
                                       none="the released adapters' one, found in the encoder folders")
     encoder_folders: tuple[Path, ...] = knob((), place=True)  # e.g. the WebUI's models/clip_vision

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from ..arch import BaseArch
 from ..catalog import EncoderCatalog
 from ..errors import InputError, MissingFileError
-from ..formats.ip import EncoderNeed
-from ..models.clip_vision import ClipVisionEncoder, CropMode, load_clip_vision
+from ..formats.clip_vision import load_clip_vision
+from ..models.clip_vision import ClipVisionEncoder, CropMode, EncoderNeed
 from .config import IPAdapterConfig, IPProjection
 from .data import DatasetInvalidError, DatasetProblem, ImageRecord, ProblemKind, _read_size, cap_caption
 from .latent_cache import module_fingerprint

@@ -14,16 +14,13 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError, FormatError, InputError, MissingFileError
+from ..formats.clip_vision import encoder_shape
 from ..formats.detect import detect_family
-from ..formats.ip import IPVariant, LoadedIPAdapter, load_ip_adapter
+from ..formats.ip import LoadedIPAdapter, load_ip_adapter
 from ..formats.reader import SAFETENSORS_SUFFIXES, read_safetensors_shapes, read_state_dict
 from ..formats.t2i import LoadedT2IAdapter, load_t2i_adapter
-from ..models.clip_vision import encoder_shape
 from ..models.t2i_adapter import SpatialAdapterConfig
 from .config import IPAdapterConfig, IPProjection, Method, T2IConfig, TrainConfig
-
-_WANTED_IP = {IPProjection.PLAIN: IPVariant.BASE, IPProjection.PLUS: IPVariant.PLUS}
-
 
 def _named(field: str, path: Path, load):
     """``load(path)``, with any problem as an error naming the field and the file."""
@@ -52,10 +49,10 @@ def load_t2i_start(t2i: T2IConfig) -> LoadedT2IAdapter:
 def load_ip_start(ip: IPAdapterConfig) -> LoadedIPAdapter:
     """The IP-Adapter ``ip.init_from`` names, of the run's projection (plain = base, plus = plus)."""
     start = _named("ip_init_from", ip.init_from, load_ip_adapter)
-    if start.variant is IPVariant.FULL_FACE:
+    if start.variant is IPProjection.FULL_FACE:
         raise InputError(f"ip_init_from: {ip.init_from} holds a full-face IP-Adapter; training supports plain and "
                          "plus adapters only. Fine-tune a plain or plus file, or start from scratch")
-    if start.variant is not _WANTED_IP[ip.projection]:
+    if start.variant is not ip.projection:
         raise InputError(f"ip_init_from: {ip.init_from} holds a {start.variant.value} IP-Adapter but ip_projection is "
                          f"{ip.projection.value}; to fine-tune it choose that projection (plain = base, plus = plus), "
                          "or start from scratch")

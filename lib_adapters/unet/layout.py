@@ -92,10 +92,6 @@ class BoundLayout:
                                     block_index=call_order[path], hidden=int(attn2.to_k.out_features)))
         return tuple(sites)
 
-    @property
-    def num_attn_blocks(self) -> int:
-        return len(self.layout.attn_input_blocks) + 1 + len(self.layout.attn_output_blocks)
-
 
 def bind_layout(unet: nn.Module) -> BoundLayout:
     """Detect the architecture and check that every named site exists in this UNet."""

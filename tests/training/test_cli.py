@@ -177,10 +177,10 @@ def test_the_cli_trains_a_t2i_adapter_that_our_loader_reads(tmp_path):
     output = tmp_path / "out" / "edges_adapter.safetensors"
     assert f"done: {output}" in text and "models/adapters" in text and "<lora:" not in text
     from lib_adapters.formats.t2i import LoadedT2IAdapter
-    from lib_adapters.models.t2i_adapter import AdapterKind
+    from lib_adapters.models.t2i_adapter import T2IKind
 
     loaded = load_adapter(output)
-    assert isinstance(loaded, LoadedT2IAdapter) and loaded.config.kind is AdapterKind.LIGHT
+    assert isinstance(loaded, LoadedT2IAdapter) and loaded.config.kind is T2IKind.LIGHT
     assert loaded.config.in_channels == 1 * 8 * 8  # one channel, pixel-unshuffled by 8 as the released adapters
 
 
@@ -189,7 +189,8 @@ def test_the_cli_trains_an_ip_adapter_plus_that_our_loader_reads(tmp_path):
     from fixtures.clip import save_clip_vision, tiny_clip_vision
 
     from lib_adapters.formats.adapter_file import load_adapter
-    from lib_adapters.formats.ip import IPVariant, LoadedIPAdapter
+    from lib_adapters.formats.ip import LoadedIPAdapter
+    from lib_adapters.models.ip_adapter import IPProjection
 
     make_shapes_dataset(tmp_path / "ds", "2_shapes")
     encoder = save_clip_vision(tiny_clip_vision(), tmp_path / "clip")
@@ -199,7 +200,7 @@ def test_the_cli_trains_an_ip_adapter_plus_that_our_loader_reads(tmp_path):
     output = tmp_path / "out" / "ref_adapter.safetensors"
     assert f"done: {output}" in text and "reference image" in text and "<lora:" not in text
     loaded = load_adapter(output)
-    assert isinstance(loaded, LoadedIPAdapter) and loaded.variant is IPVariant.PLUS and loaded.projection.num_tokens == 16
+    assert isinstance(loaded, LoadedIPAdapter) and loaded.variant is IPProjection.PLUS and loaded.projection.num_tokens == 16
 
 
 def test_bad_output_names_and_wrong_named_files_exit_2_before_the_model_loads(tmp_path, monkeypatch):

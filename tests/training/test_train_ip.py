@@ -11,7 +11,8 @@ from safetensors import safe_open
 from train_helpers import make_shapes_dataset, tiny
 
 from fixtures.clip import save_clip_vision, tiny_clip_vision
-from lib_adapters.formats.ip import IPVariant, load_ip_adapter
+from lib_adapters.formats.ip import load_ip_adapter
+from lib_adapters.models.ip_adapter import IPProjection
 from lib_adapters.training.config import IPAdapterConfig, TrainConfig
 from lib_adapters.training.loop import train
 from lib_adapters.training.methods.ip_adapter import IPAdapterMethod, draw_drops
@@ -101,7 +102,7 @@ def test_a_new_adapter_copies_to_k_to_v_and_leaves_the_unet_as_it_was(arch, enco
 def _changed(path: Path, arch: str, encoder: Path) -> list[str]:
     """Keys of the exported file that moved away from the run's initial weights (``to_k_ip`` = ``to_k`` ...)."""
     _, backend = tiny(arch)
-    projection = "plus" if load_ip_adapter(path).variant is IPVariant.PLUS else "plain"
+    projection = "plus" if load_ip_adapter(path).variant is IPProjection.PLUS else "plain"
     torch.manual_seed(3)  # the run's seed: the same initial projection as the run drew
     fresh = IPAdapterMethod(backend, IPAdapterConfig(projection=projection, image_encoder=encoder))
     fresh.close()
@@ -135,7 +136,7 @@ def test_a_short_run_exports_a_file_our_loader_reads(arch, kind, projection, enc
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert _same_unet(unet, before)
     loaded = load_ip_adapter(result.output)
-    assert loaded.variant is (IPVariant.PLUS if projection == "plus" else IPVariant.BASE)
+    assert loaded.variant is (IPProjection.PLUS if projection == "plus" else IPProjection.PLAIN)
     assert loaded.projection.num_tokens == (16 if projection == "plus" else 4)
     sites = bind_layout(tiny(arch)[0].model.diffusion_model).ip_sites()
     assert loaded.site_hidden == {s.number: s.hidden for s in sites}  # the reference numbering: 1, 3, 5, ...

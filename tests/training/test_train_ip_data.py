@@ -14,8 +14,8 @@ from train_helpers import make_shapes_dataset, shape_image, tiny
 from fixtures.clip import save_clip_vision, tiny_clip_vision
 from lib_adapters.arch import BaseArch
 from lib_adapters.errors import InputError, MissingFileError
-from lib_adapters.formats.ip import EncoderNeed
-from lib_adapters.models.clip_vision import CropMode, load_clip_vision
+from lib_adapters.formats.clip_vision import load_clip_vision
+from lib_adapters.models.clip_vision import CropMode, EncoderNeed
 from lib_adapters.training.config import IPAdapterConfig, IPProjection, TrainConfig
 from lib_adapters.training.data import DatasetInvalidError, ProblemKind
 from lib_adapters.training.ip_data import ImageFeatures, load_training_encoder, reference_encoder

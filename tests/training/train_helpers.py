@@ -156,7 +156,8 @@ def reading_clip_vision(folder: Path, images: list, targets: torch.Tensor, seed:
 
     from fixtures.clip import save_clip_vision, tiny_clip_vision
 
-    from lib_adapters.models.clip_vision import CropMode, load_clip_vision
+    from lib_adapters.formats.clip_vision import load_clip_vision
+    from lib_adapters.models.clip_vision import CropMode
 
     model = tiny_clip_vision(seed)
     encoder = load_clip_vision(save_clip_vision(model, Path(folder), name))

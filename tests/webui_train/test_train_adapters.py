@@ -16,7 +16,8 @@ from PIL import Image
 import driver
 from fixtures.clip import save_clip_vision, tiny_clip_vision
 from lib_adapters.errors import InputError, MissingFileError
-from lib_adapters.formats.ip import IPVariant, load_ip_adapter
+from lib_adapters.formats.ip import load_ip_adapter
+from lib_adapters.models.ip_adapter import IPProjection
 from lib_adapters.formats.reader import read_safetensors_metadata, read_state_dict
 from lib_adapters.formats.t2i import load_t2i_adapter
 from lib_adapters.training.data import DatasetInvalidError
@@ -125,7 +126,7 @@ def test_ip_run_with_an_encoder_named_as_in_models_clip_vision_drives_the_next_g
     target = panel.adapters / "shapes_ip.safetensors"
     assert final.output == str(target) and target.is_file()
     loaded = load_ip_adapter(target)
-    assert loaded.variant is IPVariant.PLUS and loaded.projection.num_tokens == 16
+    assert loaded.variant is IPProjection.PLUS and loaded.projection.num_tokens == 16
     assert loaded.encoder_need.hidden_states and loaded.encoder_need.width == 96  # the tiny encoder's hidden size
     meta = read_safetensors_metadata(target)
     assert meta["clip_vision_encoder"] and meta["steps"] == "3" and meta["ip_projection"] == "plus"

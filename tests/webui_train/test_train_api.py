@@ -331,14 +331,14 @@ def test_named_files_that_are_unreadable_or_of_another_family_get_a_400_before_a
 
     from fixtures.ip import random_ip_state_dict
     from fixtures.clip import save_clip_vision, tiny_clip_vision
-    from lib_adapters.models.t2i_adapter import AdapterKind, SpatialAdapterConfig, build_adapter
+    from lib_adapters.models.t2i_adapter import SpatialAdapterConfig, T2IKind, build_adapter
     from lib_adapters.unet.layout import bind_layout
     client, jobs = api
     save_clip_vision(tiny_clip_vision(), webui.root / "models" / "clip_vision")  # the default encoder is there
     lora = _lora_file(tmp_path / "a_lora.safetensors")
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header!!}")
-    adapter = build_adapter(SpatialAdapterConfig(AdapterKind.FULL, in_channels=64, channels=(32, 64, 128, 128),
+    adapter = build_adapter(SpatialAdapterConfig(T2IKind.FULL, in_channels=64, channels=(32, 64, 128, 128),
                                                  num_res_blocks=2, unshuffle=8))  # canny (1 channel) for the tiny UNet
     t2i_file = tmp_path / "t2i.safetensors"
     save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(t2i_file))

@@ -6,7 +6,7 @@ The recipe is the reference's (tencent-ailab ``tutorial_train.py`` / ``tutorial_
 its image (the reference's uncond: zero ``image_embeds``, or the encoder's output for an all-zero input
 for Plus), without its caption, or without both, at the configured rates, drawn from the run's seeded
 generator so that a resumed run draws the same. Image tokens reach the UNet through the panel's own
-``GenerationSession`` attn2 wrapper and ``image_attention``; only the unit below differs from the
+``GenerationSession`` and attn2 wrapper (``unet/a1111.py``); only the unit below differs from the
 panel's: its keys and values are per batch row and keep their gradients. The UNet is never modified:
 ``close()`` removes the wrappers, and the CLIP vision encoder is the run's own frozen copy.
 
@@ -29,11 +29,13 @@ from safetensors.torch import save_file
 
 from ...arch import BaseArch
 from ...errors import FormatError, IncompatibleModelError
-from ...formats.ip import IPVariant, LoadedIPAdapter
-from ...formats.t2i import load_strict
+from ...formats.ip import LoadedIPAdapter
+from ...formats.state_dict import load_strict
 from ...inference.ip import IPUnitRuntime, fold_key_value
 from ...inference.session import GenerationSession
-from ...models.ip_adapter import IPAdapterModel, ProjectionConfig, ProjectionKind
+from ...models.ip_adapter import IPAdapterModel, ProjectionConfig
+from ...models.resampler import DIM_HEAD
+from ...unet.a1111 import A1111Binding
 from ...unet.layout import IPSite
 from ..backends.base import TrainingBackend
 from ..config import IPAdapterConfig, IPProjection, TrainConfig
@@ -50,7 +52,6 @@ log = logging.getLogger(__name__)
 
 _KIND = {IPProjection.PLAIN: ProjectionKind.LINEAR, IPProjection.PLUS: ProjectionKind.RESAMPLER}
 _TOKENS = {IPProjection.PLAIN: 4, IPProjection.PLUS: 16}  # fixed by diffusers' and sd-webui-controlnet's loaders
-DIM_HEAD = 64  # Resampler heads are 64 wide (formats/ip.py reads heads back as to_q width / 64)
 
 
 @dataclass
@@ -90,8 +91,8 @@ def draw_drops(n: int, config: IPAdapterConfig, generator: torch.Generator) -> l
 
 
 def _projection_config(config: IPAdapterConfig, clip_dim: int, context_dim: int, sdxl: bool) -> ProjectionConfig:
-    kind = _KIND[config.projection]
-    if kind is ProjectionKind.LINEAR:
+    kind = config.projection
+    if kind is IPProjection.PLAIN:
         return ProjectionConfig(kind, clip_dim=clip_dim, context_dim=context_dim, num_tokens=_TOKENS[config.projection])
     dim = config.resampler_dim or (1280 if sdxl and context_dim == 2048 else context_dim)
     return ProjectionConfig(kind, clip_dim=clip_dim, context_dim=context_dim, num_tokens=_TOKENS[config.projection],
@@ -156,13 +157,11 @@ class IPAdapterMethod(MethodBase):
         self._drops: tuple[MethodBatch, list[Drops]] | None = None
 
     def _install(self, sites: tuple[IPSite, ...]) -> None:
-        adapter = LoadedIPAdapter("training", self.model, self.projection,
-                                  IPVariant.BASE if self.projection.kind is ProjectionKind.LINEAR else IPVariant.PLUS,
-                                  {s.number: s.hidden for s in sites})
+        adapter = LoadedIPAdapter("training", self.model, self.projection, {s.number: s.hidden for s in sites})
         empty = torch.zeros(1, 1, self.projection.context_dim)
         self.unit = TrainingIPUnit("IP-Adapter training", adapter, empty, empty)
-        self.session = GenerationSession(self.backend.unet, bound=self.bound, ip_units=[self.unit])
-        self.session.install()
+        self.binding = A1111Binding(GenerationSession(self.bound, [self.unit]))
+        self.binding.install()
 
     # -- per batch ------------------------------------------------------------------------------------
     @property
@@ -285,7 +284,7 @@ class IPAdapterMethod(MethodBase):
         load_strict(self.model, state, str(path))
 
     def close(self) -> None:
-        self.session.restore()
+        self.binding.restore()
         self.encoder.model.to("cpu")
 
 

@@ -29,7 +29,7 @@ from ...errors import IncompatibleModelError
 from ...formats.reader import read_state_dict
 from ...formats.t2i import diffusers_config, t2i_from_state_dict, tencentarc_to_diffusers
 from ...inference.t2i import fit_feature
-from ...models.t2i_adapter import AdapterKind, SpatialAdapterConfig, build_adapter
+from ...models.t2i_adapter import SpatialAdapterConfig, build_adapter
 from ...unet.hooks import Forward, PatchSet
 from ...unet.layout import bind_layout
 from PIL import Image
@@ -64,8 +64,7 @@ def unet_feature_channels(unet: nn.Module) -> tuple[int, ...]:
 def adapter_config(t2i: T2IConfig, arch: BaseArch, channels: tuple[int, ...]) -> SpatialAdapterConfig:
     """The shape of a new adapter for this UNet (the released adapters' shapes at the UNet's widths)."""
     unshuffle = 16 if arch is BaseArch.SDXL else 8
-    kind = AdapterKind.LIGHT if t2i.adapter_kind is T2IKind.LIGHT else AdapterKind.FULL
-    return SpatialAdapterConfig(kind=kind, in_channels=t2i.condition_channels * unshuffle**2, channels=channels,
+    return SpatialAdapterConfig(kind=t2i.adapter_kind, in_channels=t2i.condition_channels * unshuffle**2, channels=channels,
                                 num_res_blocks=t2i.res_blocks, unshuffle=unshuffle, sdxl=arch is BaseArch.SDXL)
 
 

@@ -224,7 +224,7 @@ class TrainingHost:
 
 
 def _panel_settings():
-    from .. import settings
+    from ..panel import settings
     return settings.current()
 
 

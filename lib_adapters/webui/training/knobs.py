@@ -24,7 +24,7 @@ from ...formats.detect import ModelFamily, detect_family
 from ...formats.reader import MODEL_SUFFIXES, PICKLE_SUFFIXES, read_safetensors_keys
 from ...preprocess.registry import list_preprocessors
 from ...training.request import FIELDS, Kind
-from .. import settings
+from ..panel import settings
 from .view import AUTO_ENCODER, SCRATCH
 
 log = logging.getLogger("adapters")

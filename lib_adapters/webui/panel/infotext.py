@@ -2,29 +2,34 @@
 
 The WebUI quotes the whole value (it holds ``,`` and ``:``) and unquotes it on read; inside it,
 fields are ``Label: value`` pairs joined by ", ". Model names are written without ``,``/``:`` so
-the pairs stay parseable. ``on_infotext_pasted`` splits a unit back into one key per field,
-``Adapter N <Label>``, which the panel's ``infotext_fields`` map onto its components.
+the pairs stay parseable. A unit writes the fields its family reads (``Family.unit_fields``: a
+T2I-Adapter its preprocessor and control mode, an IP-Adapter its blocks and crop); every label is
+read back whatever the family, so earlier infotext (IP units once carried the T2I fields too) still
+pastes. ``on_infotext_pasted`` splits a unit back into one key per field, ``Adapter N <Label>``,
+which the panel's ``infotext_fields`` map onto its components.
 """
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from ..catalog import split_name_and_hash
-from ..inference.units import AdapterUnit
+from typing import Sequence
+
+from ...catalog import split_name_and_hash
+from ...inference import t2i
+from ...inference.units import AdapterUnit
 
 PREFIX = "Adapter"
-# (unit field, infotext label); enabled is implied by the unit's presence.
-FIELDS: tuple[tuple[str, str], ...] = (
-    ("model", "Model"), ("preprocessor", "Preprocessor"), ("weight", "Weight"), ("start", "Start"),
-    ("end", "End"), ("control_mode", "Control mode"), ("resize_mode", "Resize mode"),
-    ("resolution", "Resolution"), ("threshold_a", "Threshold A"), ("threshold_b", "Threshold B"),
-)
-IP_FIELDS: tuple[tuple[str, str], ...] = (
-    ("block_preset", "Blocks"), ("composition_weight", "Composition weight"), ("multi_image", "Multi-image"),
-    ("crop", "Crop"),
-)
-_LABEL_TO_FIELD = {label: name for name, label in FIELDS + IP_FIELDS}
+# unit field -> infotext label, for every field a family may write; enabled is implied by the unit's presence.
+LABELS: dict[str, str] = {
+    "model": "Model", "preprocessor": "Preprocessor", "weight": "Weight", "start": "Start", "end": "End",
+    "control_mode": "Control mode", "resize_mode": "Resize mode", "resolution": "Resolution",
+    "threshold_a": "Threshold A", "threshold_b": "Threshold B", "block_preset": "Blocks",
+    "composition_weight": "Composition weight", "multi_image": "Multi-image", "crop": "Crop",
+}
+# (unit field, label) of a T2I-Adapter unit, the default
+FIELDS: tuple[tuple[str, str], ...] = tuple((name, LABELS[name]) for name in t2i.FAMILY.unit_fields)
+_LABEL_TO_FIELD = {label: name for name, label in LABELS.items()}
 
 
 def unit_key(index: int) -> str:
@@ -45,12 +50,11 @@ def _fmt(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-def format_unit(unit: AdapterUnit, model_label: str, ip: bool = False) -> str:
-    """The unit's infotext value; IP-Adapter units also carry their IP-only fields."""
+def format_unit(unit: AdapterUnit, model_label: str, fields: Sequence[str] = t2i.FAMILY.unit_fields) -> str:
+    """The unit's infotext value: ``fields`` (its family's ``unit_fields``), the model as ``model_label``."""
     values = unit.to_dict()
     values["model"] = model_label
-    fields = FIELDS + IP_FIELDS if ip else FIELDS
-    return ", ".join(f"{label}: {_clean(_fmt(values[name]))}" for name, label in fields)
+    return ", ".join(f"{LABELS[name]}: {_clean(_fmt(values[name]))}" for name in fields)
 
 
 def parse_unit(text: str) -> dict[str, str]:
@@ -75,6 +79,6 @@ def on_infotext_pasted(infotext: str, params: dict[str, Any]) -> None:
         parsed = parse_unit(value)
         if "model" in parsed:  # the dropdown lists bare names; the hash may be ours or sd-webui-controlnet's
             parsed["model"] = split_name_and_hash(parsed["model"])[0]
-        for name, label in FIELDS + IP_FIELDS:
+        for name, label in LABELS.items():
             if name in parsed:
                 params[field_key(index, label)] = parsed[name]

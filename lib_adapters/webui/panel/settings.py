@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..inference.cache import DEFAULT_BUDGET_MB
-from ..preprocess.resize import DEFAULT_MAX_MEGAPIXELS, MEGAPIXEL
+from ...inference.cache import DEFAULT_BUDGET_MB
+from ...preprocess.resize import DEFAULT_MAX_MEGAPIXELS, MEGAPIXEL
 
 SECTION = ("adapters", "Adapters")
 

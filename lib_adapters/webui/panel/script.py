@@ -7,7 +7,6 @@ Validation happens once, in ``AdapterUnit.from_value``, when the generation star
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,83 +15,16 @@ import gradio as gr
 from modules import script_callbacks, scripts
 from modules.ui_components import ToolButton
 
-from ..catalog import EncoderCatalog, ModelCatalog
-from ..errors import AdapterError
-from ..inference.blocks import BlockPreset
-from ..inference.cache import MB, AdapterCache
-from ..inference.encodings import EncodingCache
-from ..inference.ip import MultiImage
-from ..inference.units import FIELD_ORDER, NO_MODEL, AdapterUnit, ControlMode
-from ..models.clip_vision import CropMode
-from ..preprocess.registry import PreprocessorCache, get_preprocessor, list_preprocessors
-from ..preprocess.resize import ResizeMode
-from . import infotext, settings
+from ...errors import AdapterError
+from ...inference.blocks import BlockPreset
+from ...inference.units import FIELD_ORDER, NO_MODEL, AdapterUnit, ControlMode, MultiImage
+from ...models.clip_vision import CropMode
+from ...preprocess.registry import get_preprocessor, list_preprocessors
+from ...preprocess.resize import ResizeMode
+from . import SharedResources, host_of, infotext, resources, settings
 from .generation import GenerationController
 
 log = logging.getLogger("adapters")
-
-
-@dataclass
-class SharedResources:
-    """Process-wide caches of files read from disk and of encoder outputs, shared by the txt2img and
-    img2img scripts so a model is loaded once; emptied when the WebUI unloads the scripts, loads
-    another checkpoint, or runs on another device."""
-
-    catalog: ModelCatalog
-    encoders: EncoderCatalog
-    adapters: AdapterCache
-    preprocessors: PreprocessorCache
-    encodings: EncodingCache = field(default_factory=EncodingCache)
-    scanned: bool = False
-    host: tuple[str, str] | None = None  # (checkpoint, device) the caches were filled for
-
-    def model_choices(self, refresh: bool = False) -> list[str]:
-        if refresh or not self.scanned:
-            self.catalog.refresh()
-            self.scanned = True
-        return [NO_MODEL] + self.catalog.names()
-
-    def clear(self) -> None:
-        self.adapters.clear()
-        self.encodings.clear()
-        self.preprocessors.clear()
-
-    def bind_host(self, host: tuple[str, str]) -> None:
-        """Empty the caches when the generation runs on another checkpoint or device than the last one (a
-        model reload also empties them, through ``on_model_loaded``; this catches any other change)."""
-        if self.host is not None and host != self.host:
-            self.clear()
-        self.host = host
-
-
-_resources: SharedResources | None = None
-
-
-def resources() -> SharedResources:
-    global _resources
-    cfg = settings.current()
-    if _resources is None or tuple(_resources.catalog.own_folders) != cfg.model_dirs:
-        _resources = SharedResources(ModelCatalog(cfg.model_dirs, cfg.shared_model_dirs),
-                                     EncoderCatalog(cfg.encoder_dirs), AdapterCache(cfg.cache_budget_mb * MB),
-                                     PreprocessorCache())
-    _resources.adapters.set_budget(cfg.cache_budget_mb * MB)
-    return _resources
-
-
-def release_resources() -> None:
-    if _resources is not None:
-        _resources.clear()
-        _resources.host = None
-
-
-def host_of(p: Any) -> tuple[str, str]:
-    """What the cached models and encoder outputs were made for: the checkpoint and the WebUI's device."""
-    from modules import devices
-
-    model = p.sd_model
-    info = getattr(model, "sd_checkpoint_info", None)
-    checkpoint = getattr(info, "filename", None) or getattr(model, "sd_model_checkpoint", None) or ""
-    return str(checkpoint), str(getattr(devices, "device", "cpu"))
 
 
 def _threshold_updates(name: str, current_a: float = -1, current_b: float = -1) -> tuple[dict, dict]:
@@ -216,7 +148,7 @@ class AdaptersScript(scripts.Script):
         preview_button.click(fn=self._preview, inputs=[state], outputs=[preview])
 
         self.infotext_fields.append((enabled, infotext.field_key(index, "Enabled")))
-        labels = infotext.FIELDS + infotext.IP_FIELDS
+        labels = infotext.LABELS.items()
         for name, label in labels:
             self.infotext_fields.append((fields[name], infotext.field_key(index, label)))
         self.paste_field_names += [key for _, key in self.infotext_fields[-len(labels) - 1:]]
@@ -228,7 +160,7 @@ class AdaptersScript(scripts.Script):
             unit = AdapterUnit.from_value(value)
             if unit.image is None:
                 raise AdapterError("upload a condition image first")
-            return _controller(res).preprocess(unit, unit.images[0])
+            return _controller(res).inputs().condition(unit, unit.images[0])
         except AdapterError as exc:
             raise gr.Error(str(exc)) from exc
 

@@ -1,0 +1,123 @@
+"""From the panel's unit values and the WebUI's processing object to a running session.
+
+Each unit goes through the family registry on its own (``inference/families.py``: file -> family ->
+runtime): a bad file, a missing image or an incompatible model skips that unit with a message (in
+the console and in the image's comments) and the generation goes on. The session's points are wired
+into the WebUI's UNet by the A1111 binding (forward wrappers), and the CFG denoiser's callback gives
+the session its row layout and progress.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ...catalog import EncoderCatalog, ModelCatalog
+from ...errors import AdapterError
+from ...inference.build import BuildContext, UnitInputs
+from ...inference.cache import AdapterCache
+from ...inference.encodings import EncodingCache
+from ...inference.families import build_runtime
+from ...inference.runtime import UnitRuntime
+from ...inference.session import GenerationSession
+from ...inference.units import AdapterUnit
+from ...preprocess.registry import PreprocessorCache
+from ...preprocess.resize import DEFAULT_MAX_MEGAPIXELS, MEGAPIXEL
+from ...unet.a1111 import A1111Binding
+from ...unet.layout import bind_layout
+from . import infotext
+
+log = logging.getLogger("adapters")
+
+
+def rows_of(cond: Any) -> int:
+    """Row count of a conditioning (a tensor, or SDXL's dict of tensors)."""
+    if isinstance(cond, dict):
+        cond = cond.get("crossattn", next(iter(cond.values())))
+    return int(cond.shape[0])
+
+
+@dataclass
+class GenerationController:
+    """Owned by one Script instance; holds at most one live session."""
+
+    catalog: ModelCatalog
+    adapters: AdapterCache
+    preprocessors: PreprocessorCache
+    annotator_dir: Path
+    encoders: EncoderCatalog
+    encodings: EncodingCache = field(default_factory=EncodingCache)
+    max_image_pixels: int | None = DEFAULT_MAX_MEGAPIXELS * MEGAPIXEL  # condition, reference and mask images
+    session: GenerationSession | None = None
+    _binding: A1111Binding | None = None
+
+    # generation lifecycle ------------------------------------------------------------------
+    def start(self, p: Any, unit_values: Sequence[Any]) -> None:
+        self.end()
+        unet = p.sd_model.model.diffusion_model
+        ctx: BuildContext | None = None
+        runtimes: list[UnitRuntime] = []
+        for index, value in enumerate(unit_values):
+            label = infotext.unit_key(index)
+            try:
+                unit = AdapterUnit.from_value(value)
+                if not unit.is_active:
+                    continue
+                ctx = ctx or BuildContext(bind_layout(unet), self.adapters, self.encoders, self.encodings,
+                                          self.inputs(getattr(p, "init_images", None) or ()))
+                path = self.catalog.resolve(unit.model)
+                runtime, family = build_runtime(ctx, label, unit, path)
+            except AdapterError as exc:
+                self._skip(p, label, exc)
+                continue
+            except Exception as exc:  # a bug or an odd file must cost this unit only, never the others
+                log.exception("%s failed", label)
+                self._skip(p, label, AdapterError(f"unexpected {type(exc).__name__}: {exc}"))
+                continue
+            runtimes.append(runtime)
+            model_label = f"{path.stem} [{self.catalog.short_hash(path)}]"
+            p.extra_generation_params[label] = infotext.format_unit(unit, model_label, family.unit_fields)
+        if runtimes:
+            assert ctx is not None
+            self.session = GenerationSession(ctx.bound, runtimes)
+            self._binding = A1111Binding(self.session)
+            self._binding.install()
+
+    def end(self) -> None:
+        """Restore the UNet and unpin the generation's models; safe to call at any time, any number of times."""
+        session, binding, self.session, self._binding = self.session, self._binding, None, None
+        try:
+            if binding is not None:
+                binding.restore()
+        finally:
+            try:
+                if session is not None:
+                    session.close()
+            finally:
+                self.adapters.release()
+
+    def on_cfg_denoiser(self, params: Any) -> None:
+        if self.session is None:
+            return
+        uncond = rows_of(params.text_uncond)
+        cond = int(params.x.shape[0]) - uncond
+        denoiser = getattr(params, "denoiser", None)
+        step = getattr(denoiser, "step", None)
+        total = getattr(denoiser, "total_steps", None)
+        if step is None or not total:
+            step, total = params.sampling_step, params.total_sampling_steps
+        self.session.on_denoiser(cond, uncond, step, total)
+
+    def inputs(self, init_images: Sequence[Any] = ()) -> UnitInputs:
+        """How this panel's units read their images (also the preview's preprocessing)."""
+        return UnitInputs(self.preprocessors, self.annotator_dir, self.max_image_pixels, init_images)
+
+    def _skip(self, p: Any, label: str, exc: AdapterError) -> None:
+        message = f"{label} skipped: {exc}"
+        log.warning(message)
+        comment = getattr(p, "comment", None)
+        if callable(comment):
+            comment(message)
+        # API clients see the infotext but not the comments: say it there too
+        p.extra_generation_params[f"{label} skipped"] = str(exc)
