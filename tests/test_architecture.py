@@ -169,7 +169,8 @@ INFERENCE_SIDE = {
 
 
 def _part(module: str) -> str:
-    return module.split(".")[1]
+    """The first level under lib_adapters ("formats", "errors", ...); "" for the package itself."""
+    return (module.split(".") + [""])[1]
 
 
 def test_the_inference_side_imports_one_way():

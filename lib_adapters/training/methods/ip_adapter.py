@@ -50,7 +50,6 @@ from .ip_sites import ip_layout
 
 log = logging.getLogger(__name__)
 
-_KIND = {IPProjection.PLAIN: ProjectionKind.LINEAR, IPProjection.PLUS: ProjectionKind.RESAMPLER}
 _TOKENS = {IPProjection.PLAIN: 4, IPProjection.PLUS: 16}  # fixed by diffusers' and sd-webui-controlnet's loaders
 
 
