@@ -233,3 +233,78 @@ def test_the_unit_applies_the_paired_file_as_the_lora_extension_does_and_never_t
     none = driver.txt2img(alwayson_scripts=_units(_unit(faceid_lora=False)))
     assert np.abs(_pixels(by_unit)[0] - _pixels(by_prompt)[0]).max() <= 1  # rounding only: the same LoRA
     assert np.abs(_pixels(by_unit)[0] - _pixels(none)[0]).mean() > 0.1
+
+
+# --- SDXL, .safetensors files, the paired LoRA in the Lora folder, the antelopev2 pack ---------------------------
+XL = {"ip-adapter-faceid_sdxl": "faceid", "ip-adapter-faceid-plusv2_sdxl": "plus",
+      "ip-adapter-faceid-portrait_sdxl": "portrait", "ip-adapter-faceid-portrait_sdxl_unnorm": "unnorm"}
+
+
+@pytest.fixture()
+def webui_xl(tmp_path):
+    """The stub WebUI on its tiny SDXL model, with the SDXL FaceID files as flat .safetensors and two packs."""
+    from fixtures.unets import LDM_SDXL
+    from face.faceid_weights import flat
+
+    driver.reset_webui(tmp_path)
+    module = _load_script_module()
+    module.release_resources()
+    import lib_adapters.webui.panel as panel
+    panel._resources = None
+    model = driver.load_tiny_model("sdxl")
+    unet = model.model.diffusion_model
+    context = unet.input_blocks[4][1].transformer_blocks[0].attn2.to_k.in_features
+    sites = {s.number: s.hidden for s in bind_layout(unet).ip_sites()}
+    models = Path(paths.models_path)
+    (models / "adapters").mkdir(parents=True, exist_ok=True)
+    nested = {}
+    for name, variant in XL.items():
+        nested[name] = faceid_state_dict(variant, sites, context, heads=1, clip_dim=CLIP_HIDDEN, seed=5)
+        save_file(flat(nested[name]), str(models / "adapters" / f"{name}.safetensors"))
+    buffalo = write_pack(models)
+    antelope = buffalo.parent / "antelopev2"  # the same graphs under antelopev2's file names
+    antelope.mkdir()
+    shutil.copy(buffalo / "det_10g.onnx", antelope / "scrfd_10g_bnkps.onnx")
+    shutil.copy(buffalo / "w600k_r50.onnx", antelope / "glintr100.onnx")
+    save_clip_vision(tiny_clip_vision(), models / "clip_vision")
+    driver.build_runners([module.AdaptersScript])
+    yield model, models, nested, to_diffusers_unet(unet, dict(LDM_SDXL, context_dim=context))
+
+
+def test_sdxl_faceid_files_as_safetensors_act_and_restore(webui_xl):
+    model, _, _, _ = webui_xl
+    snapshot = _unet_snapshot(model)
+    base = driver.txt2img()
+    for name in XL:
+        result = driver.txt2img(alwayson_scripts=_units(_unit(name, image=[face_image(1), face_image(2)])))
+        assert "skipped" not in result.comments, (name, result.comments)
+        assert np.abs(_pixels(base)[0] - _pixels(result)[0]).mean() > 0.1, name
+        text = parse_generation_parameters(result.infotexts[0])["Adapter 1"]
+        assert ("Structure weight" in text) is ("plusv2" in name) and ("LoRA: on" in text) is ("portrait" not in name)
+        _assert_restored(model, snapshot)
+    assert _same(driver.txt2img(), base)
+
+
+def test_sdxl_paired_lora_in_the_lora_folder_is_the_one_applied(webui_xl):
+    """The paired file (twice the file's own LoRA, in a sub-folder of models/Lora) replaces the in-file LoRA."""
+    _, _, nested, reference = webui_xl
+    name = "ip-adapter-faceid_sdxl"
+    in_file = driver.txt2img(alwayson_scripts=_units(_unit(name)))
+    off = driver.txt2img(alwayson_scripts=_units(_unit(name, faceid_lora=False)))
+    folder = Path(shared.cmd_opts.lora_dir) / "faceid"
+    folder.mkdir(parents=True)
+    save_file(kohya_lora(nested[name]["ip_adapter"], reference, scale=2.0), str(folder / f"{name}_lora.safetensors"))
+    paired = driver.txt2img(alwayson_scripts=_units(_unit(name)))
+    half = driver.txt2img(alwayson_scripts=_units(_unit(name, faceid_lora_weight=0.5)))
+    assert not _same(in_file, off) and not _same(paired, in_file)
+    assert np.abs(_pixels(half)[0] - _pixels(in_file)[0]).max() <= 1  # 2 x file LoRA at 0.5 = the file's LoRA
+
+
+def test_the_antelopev2_pack_is_a_unit_option(webui_xl):
+    name = "ip-adapter-faceid_sdxl"
+    buffalo = driver.txt2img(alwayson_scripts=_units(_unit(name)))
+    antelope = driver.txt2img(alwayson_scripts=_units(_unit(name, face_pack="antelopev2")))
+    assert _same(antelope, buffalo)  # the same graphs under the other pack's names find the same face
+    assert "Face models: antelopev2" in antelope.infotexts[0] and "skipped" not in antelope.comments
+    missing = driver.txt2img(alwayson_scripts=_units(_unit(name, face_pack="buffalo_s")))
+    assert "Adapter 1 skipped" in missing.comments and "buffalo_s" in missing.comments
