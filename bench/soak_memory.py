@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--frames", type=int, default=12, help="traceback depth tracemalloc keeps")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak_memory.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -113,7 +114,7 @@ def main() -> None:
         for i in range(args.warmup):
             generate(driver, i)
         gc.collect()
-        tracemalloc.start(25)
+        tracemalloc.start(args.frames)
         first = tracemalloc.take_snapshot()
         samples = []
         started = time.perf_counter()
