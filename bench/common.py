@@ -9,6 +9,7 @@ Not a test module: pytest never collects ``bench/``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -186,6 +187,20 @@ def measure_pairs(generate: Callable[[float | None], RunT], repeats: int,
     return PairedRuns(reference, adapted, pairs, change)
 
 
+# --- command line ----------------------------------------------------------------------------------
+def generation_arguments(doc: str, smoke: str, latent: str, steps: str, repeats: str, out: str
+                         ) -> argparse.ArgumentParser:
+    """The options every generation benchmark takes, with its own help texts (its defaults differ)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    parser.add_argument("--latent", type=int, help=f"latent size (pixels / 8; {latent})")
+    parser.add_argument("--steps", type=int, help=f"sampling steps ({steps})")
+    parser.add_argument("--repeats", type=int, help=repeats)
+    parser.add_argument("--out", type=Path, help=f"results JSON (default bench/results/{out}; smoke runs write only "
+                                                 "when given)")
+    return parser
+
+
 # --- reporting -----------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict:
     cpu_model = ""
@@ -213,6 +228,15 @@ def code_version() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
     return {"commit": git("rev-parse", "HEAD"), "lib_adapters_modified": bool(git("status", "--porcelain", "lib_adapters"))}
+
+
+def report(result: dict, row: str, out: Path | None) -> None:
+    """Print the results and the README table row; write the JSON when ``out`` is given."""
+    print(json.dumps(result, indent=2))
+    print(row)
+    if out is not None:
+        write_json(result, out)
+        log(f"wrote {out}")
 
 
 def write_json(result: dict, out: Path) -> None:

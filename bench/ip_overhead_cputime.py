@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -56,7 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, whatever the working directory
 from common import (RESULTS, SD15_UNET, Clock, StepTimer, check, check_device_sampler, device_sync,  # noqa: E402
-                    environment, load_avg, log, measure_pairs, params, rounded, run_sampler, write_json)
+                    environment, load_avg, log, measure_pairs, params, report, rounded, run_sampler)
 
 from lib_adapters.demo import SampleSpec  # noqa: E402
 from lib_adapters.formats.ip import LoadedIPAdapter, ip_from_state_dict  # noqa: E402
@@ -530,12 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         check_device_sampler(bench.unet, bench.spec, bench.cond, bench.uncond)
     result = describe(model, bench, args.smoke, repeats)
     result.update(measure(bench, repeats, probe))
-    print(json.dumps(result, indent=2))
-    print(table_row(result))
-    out = args.out or (None if args.smoke else RESULTS / f"ip_overhead_{device.type}.json")
-    if out is not None:
-        write_json(result, out)
-        log(f"wrote {out}")
+    report(result, table_row(result), args.out or (None if args.smoke else RESULTS / f"ip_overhead_{device.type}.json"))
     cost = result["model_of_the_cost"]
     log(f"ratio of medians {result['ratio_of_medians']:.4f} at {result['resolution']}: "
         f"{'pass' if result['pass'] else 'FAIL'} (goal <= {GOAL}); parts predict "

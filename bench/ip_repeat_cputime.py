@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import shutil
 import statistics
 import sys
@@ -53,8 +52,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, whatever the working directory
-from common import (RESULTS, StepTimer, check, environment, load_avg, log, measure_pairs, params,  # noqa: E402
-                    rounded, run_sampler, write_json)
+from common import (RESULTS, StepTimer, check, environment, generation_arguments, load_avg, log,  # noqa: E402
+                    measure_pairs, params, report, rounded, run_sampler)
 from ip_overhead_cputime import FULL, SMOKE, Model, build_encoder, build_ip_adapter, reference_image  # noqa: E402
 
 from lib_adapters.catalog import EncoderCatalog, ModelCatalog  # noqa: E402
@@ -308,15 +307,12 @@ def describe(model: Model, bench: Bench, smoke: bool, repeats: int, sites: int, 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny models, 4 steps: finishes in seconds")
-    parser.add_argument("--latent", type=int, help="latent size (pixels / 8; default 16 = 128x128, smoke 8)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default 8, smoke 3)")
-    parser.add_argument("--repeats", type=int, help="timed without/with pairs after the first run (default 4)")
+    parser = generation_arguments(__doc__, smoke="tiny models, 4 steps: finishes in seconds",
+                                  latent="default 16 = 128x128, smoke 8", steps="default 8, smoke 3",
+                                  repeats="timed without/with pairs after the first run (default 4)",
+                                  out="ip_repeat_cpu.json")
     parser.add_argument("--workdir", type=Path, help="where the model files are written (default: a temporary "
                                                      "folder, removed at the end)")
-    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/ip_repeat_cpu.json; "
-                                                 "smoke runs write only when given)")
     return parser.parse_args(argv)
 
 
@@ -351,12 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
-    print(json.dumps(result, indent=2))
-    print(table_row(result))
-    out = args.out or (None if args.smoke else RESULTS / "ip_repeat_cpu.json")
-    if out is not None:
-        write_json(result, out)
-        log(f"wrote {out}")
+    report(result, table_row(result), args.out or (None if args.smoke else RESULTS / "ip_repeat_cpu.json"))
     first = result["first_generation"]
     log(f"generations 2-{repeats + 1}: ratio of medians {result['ratio_of_medians']:.4f} "
         f"({'pass' if result['pass'] else 'FAIL'}, goal <= {GOAL}); first generation {first['cpu_s']:.2f} s CPU, "

@@ -30,18 +30,24 @@ TITLE = "Adapters"
 FACEID, PLUS_V2 = "ip-adapter-faceid_sd15", "ip-adapter-faceid-plusv2_sd15"
 
 
-@pytest.fixture()
-def webui(tmp_path):
+def _fresh_webui(tmp_path, arch: str):
+    """The stub WebUI on its tiny ``arch`` model with the panel's resources reset: (script module, model, attn2
+    sites {number: width}, models folder with an empty adapters folder)."""
     driver.reset_webui(tmp_path)
     module = _load_script_module()
     module.release_resources()
     import lib_adapters.webui.panel as panel
     panel._resources = None
-    model = driver.load_tiny_model("sd1")
-    unet = model.model.diffusion_model
-    sites = {s.number: s.hidden for s in bind_layout(unet).ip_sites()}
+    model = driver.load_tiny_model(arch)
+    sites = {s.number: s.hidden for s in bind_layout(model.model.diffusion_model).ip_sites()}
     models = Path(paths.models_path)
     (models / "adapters").mkdir(parents=True, exist_ok=True)
+    return module, model, sites, models
+
+
+@pytest.fixture()
+def webui(tmp_path):
+    module, model, sites, models = _fresh_webui(tmp_path, "sd1")
     nested = {}
     for name, variant in ((FACEID, "faceid"), (PLUS_V2, "plus"), ("ip-adapter-faceid-portrait_sd15", "portrait")):
         nested[name] = faceid_state_dict(variant, sites, LDM_SD1["context_dim"], heads=1, clip_dim=CLIP_HIDDEN, seed=3)
@@ -246,17 +252,9 @@ def webui_xl(tmp_path):
     from fixtures.unets import LDM_SDXL
     from face.faceid_weights import flat
 
-    driver.reset_webui(tmp_path)
-    module = _load_script_module()
-    module.release_resources()
-    import lib_adapters.webui.panel as panel
-    panel._resources = None
-    model = driver.load_tiny_model("sdxl")
+    module, model, sites, models = _fresh_webui(tmp_path, "sdxl")
     unet = model.model.diffusion_model
     context = unet.input_blocks[4][1].transformer_blocks[0].attn2.to_k.in_features
-    sites = {s.number: s.hidden for s in bind_layout(unet).ip_sites()}
-    models = Path(paths.models_path)
-    (models / "adapters").mkdir(parents=True, exist_ok=True)
     nested = {}
     for name, variant in XL.items():
         nested[name] = faceid_state_dict(variant, sites, context, heads=1, clip_dim=CLIP_HIDDEN, seed=5)
