@@ -5,7 +5,8 @@ minutes later, in its thread.
 The adapter files are read with the panel's own loaders (``formats``), which name the family a wrong file is;
 the CLIP vision encoder (gigabytes) only by its header: its tensor names and shapes must be those of a vision
 tower the encoder loader can build. Every message names the field, the file and what it holds instead. The
-methods load their start files through ``load_t2i_start``/``load_ip_start``, so the rules are the same there.
+methods load their start files through ``load_t2i_start``/``load_ip_start``/``load_faceid_start``, so the rules are
+the same there.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import torch
 from ..errors import AdapterError, FormatError, InputError, MissingFileError
 from ..formats.clip_vision import encoder_shape
 from ..formats.detect import detect_family
+from ..formats.faceid import LoadedFaceIDAdapter, load_faceid_adapter
 from ..formats.ip import LoadedIPAdapter, load_ip_adapter
 from ..formats.reader import SAFETENSORS_SUFFIXES, read_safetensors_shapes, read_state_dict
 from ..formats.t2i import LoadedT2IAdapter, load_t2i_adapter
+from ..models.faceid import FaceIDVariant
 from ..models.t2i_adapter import SpatialAdapterConfig
 from .config import IPAdapterConfig, IPProjection, Method, T2IConfig, TrainConfig
 
@@ -56,6 +59,22 @@ def load_ip_start(ip: IPAdapterConfig) -> LoadedIPAdapter:
         raise InputError(f"ip_init_from: {ip.init_from} holds a {start.variant.value} IP-Adapter but ip_projection is "
                          f"{ip.projection.value}; to fine-tune it choose that projection (plain = base, plus = plus), "
                          "or start from scratch")
+    return start
+
+
+def load_faceid_start(ip: IPAdapterConfig) -> LoadedFaceIDAdapter:
+    """The FaceID file ``ip.init_from`` names: a plain FaceID one (not Portrait or Plus) whose attention LoRA has the
+    run's rank (a LoRA cannot change rank while it is trained)."""
+    start = _named("ip_init_from", ip.init_from, load_faceid_adapter)
+    if start.variant is not FaceIDVariant.FACEID:
+        raise InputError(f"ip_init_from: {ip.init_from} holds a {start.variant.value} adapter; FaceID training trains "
+                         "plain FaceID only. Fine-tune a FaceID file (ip-adapter-faceid_sd15 or _sdxl), or start from "
+                         "scratch")
+    found = next(iter(start.lora.values())).rank if start.lora else 0
+    if found != ip.lora_rank:
+        has = f"an attention LoRA of rank {found}" if found else "no attention LoRA"
+        raise InputError(f"ip_init_from: {ip.init_from} holds {has} but ip_lora_rank is {ip.lora_rank}; set "
+                         f"ip_lora_rank to {found} to fine-tune it, or start from scratch")
     return start
 
 
@@ -98,6 +117,6 @@ def check_named_files(config: TrainConfig) -> None:
         load_t2i_start(config.t2i)
     if config.method is Method.IP_ADAPTER:
         if config.ip.init_from is not None:
-            load_ip_start(config.ip)
-        if config.ip.image_encoder is not None:
+            (load_faceid_start if config.ip.faceid else load_ip_start)(config.ip)
+        if config.ip.image_encoder is not None and not config.ip.faceid:  # FaceID reads no CLIP features
             check_encoder_file(config.ip.image_encoder)

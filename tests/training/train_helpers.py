@@ -179,3 +179,66 @@ def held_out_noising(backend, latents: torch.Tensor, seed: int = 123):
     t = torch.randint(100, 900, (latents.shape[0],), generator=g)
     noisy = add_noise(latents, noise, t, backend.alphas_cumprod)
     return noisy, t, training_target(backend.parameterization, latents, noise, t, backend.alphas_cumprod)
+
+
+# -- face analysis stand-ins (IP-Adapter FaceID) -----------------------------------------------------------------
+class ColourFaces:
+    """A stand-in face analyzer (``FaceAnalyzer.analyze``'s contract: a ``FaceResult``, ``NoFaceError`` without a
+    face) whose embedding says an image's colour: the mean RGB of its left half in [-1, 1] times ``scale`` and a
+    constant 1, normed. Images whose left half is pure grey (r == g == b) have no face. Counts its calls."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale, self.calls = scale, 0
+
+    def analyze(self, image):
+        import numpy as np
+
+        from lib_adapters.face import FaceResult, NoFaceError
+
+        self.calls += 1
+        pixels = np.asarray(image, dtype=np.float32)
+        left = pixels[:, : pixels.shape[1] // 2].reshape(-1, 3).mean(0)
+        if np.ptp(left) == 0:
+            raise NoFaceError("No face found in the image.")
+        embedding = np.zeros(512, np.float32)
+        embedding[:3], embedding[3] = (left / 127.5 - 1) * self.scale, 1.0
+        return FaceResult(box=np.array([0, 0, 8, 8], np.float32), score=0.9, keypoints=np.zeros((5, 2), np.float32),
+                          embedding=embedding, normed_embedding=embedding / np.linalg.norm(embedding), index=0,
+                          faces_found=1)
+
+
+def use_face_analyzer(monkeypatch, analyzer) -> None:
+    """Runs analyse faces with ``analyzer`` instead of the configured pack's onnxruntime sessions."""
+    monkeypatch.setattr("lib_adapters.training.face_data.open_face_analyzer", lambda ip: analyzer)
+
+
+def face_pack(root: Path, pack: str = "buffalo_l") -> Path:
+    """A folder of packs holding ``pack``: insightface's file names and signatures, controlled graphs (tests/face):
+    a blue cell fires the detector's stride-32 head (one face box per cell), a red one its stride-8 head; the
+    recognizer pools the aligned crop and multiplies it by a fixed matrix. Returns the folder of packs."""
+    import numpy as np
+
+    from face.onnx_graphs import STRIDES, arcface_graph, controlled_heads, scrfd_graph
+
+    boxes = {s: (np.array([1.0, 1.2, 1.0, 1.4]), np.ones(4)) for s in STRIDES}
+    keypoints = {s: np.tile(np.array([-0.4, -0.3, 0.4, -0.3, 0.0, 0.1, -0.3, 0.5, 0.3, 0.5]), (2, 1)) for s in STRIDES}
+    weight = np.random.default_rng(3).normal(0, 0.1, (3 * 14 * 14, 512)).astype(np.float32)
+    folder = Path(root) / pack
+    scrfd_graph(folder / "det_10g.onnx", controlled_heads(boxes, keypoints, second_anchor=100.0))
+    arcface_graph(folder / "w600k_r50.onnx", weight)
+    return Path(root)
+
+
+def faces_image(big: bool = True, small: bool = False, seed: int = 0) -> Image.Image:
+    """640x480 on dark green texture (no face there): a big 'face' (a blue 32 px square) on the left and/or a small
+    one (a red 8 px square) on the right, as the face analysis tests draw them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pixels = np.zeros((480, 640, 3), np.uint8)
+    pixels[..., 1] = rng.integers(0, 60, (480, 640))
+    if big:
+        pixels[160:192, 64:96, 2] = 255
+    if small:
+        pixels[80:88, 480:488, 0] = 255
+    return Image.fromarray(pixels)

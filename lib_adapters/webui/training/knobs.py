@@ -20,6 +20,7 @@ import gradio as gr
 from modules.ui_components import FormRow, ToolButton
 
 from ...catalog import ModelCatalog
+from ...face.discovery import available_packs
 from ...formats.detect import ModelFamily, detect_family
 from ...formats.reader import MODEL_SUFFIXES, PICKLE_SUFFIXES, read_safetensors_keys
 from ...preprocess.registry import list_preprocessors
@@ -157,14 +158,33 @@ def t2i_advanced(i: dict[str, Any]) -> None:
             i[name] = widget(name)
 
 
+def face_pack_choices() -> list[str]:
+    """The default pack, then the pack folders in the WebUI's models/insightface/models (names only)."""
+    try:
+        from modules import paths
+        packs = available_packs(paths.models_path)
+    except Exception:  # noqa: BLE001  (as above)
+        log.warning("Train Adapter: could not list the face model packs", exc_info=True)
+        packs = []
+    return list(dict.fromkeys([FIELDS["ip_face_pack"].default] + packs))
+
+
 def ip_main(i: dict[str, Any]) -> None:
     with FormRow():
         i["ip_projection"] = widget("ip_projection")
         i["ip_init_from"] = _file_dropdown("ip_init_from", adapter_choices("ip_adapter"))
         i["ip_image_encoder"] = _file_dropdown("ip_image_encoder", encoder_choices(), f"{AUTO_ENCODER}: as released")
         refresh = ToolButton("\U0001F504", elem_id=eid("ip_refresh"))
-    refresh.click(fn=lambda: (gr.update(choices=adapter_choices("ip_adapter")), gr.update(choices=encoder_choices())),
-                  outputs=[i["ip_init_from"], i["ip_image_encoder"]], show_progress="hidden")
+    with FormRow(visible=FIELDS["ip_projection"].default == "faceid", elem_id=eid("ip_faceid")) as faceid:
+        # FaceID reads faces, not CLIP features: its pack and LoRA, shown while the projection is faceid
+        i["ip_face_pack"] = widget("ip_face_pack", gr.Dropdown, choices=face_pack_choices(), allow_custom_value=True)
+        i["ip_lora_rank"] = widget("ip_lora_rank", gr.Slider, minimum=0, maximum=256, step=1)
+    refresh.click(fn=lambda: (gr.update(choices=adapter_choices("ip_adapter")), gr.update(choices=encoder_choices()),
+                              gr.update(choices=face_pack_choices())),
+                  outputs=[i["ip_init_from"], i["ip_image_encoder"], i["ip_face_pack"]], show_progress="hidden")
+    i["ip_projection"].change(fn=lambda p: (gr.update(visible=p == "faceid"), gr.update(visible=p != "faceid")),
+                              inputs=[i["ip_projection"]], outputs=[faceid, i["ip_image_encoder"]],
+                              show_progress="hidden")
 
 
 def ip_advanced(i: dict[str, Any]) -> None:
