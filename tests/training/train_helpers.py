@@ -181,14 +181,48 @@ def held_out_noising(backend, latents: torch.Tensor, seed: int = 123):
     return noisy, t, training_target(backend.parameterization, latents, noise, t, backend.alphas_cumprod)
 
 
+def colour_images(folder: Path, colours, caption: str | None) -> list[Path]:
+    """``half_colour_image`` of each colour as ``folder/<i>.png``, with ``caption`` beside it (None: no caption)."""
+    folder.mkdir(parents=True)
+    paths = []
+    for i, colour in enumerate(colours):
+        paths.append(folder / f"{i}.png")
+        half_colour_image(colour).save(paths[-1])
+        if caption is not None:
+            (folder / f"{i}.txt").write_text(caption)
+    return paths
+
+
+def held_out_loss(backend, paths: list[Path], caption: str, method=None, features: torch.Tensor | None = None) -> float:
+    """The denoising loss of 64x64 images under ``caption`` with ``held_out_noising``'s fixed noise and timesteps:
+    of the base model (``method`` None), or with an IP method's tokens of ``features`` (one row per image)."""
+    from lib_adapters.training.buckets import Bucket, load_pixels, place
+
+    pixels = torch.stack([load_pixels(p, place(64, 64, Bucket(64, 64))) for p in paths])
+    noisy, t, target = held_out_noising(backend, backend.encode_images(pixels))
+    with torch.no_grad():
+        cond = backend.encode_prompts([caption] * len(paths))
+        if method is None:
+            return float((backend.apply(noisy, t, cond) - target).pow(2).mean())
+        with method.tokens_active(method.image_tokens(features)):
+            return float((backend.apply(noisy, t, cond) - target).pow(2).mean())
+
+
 # -- face analysis stand-ins (IP-Adapter FaceID) -----------------------------------------------------------------
 class ColourFaces:
     """A stand-in face analyzer (``FaceAnalyzer.analyze``'s contract: a ``FaceResult``, ``NoFaceError`` without a
-    face) whose embedding says an image's colour: the mean RGB of its left half in [-1, 1] times ``scale`` and a
-    constant 1, normed. Images whose left half is pure grey (r == g == b) have no face. Counts its calls."""
+    face) whose unit-length embedding says an image's colour, as ArcFace's says a face's identity: ``[scale * c, 1]``
+    normed, ``c`` the mean RGB of the left half in [-1, 1], spread over the 512 dimensions by a fixed random rotation
+    (an ArcFace embedding fills them all). With ``scale`` 3 two random colours' embeddings have a cosine of about
+    0.1, near the 0 of two people's ArcFace embeddings; the constant keeps the brightness that norming would drop.
+    Images whose left half is pure grey (r == g == b) have no face. Counts its calls."""
 
-    def __init__(self, scale: float = 1.0):
+    def __init__(self, scale: float = 3.0, seed: int = 0):
+        import numpy as np
+
         self.scale, self.calls = scale, 0
+        q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(512, 4)))
+        self.rotation = q.astype(np.float32)  # [512, 4], orthonormal columns: norms are kept
 
     def analyze(self, image):
         import numpy as np
@@ -200,8 +234,7 @@ class ColourFaces:
         left = pixels[:, : pixels.shape[1] // 2].reshape(-1, 3).mean(0)
         if np.ptp(left) == 0:
             raise NoFaceError("No face found in the image.")
-        embedding = np.zeros(512, np.float32)
-        embedding[:3], embedding[3] = (left / 127.5 - 1) * self.scale, 1.0
+        embedding = self.rotation @ np.append((left / 127.5 - 1) * self.scale, 1.0).astype(np.float32)
         return FaceResult(box=np.array([0, 0, 8, 8], np.float32), score=0.9, keypoints=np.zeros((5, 2), np.float32),
                           embedding=embedding, normed_embedding=embedding / np.linalg.norm(embedding), index=0,
                           faces_found=1)
