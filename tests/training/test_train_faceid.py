@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from train_helpers import (ColourFaces, face_pack, faces_image, half_colour_image, make_shapes_dataset, tiny,
-                           use_face_analyzer)
+from PIL import Image
+from train_helpers import ColourFaces, StopAt, half_colour_image, make_shapes_dataset, tiny, use_face_analyzer
 
+from face.face_pack import face_image, write_pack
 from face.faceid_weights import faceid_state_dict, flat
 from lib_adapters.errors import InputError, MissingFileError
 from lib_adapters.face import FaceAnalyzer, SessionOptions
@@ -25,7 +26,6 @@ from lib_adapters.training.data import DatasetInvalidError
 from lib_adapters.training.face_data import FaceEmbeddings
 from lib_adapters.training.job import JobSpec, prepare
 from lib_adapters.training.loop import train
-from lib_adapters.training.progress import TrainCallbacks
 from lib_adapters.training.methods.ip_adapter import IPAdapterMethod
 from lib_adapters.training.request import FilePlaces, TrainRequest
 from lib_adapters.training.run_checkpoints import checkpoint_paths
@@ -51,6 +51,17 @@ def _colour_dataset(folder: Path, count: int = 4, grey: int = 0) -> list[Path]:
         half_colour_image(colour).save(paths[-1])
         (folder / f"{i}.txt").write_text("a face")
     return paths
+
+
+def _packs(root: Path, *packs: str) -> Path:
+    """A folder of packs (``root/insightface/models``) with each of ``packs`` (default buffalo_l): the controlled
+    graphs of tests/face, a blue 32 px square a face."""
+    return [write_pack(root, pack) for pack in packs or ("buffalo_l",)][0].parent
+
+
+def _faces(seed: int = 0, big: bool = True, small: bool = False) -> Image.Image:
+    """640x480: a big face on the left and/or a small one on the right, or none."""
+    return Image.fromarray(face_image(seed, big=(2, 5) if big else None, small=(60, 10) if small else None))
 
 
 # -- the schema -----------------------------------------------------------------------------------------------------
@@ -98,7 +109,7 @@ def test_missing_face_models_are_refused_before_anything_starts_saying_where_the
         prepare(JobSpec(empty, tmp_path / "out"), "cpu")
     assert "non-commercial" in str(info.value)
     assert not (tmp_path / "out").exists()
-    ready = _config(tmp_path, ip=dict(face_models=face_pack(tmp_path / "packs2")))
+    ready = _config(tmp_path, ip=dict(face_models=_packs(tmp_path / "models")))
     assert prepare(JobSpec(ready, tmp_path / "out"), "cpu").config.ip.face_pack == "buffalo_l"
 
 
@@ -106,11 +117,11 @@ def test_missing_face_models_are_refused_before_anything_starts_saying_where_the
 def test_images_without_a_face_are_each_named_before_the_first_step(tmp_path):
     folder = tmp_path / "ds" / "1_people"
     folder.mkdir(parents=True)
-    for name, image in (("alice", faces_image()), ("empty", faces_image(big=False)), ("pair", faces_image(small=True)),
-                        ("wall", faces_image(big=False, seed=2))):
+    for name, image in (("alice", _faces()), ("empty", _faces(big=False)), ("pair", _faces(small=True)),
+                        ("wall", _faces(big=False, seed=2))):
         image.save(folder / f"{name}.png")
         (folder / f"{name}.txt").write_text("a person")
-    config = _config(tmp_path, ip=dict(face_models=face_pack(tmp_path / "packs")))
+    config = _config(tmp_path, ip=dict(face_models=_packs(tmp_path / "models")))
     model, backend = tiny("sd1")
     calls = []
     handle = model.model.diffusion_model.register_forward_hook(lambda *a: calls.append(1))
@@ -130,12 +141,11 @@ def test_images_without_a_face_are_each_named_before_the_first_step(tmp_path):
 
 
 def test_the_largest_face_is_used_and_cached_by_content_and_pack(tmp_path):
-    packs = face_pack(tmp_path / "packs")
-    face_pack(packs, "antelopev2")  # the same graphs under another pack name
+    packs = _packs(tmp_path / "models", "buffalo_l", "antelopev2")  # the same graphs under two pack names
     pair = tmp_path / "pair.png"
-    faces_image(small=True).save(pair)
+    _faces(small=True).save(pair)
     analyzer = FaceAnalyzer(find_pack_models(packs, "buffalo_l"), SessionOptions(threads=1))
-    image = np.asarray(faces_image(small=True))
+    image = np.asarray(_faces(small=True))
     largest, other = analyzer.analyze(image, index=0), analyzer.analyze(image, index=1)
     assert largest.faces_found == 2 and not np.allclose(largest.normed_embedding, other.normed_embedding)
 
@@ -150,7 +160,7 @@ def test_the_largest_face_is_used_and_cached_by_content_and_pack(tmp_path):
     shutil.copy(pair, copy)  # same content under another name: the same entry
     assert torch.equal(again.get([pair, copy]), torch.stack([got, got])) and again.analysed == 0 and again.hits == 2
     assert len(list(cache.glob("*.faceemb"))) == 1
-    faces_image(small=True, seed=5).save(copy)  # new content
+    _faces(small=True, seed=5).save(copy)  # new content
     assert again.get([copy]).shape == (1, 512) and again.analysed == 1
     other_pack = FaceEmbeddings(IPAdapterConfig(projection="faceid", face_models=packs, face_pack="antelopev2"), cache)
     other_pack.get([pair])
@@ -225,7 +235,7 @@ def test_a_short_run_trains_projection_key_values_and_lora_and_resumes_bit_for_b
                        ip=dict(image_drop=0.2, text_drop=0.2, both_drop=0.2, **ip))
 
     straight = train(config("a"), tiny("sd1")[1])
-    first = train(config("b"), tiny("sd1")[1], callbacks=_StopAt(2))
+    first = train(config("b"), tiny("sd1")[1], callbacks=StopAt(2))
     assert first.interrupted and first.step == 2
     second = train(config("b"), tiny("sd1")[1], resume_from=checkpoint_paths(config("b"), 2)[1])
     assert first.losses + second.losses == straight.losses
@@ -268,14 +278,3 @@ def test_fine_tuning_starts_from_a_faceid_file_of_the_same_rank(tmp_path, monkey
     save_file(flat(faceid_state_dict("portrait", sites, 32)), str(portrait))
     with pytest.raises(InputError, match="holds a FaceID Portrait adapter; FaceID training trains plain FaceID only"):
         IPAdapterMethod(backend, IPAdapterConfig(projection="faceid", lora_rank=0, init_from=portrait))
-
-
-class _StopAt(TrainCallbacks):
-    def __init__(self, step: int):
-        self.step, self.seen = step, 0
-
-    def on_progress(self, progress) -> None:
-        self.seen = progress.step
-
-    def interrupted(self) -> bool:
-        return self.seen >= self.step

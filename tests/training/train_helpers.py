@@ -10,6 +10,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from lib_adapters.training.progress import TrainCallbacks
+
 SHAPES = (("a red circle", (220, 30, 30), "ellipse"), ("a blue square", (30, 30, 220), "rectangle"),
           ("a green circle", (30, 200, 30), "ellipse"), ("a yellow square", (230, 220, 20), "rectangle"))
 
@@ -245,33 +247,14 @@ def use_face_analyzer(monkeypatch, analyzer) -> None:
     monkeypatch.setattr("lib_adapters.training.face_data.open_face_analyzer", lambda ip: analyzer)
 
 
-def face_pack(root: Path, pack: str = "buffalo_l") -> Path:
-    """A folder of packs holding ``pack``: insightface's file names and signatures, controlled graphs (tests/face):
-    a blue cell fires the detector's stride-32 head (one face box per cell), a red one its stride-8 head; the
-    recognizer pools the aligned crop and multiplies it by a fixed matrix. Returns the folder of packs."""
-    import numpy as np
+class StopAt(TrainCallbacks):
+    """Training callbacks that interrupt the run once step ``step`` is done (a user's Interrupt, a Ctrl-C)."""
 
-    from face.onnx_graphs import STRIDES, arcface_graph, controlled_heads, scrfd_graph
+    def __init__(self, step: int):
+        self.step, self.seen = step, 0
 
-    boxes = {s: (np.array([1.0, 1.2, 1.0, 1.4]), np.ones(4)) for s in STRIDES}
-    keypoints = {s: np.tile(np.array([-0.4, -0.3, 0.4, -0.3, 0.0, 0.1, -0.3, 0.5, 0.3, 0.5]), (2, 1)) for s in STRIDES}
-    weight = np.random.default_rng(3).normal(0, 0.1, (3 * 14 * 14, 512)).astype(np.float32)
-    folder = Path(root) / pack
-    scrfd_graph(folder / "det_10g.onnx", controlled_heads(boxes, keypoints, second_anchor=100.0))
-    arcface_graph(folder / "w600k_r50.onnx", weight)
-    return Path(root)
+    def on_progress(self, progress) -> None:
+        self.seen = progress.step
 
-
-def faces_image(big: bool = True, small: bool = False, seed: int = 0) -> Image.Image:
-    """640x480 on dark green texture (no face there): a big 'face' (a blue 32 px square) on the left and/or a small
-    one (a red 8 px square) on the right, as the face analysis tests draw them."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    pixels = np.zeros((480, 640, 3), np.uint8)
-    pixels[..., 1] = rng.integers(0, 60, (480, 640))
-    if big:
-        pixels[160:192, 64:96, 2] = 255
-    if small:
-        pixels[80:88, 480:488, 0] = 255
-    return Image.fromarray(pixels)
+    def interrupted(self) -> bool:
+        return self.seen >= self.step
