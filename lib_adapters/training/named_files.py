@@ -16,10 +16,10 @@ import torch
 
 from ..errors import AdapterError, FormatError, InputError, MissingFileError
 from ..formats.clip_vision import encoder_shape
-from ..formats.detect import detect_family
-from ..formats.faceid import LoadedFaceIDAdapter, load_faceid_adapter
-from ..formats.ip import LoadedIPAdapter, load_ip_adapter
-from ..formats.reader import SAFETENSORS_SUFFIXES, read_safetensors_shapes, read_state_dict
+from ..formats.detect import ModelFamily, detect_family
+from ..formats.faceid import LoadedFaceIDAdapter, faceid_from_state_dict
+from ..formats.ip import LoadedIPAdapter, ip_from_state_dict
+from ..formats.reader import SAFETENSORS_SUFFIXES, read_safetensors_shapes, read_state_dict, read_weights
 from ..formats.t2i import LoadedT2IAdapter, load_t2i_adapter
 from ..models.faceid import FaceIDVariant
 from ..models.t2i_adapter import SpatialAdapterConfig
@@ -49,9 +49,23 @@ def load_t2i_start(t2i: T2IConfig) -> LoadedT2IAdapter:
     return loaded
 
 
+def _load_ip_family(path: Path) -> LoadedIPAdapter | LoadedFaceIDAdapter:
+    """An IP-Adapter or FaceID file, each by its own loader (the family from the keys); other files are refused
+    naming what they are."""
+    path = Path(path)
+    sd = read_weights(path)
+    if detect_family(sd, path.name)[0] is ModelFamily.IP_FACEID:
+        return faceid_from_state_dict(sd, path.stem)
+    return ip_from_state_dict(sd, path.stem)
+
+
 def load_ip_start(ip: IPAdapterConfig) -> LoadedIPAdapter:
     """The IP-Adapter ``ip.init_from`` names, of the run's projection (plain = base, plus = plus)."""
-    start = _named("ip_init_from", ip.init_from, load_ip_adapter)
+    start = _named("ip_init_from", ip.init_from, _load_ip_family)
+    if isinstance(start, LoadedFaceIDAdapter):
+        raise InputError(f"ip_init_from: {ip.init_from} holds an IP-Adapter {start.variant.value}, which reads a face "
+                         f"embedding, but ip_projection is {ip.projection.value}; to fine-tune a FaceID file choose "
+                         "ip_projection faceid, or start from scratch")
     if start.variant is IPProjection.FULL_FACE:
         raise InputError(f"ip_init_from: {ip.init_from} holds a full-face IP-Adapter; training supports plain and "
                          "plus adapters only. Fine-tune a plain or plus file, or start from scratch")
@@ -65,7 +79,12 @@ def load_ip_start(ip: IPAdapterConfig) -> LoadedIPAdapter:
 def load_faceid_start(ip: IPAdapterConfig) -> LoadedFaceIDAdapter:
     """The FaceID file ``ip.init_from`` names: a plain FaceID one (not Portrait or Plus) whose attention LoRA has the
     run's rank (a LoRA cannot change rank while it is trained)."""
-    start = _named("ip_init_from", ip.init_from, load_faceid_adapter)
+    start = _named("ip_init_from", ip.init_from, _load_ip_family)
+    if isinstance(start, LoadedIPAdapter):
+        kind = start.variant.value
+        other = f"; to fine-tune it choose ip_projection {kind}" if start.variant is not IPProjection.FULL_FACE else ""
+        raise InputError(f"ip_init_from: {ip.init_from} holds a {kind} IP-Adapter, which reads CLIP image features, "
+                         f"but ip_projection is faceid: fine-tune a FaceID file, or start from scratch{other}")
     if start.variant is not FaceIDVariant.FACEID:
         raise InputError(f"ip_init_from: {ip.init_from} holds a {start.variant.value} adapter; FaceID training trains "
                          "plain FaceID only. Fine-tune a FaceID file (ip-adapter-faceid_sd15 or _sdxl), or start from "

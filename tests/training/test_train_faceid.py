@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from train_helpers import ColourFaces, StopAt, half_colour_image, make_shapes_dataset, tiny, use_face_analyzer
 
 from face.face_pack import face_image, write_pack
 from face.faceid_weights import faceid_state_dict, flat
+from fixtures.ip import random_ip_state_dict
 from lib_adapters.errors import InputError, MissingFileError
 from lib_adapters.face import FaceAnalyzer, SessionOptions
 from lib_adapters.face.discovery import find_pack_models
@@ -27,6 +28,7 @@ from lib_adapters.training.face_data import FaceEmbeddings
 from lib_adapters.training.job import JobSpec, prepare
 from lib_adapters.training.loop import train
 from lib_adapters.training.methods.ip_adapter import IPAdapterMethod
+from lib_adapters.training.named_files import check_named_files
 from lib_adapters.training.request import FilePlaces, TrainRequest
 from lib_adapters.training.run_checkpoints import checkpoint_paths
 from lib_adapters.unet.layout import bind_layout
@@ -278,3 +280,13 @@ def test_fine_tuning_starts_from_a_faceid_file_of_the_same_rank(tmp_path, monkey
     save_file(flat(faceid_state_dict("portrait", sites, 32)), str(portrait))
     with pytest.raises(InputError, match="holds a FaceID Portrait adapter; FaceID training trains plain FaceID only"):
         IPAdapterMethod(backend, IPAdapterConfig(projection="faceid", lora_rank=0, init_from=portrait))
+    # a CLIP IP-Adapter for a FaceID run, a FaceID file for a plain one: each says which projection fine-tunes it
+    plain = tmp_path / "ip-adapter_sd15.bin"
+    torch.save(random_ip_state_dict(bind_layout(backend.unet), "base", 32), plain)
+    with pytest.raises(InputError, match="holds a plain IP-Adapter, which reads CLIP image features, but ip_projection "
+                                         "is faceid: fine-tune a FaceID file, or start from scratch; to fine-tune it "
+                                         "choose ip_projection plain"):
+        IPAdapterMethod(backend, IPAdapterConfig(projection="faceid", lora_rank=0, init_from=plain))
+    with pytest.raises(InputError, match="holds an IP-Adapter FaceID, which reads a face embedding, but ip_projection "
+                                         "is plain; to fine-tune a FaceID file choose ip_projection faceid"):
+        check_named_files(_config(tmp_path, ip=dict(projection="plain", init_from=done.output)))
