@@ -89,7 +89,8 @@ def find_face_models(models_dir: str | Path, pack: str = DEFAULT_PACK) -> FaceMo
 
 
 def find_pack_models(root: str | Path, pack: str = DEFAULT_PACK) -> FaceModelFiles:
-    """``find_face_models`` in a folder of packs given as such (``root/<pack>/``; the trainer's ``--ip-face-models``)."""
+    """``find_face_models`` in a folder of packs given as such (``root/<pack>/``: the trainer's
+    ``--ip-face-models``)."""
     folder = _pack_folder(Path(root), pack)
     if not folder.is_dir():
         raise MissingFileError(f"Face models not found: the folder {folder} does not exist. "

@@ -252,7 +252,8 @@ class IPAdapterConfig:
     # FaceID: the face embedding of each image (insightface's detector and recognizer, run on onnxruntime; cached in
     # TrainConfig.cache_dir / "face-embeddings") in place of CLIP features, and the reference's attention LoRA
     face_pack: str = knob(DEFAULT_PACK, label="Face models (FaceID)",
-                          help="insightface's model pack: a folder in models/insightface/models (buffalo_l, antelopev2)")
+                          help="insightface's model pack: a folder in models/insightface/models (buffalo_l, "
+                               "antelopev2)")
     face_models: Path | None = knob(None, place=True)  # the packs' folder, e.g. the WebUI's models/insightface/models
     lora_rank: int = knob(128, label="Attention LoRA rank (FaceID; 0: none)", low=0, high=1024,
                           help="FaceID trains a LoRA on every attention's q/k/v/out with the adapter, as the reference "

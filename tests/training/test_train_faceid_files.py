@@ -80,7 +80,8 @@ def test_the_file_loads_in_our_loader_and_in_diffusers_with_our_numbers(arch, tm
     state = method.trainable_state()
     for n, lora in ours.lora.items():
         for part in LORA_PARTS:
-            delta = state[f"ip_adapter.{n}.to_{part}_lora.up.weight"] @ state[f"ip_adapter.{n}.to_{part}_lora.down.weight"]
+            key = f"ip_adapter.{n}.to_{part}_lora"
+            delta = state[f"{key}.up.weight"] @ state[f"{key}.down.weight"]
             assert torch.allclose(lora.delta(part), delta)
     assert all(torch.equal(ours.model.site(s.number).to_k_ip.weight, state[f"ip_adapter.{s.number}.to_k_ip.weight"])
                for s in sites)

@@ -45,7 +45,8 @@ def test_a_faceid_request_without_the_face_models_is_a_400_naming_the_files_and_
     write_pack(webui.root / "models")  # buffalo_l only: a detector and a recognizer are both needed
     (packs / "antelopev2").mkdir()
     (packs / "antelopev2" / "scrfd_10g_bnkps.onnx").write_bytes((packs / "buffalo_l" / "det_10g.onnx").read_bytes())
-    answer = client.post(PREFIX, json=dict(FACEID, dataset_dir=str(dataset), output_name="me", ip_face_pack="antelopev2"))
+    answer = client.post(PREFIX, json=dict(FACEID, dataset_dir=str(dataset), output_name="me",
+                                           ip_face_pack="antelopev2"))
     assert answer.status_code == 400 and "no face recognizer found" in answer.json()["detail"], answer.text
     assert "glintr100.onnx" in answer.json()["detail"]
     assert jobs.status().state.value == "idle" and not (webui.root / "models" / "adapters" / "me.safetensors").exists()
@@ -98,7 +99,8 @@ def test_a_faceid_run_with_samples_is_a_faceid_the_panel_uses_in_the_next_genera
     loaded = load_faceid_adapter(output)
     assert loaded.variant is FaceIDVariant.FACEID and {lora.rank for lora in loaded.lora.values()} == {4}
     metadata = read_safetensors_metadata(output)
-    assert (metadata["ip_projection"], metadata["face_models"], metadata["ip_lora_rank"]) == ("faceid", "buffalo_l", "4")
+    assert (metadata["ip_projection"], metadata["face_models"], metadata["ip_lora_rank"]) == (
+        "faceid", "buffalo_l", "4")
 
     # the very next generation: an Adapters unit selects it by its name, with a photo of the face
     base = panel.txt2img()

@@ -177,7 +177,8 @@ def ip_main(i: dict[str, Any]) -> None:
         i["ip_init_from"] = _file_dropdown("ip_init_from", adapter_choices("ip_adapter"))
         i["ip_image_encoder"] = _file_dropdown("ip_image_encoder", encoder_choices(), f"{AUTO_ENCODER}: as released")
         refresh = ToolButton("\U0001F504", elem_id=eid("ip_refresh"))
-    with FormRow(visible=FIELDS["ip_projection"].default == IPProjection.FACEID.value, elem_id=eid("ip_faceid")) as faceid:
+    faceid_default = FIELDS["ip_projection"].default == IPProjection.FACEID.value
+    with FormRow(visible=faceid_default, elem_id=eid("ip_faceid")) as faceid:
         # FaceID reads faces, not CLIP features: its pack and LoRA, shown while the projection is faceid
         i["ip_face_pack"] = widget("ip_face_pack", gr.Dropdown, choices=face_pack_choices(), allow_custom_value=True)
         i["ip_lora_rank"] = widget("ip_lora_rank", gr.Slider, minimum=0, maximum=256, step=1)
