@@ -258,3 +258,37 @@ class StopAt(TrainCallbacks):
 
     def interrupted(self) -> bool:
         return self.seen >= self.step
+
+
+def resumes_bit_for_bit(config) -> dict[str, torch.Tensor]:
+    """``config(name)`` (a ``TrainConfig`` writing to folder ``name``) trained straight through as "a", and as "b"
+    interrupted after step 2 then resumed, each on a fresh tiny SD1 model: the same losses and the same exported
+    tensors, bit for bit. Returns those tensors."""
+    from safetensors.torch import load_file
+
+    from lib_adapters.training.loop import train
+    from lib_adapters.training.run_checkpoints import checkpoint_paths
+
+    straight = train(config("a"), tiny("sd1")[1])
+    first = train(config("b"), tiny("sd1")[1], callbacks=StopAt(2))
+    assert first.interrupted and first.step == 2
+    second = train(config("b"), tiny("sd1")[1], resume_from=checkpoint_paths(config("b"), 2)[1])
+    assert first.losses + second.losses == straight.losses
+    a, b = load_file(str(straight.output)), load_file(str(second.output))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a
+
+
+def trained_ip_method(config, backend):
+    """``config`` trained on ``backend`` (its loss lower at the end of the run than at the start), then its exported
+    (fp16) file loaded into a fresh IP method, as the panel would load it; ``close()`` it after use."""
+    import numpy as np
+
+    from lib_adapters.training.loop import train
+    from lib_adapters.training.methods.ip_adapter import IPAdapterMethod
+
+    result = train(config, backend)
+    assert np.mean(result.losses[-10:]) < np.mean(result.losses[:10]), result.losses
+    method = IPAdapterMethod(backend, config.ip)
+    method.load_trainable_file(result.output)
+    return method

@@ -13,7 +13,7 @@ from PIL import Image
 
 from face.face_pack import face_image, write_pack
 from lib_adapters.webui.training.api import PREFIX
-from webui_train.test_train_api import api, wait_done  # noqa: F401  (the api fixture)
+from webui_train.test_train_api import api, wait_done  # noqa: F401  (api: the fixture, used by name)
 
 FACEID = dict(method="ip_adapter", ip_projection="faceid", ip_lora_rank=4, resolution=64, steps=2, batch_size=2,
               learning_rate=1e-3, save_every=0)
