@@ -18,7 +18,8 @@ def test_training_config_uses_the_model_and_format_enums():
     assert config.T2ILayout is detect.T2ILayout
 
 
-@pytest.mark.parametrize("field,values", [("projection", ("plain", "plus")), ("adapter_kind", ("full", "light")),
+@pytest.mark.parametrize("field,values", [("projection", ("plain", "plus", "faceid")),
+                                          ("adapter_kind", ("full", "light")),
                                           ("export_layout", ("tencentarc", "diffusers"))])
 def test_the_values_users_type_are_unchanged(field, values):
     cls = config.IPAdapterConfig if field == "projection" else config.T2IConfig
@@ -27,7 +28,7 @@ def test_the_values_users_type_are_unchanged(field, values):
         assert getattr(cls(**{field: value.upper()}), field).value == value
 
 
-@pytest.mark.parametrize("field,value,allowed", [("projection", "full-face", "plain, plus"),
+@pytest.mark.parametrize("field,value,allowed", [("projection", "full-face", "plain, plus, faceid"),
                                                  ("adapter_kind", "style", "full, light"),
                                                  ("export_layout", "ip-flat", "tencentarc, diffusers")])
 def test_members_training_does_not_make_are_refused(field, value, allowed):
@@ -35,12 +36,12 @@ def test_members_training_does_not_make_are_refused(field, value, allowed):
     with pytest.raises(InputError, match=f"{field} must be one of {allowed}; got '{value}'"):
         cls(**{field: value})
     if field == "projection":  # the member itself too, not only its string
-        with pytest.raises(InputError, match="projection must be one of plain, plus"):
+        with pytest.raises(InputError, match="projection must be one of plain, plus, faceid"):
             config.IPAdapterConfig(projection=ip_adapter.IPProjection.FULL_FACE)
 
 
 def test_the_command_line_offers_only_what_training_makes():
     actions = {a.dest: a for a in build_parser()._actions}
-    assert actions["ip_projection"].choices == ["plain", "plus"]
+    assert actions["ip_projection"].choices == ["plain", "plus", "faceid"]
     assert actions["t2i_adapter_kind"].choices == ["full", "light"]
     assert actions["t2i_export_layout"].choices == ["tencentarc", "diffusers"]

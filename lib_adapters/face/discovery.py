@@ -85,8 +85,13 @@ def _where_to_get(pack: str, folder: Path) -> str:
 
 def find_face_models(models_dir: str | Path, pack: str = DEFAULT_PACK) -> FaceModelFiles:
     """The detector and recognizer of ``pack``; ``MissingFileError`` saying which file goes where."""
-    root = face_models_root(models_dir)
-    folder = _pack_folder(root, pack)
+    return find_pack_models(face_models_root(models_dir), pack)
+
+
+def find_pack_models(root: str | Path, pack: str = DEFAULT_PACK) -> FaceModelFiles:
+    """``find_face_models`` in a folder of packs given as such (``root/<pack>/``: the trainer's
+    ``--ip-face-models``)."""
+    folder = _pack_folder(Path(root), pack)
     if not folder.is_dir():
         raise MissingFileError(f"Face models not found: the folder {folder} does not exist. "
                                + _where_to_get(pack, folder))

@@ -28,11 +28,14 @@ class IPProjection(str, Enum):
     PLAIN = "plain"  # LinearProjection (the reference's ImageProjModel): ip-adapter_sd15, _light, _vit-G, _sdxl
     PLUS = "plus"  # Resampler: ip-adapter-plus_*, plus-face
     FULL_FACE = "full-face"  # MLPProjection (MLPProjModel): ip-adapter-full-face
+    # FaceIDProjection (models/faceid.py): a face embedding, no CLIP features; trained by the Train Adapter tab,
+    # loaded by formats/faceid.py (a LoadedIPAdapter never holds one)
+    FACEID = "faceid"
 
     @property
     def uses_hidden_states(self) -> bool:
         """Plus and full-face read the encoder's penultimate hidden states, not ``image_embeds``."""
-        return self is not IPProjection.PLAIN
+        return self in (IPProjection.PLUS, IPProjection.FULL_FACE)
 
 
 @dataclass(frozen=True)

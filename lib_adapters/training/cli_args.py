@@ -5,7 +5,8 @@ Every request field is ``--field-name`` (``--rank``, ``--lora-targets``, ``--t2i
 ``--overwrite``); earlier spellings stay accepted (``--dataset``, ``--name``, ``--lora-rank``, ...). Booleans get
 ``--x``/``--no-x``; enums list their values; optional values accept ``none``. ``--config file.json`` holds a request
 as the web API takes it (``POST /adapters/v1/train``'s body is a valid file); flags given on the command line win
-over the file. Where things are (the model, the output folder, the encoder and annotator folders) are flags only.
+over the file. Where things are (the model, the output folder, the encoder, annotator and face model folders) are
+flags only.
 Nothing here runs at import: ``build_parser()`` and ``request_from_args()`` are called by ``cli.main``.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import MISSING
 from pathlib import Path
 
 from ..errors import InputError, MissingFileError
+from ..face.discovery import face_models_root
 from .request import FIELDS, REQUEST_FIELDS, FilePlaces, Kind, RequestField, TrainRequest
 
 
@@ -74,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folders where --ip-image-encoder names (and the released adapters' encoder) are found")
     model.add_argument("--t2i-preprocessor-weights-dir", type=Path, metavar="DIR",
                        help="the annotator weights folder of --t2i-preprocessor")
+    model.add_argument("--ip-face-models", type=Path, metavar="DIR",
+                       help="FaceID: the folder of insightface's model packs (DIR/buffalo_l/...); default: the "
+                       "WebUI's models/insightface/models when this extension is installed in one, else "
+                       "~/.insightface/models")
     model.add_argument("--config", type=Path, help="a JSON file with any of the settings below, as the web API's "
                        "body (POST /adapters/v1/train) holds them; flags win")
     model.add_argument("--resume", nargs="?", const="latest", metavar="STATE",
@@ -124,7 +130,18 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
         raise InputError(f"{exc}{where}") from None
 
 
+def default_face_models() -> Path | None:
+    """Where insightface's packs are when ``--ip-face-models`` is not given: the WebUI's models/insightface/models when
+    this extension is installed in a WebUI (``<webui>/extensions/<it>/``), else insightface's own
+    ``~/.insightface/models``; None when neither folder exists (a FaceID run then says what to give)."""
+    extension = Path(__file__).resolve().parents[2]
+    candidates = [face_models_root(extension.parents[1] / "models")] if extension.parent.name == "extensions" else []
+    candidates.append(Path.home() / ".insightface" / "models")
+    return next((c for c in candidates if c.is_dir()), None)
+
+
 def places_from_args(args: argparse.Namespace) -> FilePlaces:
-    """Files named by path; encoders also by name in --ip-encoder-folders."""
+    """Files named by path; encoders also by name in --ip-encoder-folders; face models in --ip-face-models."""
     return FilePlaces(encoder_dirs=tuple(args.ip_encoder_folders or ()),
-                      annotator_dir=args.t2i_preprocessor_weights_dir)
+                      annotator_dir=args.t2i_preprocessor_weights_dir,
+                      face_models_dir=args.ip_face_models or default_face_models())

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..face.discovery import DEFAULT_PACK
 from ..formats.detect import T2ILayout
 from ..models.ip_adapter import IPProjection
 from ..models.t2i_adapter import T2IKind
@@ -227,11 +228,12 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class IPAdapterConfig:
-    """IP-Adapter training (the reference's tutorial_train.py / tutorial_train_plus.py recipe)."""
+    """IP-Adapter training (the reference's tutorial_train.py / _plus.py / _faceid.py recipes)."""
 
     # full-face IP-Adapters are loaded by the panel, not trained
-    projection: IPProjection = knob(IPProjection.PLAIN, label="Projection (plus: Resampler, 16 tokens)",
-                                    choices=(IPProjection.PLAIN, IPProjection.PLUS))
+    projection: IPProjection = knob(IPProjection.PLAIN, label="Projection (plus: Resampler, 16 tokens; faceid: faces)",
+                                    choices=(IPProjection.PLAIN, IPProjection.PLUS, IPProjection.FACEID),
+                                    help="faceid: FaceID from each image's face embedding (insightface's models)")
     image_encoder: Path | None = knob(None, label="CLIP image encoder", file="encoder",
                                       none="the released adapters' one, found in the encoder folders")
     encoder_folders: tuple[Path, ...] = knob((), place=True)  # e.g. the WebUI's models/clip_vision
@@ -247,16 +249,33 @@ class IPAdapterConfig:
                                      help="auto: 1280 on SDXL, else the context width")
     resampler_depth: int = knob(4, label="Resampler depth (plus)", low=1, high=16)
     data_root: Path | None = knob(None, label="Images of a JSON list", none="the JSON file's folder")
+    # FaceID: the face embedding of each image (insightface's detector and recognizer, run on onnxruntime; cached in
+    # TrainConfig.cache_dir / "face-embeddings") in place of CLIP features, and the reference's attention LoRA
+    face_pack: str = knob(DEFAULT_PACK, label="Face models (FaceID)",
+                          help="insightface's model pack: a folder in models/insightface/models (buffalo_l, "
+                               "antelopev2)")
+    face_models: Path | None = knob(None, place=True)  # the packs' folder, e.g. the WebUI's models/insightface/models
+    lora_rank: int = knob(128, label="Attention LoRA rank (FaceID; 0: none)", low=0, high=1024,
+                          help="FaceID trains a LoRA on every attention's q/k/v/out with the adapter, as the reference "
+                               "(rank 128); 0 trains without it")
 
     def __post_init__(self):
-        _to_paths(self, "image_encoder", "init_from", "data_root")
+        _to_paths(self, "image_encoder", "init_from", "data_root", "face_models")
         object.__setattr__(self, "encoder_folders", tuple(Path(f) for f in self.encoder_folders))
         _coerce_enums(self)
         drops = (self.image_drop, self.text_drop, self.both_drop)
         _check(all(_is_num(d) and 0 <= d <= 1 for d in drops) and sum(drops) <= 1,
                f"image/text/both drop rates must be in [0, 1] and sum to at most 1 (0.05 each is the reference); "
                f"got {drops}")
-        _check_int_ranges(self, "resampler_dim", "resampler_depth")
+        _check_int_ranges(self, "resampler_dim", "resampler_depth", "lora_rank")
+        _check(isinstance(self.face_pack, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", self.face_pack)
+               is not None, f"the face model pack is a folder name in models/insightface/models (buffalo_l, "
+               f"antelopev2): letters, digits, _ . or -; got {self.face_pack!r}", "face_pack")
+
+    @property
+    def faceid(self) -> bool:
+        """FaceID: face embeddings instead of CLIP features (and the attention LoRA when ``lora_rank``)."""
+        return self.projection is IPProjection.FACEID
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ class ProblemKind(str, Enum):
     UNREADABLE_CONDITION = "unreadable condition"
     CONDITION_MISMATCH = "condition does not fit the image"
     PREPROCESSOR_FAILED = "preprocessor failed"
+    NO_FACE = "no face"  # IP-Adapter FaceID: the face analysis found none
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,11 @@ class DatasetInvalidError(InputError):
         self.problems = problems
         lines = "\n".join(f"  - {p.describe(root)}" for p in problems)
         super().__init__(f"the dataset {root} has {len(problems)} problem(s); fix them and start again:\n{lines}")
+
+
+def dataset_root(dataset: Path) -> Path:
+    """The folder a dataset's messages name files relative to: the folder itself, or a list file's folder."""
+    return dataset if dataset.is_dir() else dataset.parent
 
 
 def find_caption(image: Path) -> Path | None:

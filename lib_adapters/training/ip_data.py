@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..arch import BaseArch
 from ..catalog import EncoderCatalog
@@ -31,7 +29,7 @@ from ..formats.clip_vision import load_clip_vision
 from ..models.clip_vision import ClipVisionEncoder, CropMode, EncoderNeed
 from .config import IPAdapterConfig, IPProjection
 from .data import DatasetInvalidError, DatasetProblem, ImageRecord, ProblemKind, _read_size, cap_caption
-from .latent_cache import module_fingerprint
+from .latent_cache import module_fingerprint, save_cache_file
 
 CROP = CropMode.CENTER  # the reference's CLIPImageProcessor
 
@@ -122,7 +120,7 @@ def load_training_encoder(config: IPAdapterConfig, need: EncoderNeed) -> ClipVis
 
 
 # -- features ---------------------------------------------------------------------------------------------
-def _read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -167,7 +165,7 @@ class ImageFeatures:
         out: list[torch.Tensor | None] = [self._cached(p) for p in paths]
         missing = [i for i, t in enumerate(out) if t is None]
         if missing:
-            encoded = self._encode(self.encoder.preprocess([_read_rgb(paths[i]) for i in missing], CROP))
+            encoded = self._encode(self.encoder.preprocess([read_rgb(paths[i]) for i in missing], CROP))
             for i, features in zip(missing, encoded):
                 out[i] = features
                 self._store(paths[i], features)
@@ -189,14 +187,5 @@ class ImageFeatures:
         return features
 
     def _store(self, path: Path, features: torch.Tensor) -> None:
-        if self.cache_dir is None:
-            return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"features": features.contiguous()}, tmp, metadata={"image": str(path)})
-            os.replace(tmp, self._file(path))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        if self.cache_dir is not None:
+            save_cache_file(self._file(path), {"features": features.contiguous()}, {"image": str(path)})

@@ -6,8 +6,9 @@ the console, signals and exit codes (``cli.py``).
 ``prepare`` checks, in this order, raising an ``AdapterError`` and changing nothing when one fails:
 
 1. the run's inputs (``check``): the sample image; every dataset file (a T2I dataset with a preprocessor is checked
-   without making its missing conditions: slow work, done by the run); the files the request names (readable, of
-   the right family); and, where the model's architecture is known, the CLIP vision encoder a new IP-Adapter needs;
+   without making its missing conditions, a FaceID dataset without analysing its faces: slow work, done by the run);
+   the files the request names (readable, of the right family); and, where the model's architecture is known, the
+   CLIP vision encoder a new IP-Adapter needs (FaceID: the face models' pack);
 2. the checkpoint to resume (the newest of the name, or a given ``.state``) and its settings;
 3. the published file: another run's ``<name>.safetensors`` is never replaced unless ``overwrite`` (a resumed run may
    replace the one it published itself: the file names the run's session id).
@@ -31,10 +32,12 @@ from ..catalog import EncoderCatalog
 from ..errors import DiskFullError, MissingFileError
 from ..preprocess.registry import get_preprocessor
 from .config import Method, TrainConfig
-from .data import DatasetInvalidError, ProblemKind
+from .data import DatasetInvalidError, ProblemKind, dataset_root
 from .distributed import Shard
+from .face_data import find_face_pack
 from .ip_data import reference_encoder
 from .loop import Publish, Trained, TrainResult, method_class, train
+from .methods.ip_adapter import IPAdapterMethod
 from .named_files import check_named_files
 from .outputs import OutputExistsError, check_replace, remove_output_temp_files
 from .progress import TrainCallbacks
@@ -76,14 +79,22 @@ def check(config: TrainConfig, arch: BaseArch | None = None) -> None:
     check_dataset(config)
     check_named_files(config)
     ip = config.ip
-    if arch is not None and config.method is Method.IP_ADAPTER and ip.image_encoder is None and ip.init_from is None:
+    if config.method is not Method.IP_ADAPTER:
+        return
+    if ip.faceid:
+        find_face_pack(ip)  # the face models are there (their analysis of the images is the run's work)
+    elif arch is not None and ip.image_encoder is None and ip.init_from is None:
         need = reference_encoder(ip.projection, arch)  # found as the panel will find it for the trained file
         EncoderCatalog(list(ip.encoder_folders)).find(need.hidden_states, need.width, need.description)
 
 
 def check_dataset(config: TrainConfig) -> None:
     """Every dataset file (``DatasetInvalidError`` lists them all). A T2I run with a preprocessor is checked without
-    making its missing conditions: that is slow work, done by the run."""
+    making its missing conditions, an IP-Adapter FaceID run without analysing its faces: that is slow work, done by
+    the run before its first step."""
+    if config.method is Method.IP_ADAPTER and config.ip.faceid:
+        IPAdapterMethod.dataset_records(config)
+        return
     if config.method is Method.T2I_ADAPTER and config.t2i.preprocessor:
         get_preprocessor(config.t2i.preprocessor)  # InputError naming the valid ones
         try:
@@ -91,8 +102,7 @@ def check_dataset(config: TrainConfig) -> None:
         except DatasetInvalidError as exc:
             problems = [p for p in exc.problems if p.kind is not ProblemKind.MISSING_CONDITION]
             if problems:
-                root = config.dataset_dir if config.dataset_dir.is_dir() else config.dataset_dir.parent
-                raise DatasetInvalidError(root, problems) from None
+                raise DatasetInvalidError(dataset_root(config.dataset_dir), problems) from None
         return
     method_class(config.method).load_records(config)
 

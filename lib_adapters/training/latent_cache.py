@@ -32,6 +32,20 @@ def module_fingerprint(module: nn.Module, tensors: int = 4) -> str:
     return digest.hexdigest()[:16]
 
 
+def save_cache_file(target: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write one cache file (safetensors inside) in a single step: a killed run leaves a ``.tmp``, never half a file.
+    The caches (latents, CLIP features, face embeddings) share it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 @dataclass(frozen=True)
 class CacheIdentity:
     """Which model and VAE made the latents."""
@@ -82,13 +96,5 @@ class LatentCache:
         latent = latent.detach().float().cpu().contiguous()
         self._memory[key] = latent
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file({"latent": latent}, tmp, metadata={"image": str(image), "model": self.identity.model,
-                                                             "vae": self.identity.vae})
-                os.replace(tmp, self._file(key))
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            save_cache_file(self._file(key), {"latent": latent},
+                            {"image": str(image), "model": self.identity.model, "vae": self.identity.vae})

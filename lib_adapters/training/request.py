@@ -3,8 +3,8 @@ generated from the config dataclasses (``config.py``), so the three never disagr
 
 The request is flat, so that an API body stays one readable object: ``REQUEST_FIELDS`` lists every field of
 ``TrainConfig`` and of its method configs (``LoraConfig``, ``T2IConfig``, ``IPAdapterConfig``) except the places a
-front end fills in (the output folder, the encoder and annotator folders), under its request name: the shared
-settings by their own names, each method's knobs with its prefix (``rank``/``alpha``/``lora_targets``/
+front end fills in (the output folder, the encoder, annotator and face model folders), under its request name: the
+shared settings by their own names, each method's knobs with its prefix (``rank``/``alpha``/``lora_targets``/
 ``train_text_encoder``/``text_encoder_lr`` for LoRA, ``t2i_*``, ``ip_*``), plus ``overwrite``, which is about the
 job, not the training. Each field has one JSON kind (``Kind``) and one default, the config's. A request that sets
 another method's knob to a non-default value is refused rather than silently ignoring it. ``from_dict`` checks
@@ -162,6 +162,7 @@ class FilePlaces:
     resolve_adapter: Callable[[str], Path] = Path  # a name as the panel lists it ("name" or "name [hash]") -> its file
     encoder_dirs: tuple[Path, ...] = ()
     annotator_dir: Optional[Path] = None
+    face_models_dir: Optional[Path] = None  # FaceID: insightface's packs as <it>/<pack>/ (models/insightface/models)
 
     def adapter(self, value: str, field: str) -> Path:
         path = Path(value).expanduser()
@@ -235,6 +236,7 @@ class _Request:
         if places is not None:
             values["t2i"]["preprocessor_weights_dir"] = places.annotator_dir
             values["ip"]["encoder_folders"] = places.encoder_dirs
+            values["ip"]["face_models"] = places.face_models_dir
         parts = {part: _build(cls, values[part], part) for part, (cls, *_) in PARTS.items()}
         return _build(TrainConfig, dict(values[None], output_dir=Path(output_dir), **parts), None)
 

@@ -113,12 +113,15 @@ def _t2i_signature(config: TrainConfig) -> dict:
 
 
 def _ip_signature(config: TrainConfig) -> dict:
-    """The IP-Adapter's projection shape and dropout rates (the draws), only for IP runs."""
+    """The IP-Adapter's projection shape and dropout rates (the draws), only for IP runs; FaceID's LoRA rank and face
+    models (which made the embeddings) only for FaceID runs, so older checkpoints still match."""
     if config.method is not Method.IP_ADAPTER:
         return {}
     ip = config.ip
+    faceid = {"ip_lora_rank": ip.lora_rank, "ip_face_pack": ip.face_pack} if ip.faceid else {}
     return {"ip_projection": ip.projection.value, "ip_resampler_dim": ip.resampler_dim,
-            "ip_resampler_depth": ip.resampler_depth, "ip_drops": [ip.image_drop, ip.text_drop, ip.both_drop]}
+            "ip_resampler_depth": ip.resampler_depth, "ip_drops": [ip.image_drop, ip.text_drop, ip.both_drop],
+            **faceid}
 
 
 def check_signature(saved: dict, config: TrainConfig, path: Path) -> None:

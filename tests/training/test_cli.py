@@ -203,6 +203,40 @@ def test_the_cli_trains_an_ip_adapter_plus_that_our_loader_reads(tmp_path):
     assert isinstance(loaded, LoadedIPAdapter) and loaded.variant is IPProjection.PLUS and loaded.projection.num_tokens == 16
 
 
+def test_the_cli_trains_a_faceid_that_our_loader_reads(tmp_path, monkeypatch, capsys):
+    """--ip-projection faceid with insightface's pack found through --ip-face-models (none given and none in
+    ~/.insightface/models: exit 2 before the model loads, saying where the pack goes)."""
+    from PIL import Image
+
+    from face.face_pack import face_image, write_pack
+    from lib_adapters.formats.adapter_file import load_adapter
+    from lib_adapters.formats.faceid import LoadedFaceIDAdapter
+    from lib_adapters.models.faceid import FaceIDVariant
+
+    (tmp_path / "ds" / "1_me").mkdir(parents=True)
+    for seed in (1, 2):
+        Image.fromarray(face_image(seed)).save(tmp_path / "ds" / "1_me" / f"{seed}.png")
+        (tmp_path / "ds" / "1_me" / f"{seed}.txt").write_text("a portrait of me")
+    faceid = ["--steps", "2", "--method", "ip_adapter", "--ip-projection", "faceid", "--ip-lora-rank", "4"]
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.insightface/models, and this checkout is in no WebUI
+    with monkeypatch.context() as m:
+        m.setattr(cli, "load_backend", lambda *a, **k: pytest.fail("the model was loaded"))
+        code, _ = _run(tmp_path, *faceid, name="me", lora=False)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_INPUT and "put the 'buffalo_l' pack in models/insightface/models/buffalo_l/" in err, err
+    assert "--ip-face-models DIR" in err and "non-commercial" in err and "Traceback" not in err
+
+    packs = write_pack(tmp_path / "webui_models").parent
+    code, text = _run(tmp_path, *faceid, "--ip-face-models", str(packs), name="me", lora=False)
+    assert code == cli.EXIT_OK, text
+    output = tmp_path / "out" / "me.safetensors"
+    assert f"done: {output}" in text and "models/adapters" in text and "<lora:" not in text
+    loaded = load_adapter(output)
+    assert isinstance(loaded, LoadedFaceIDAdapter) and loaded.variant is FaceIDVariant.FACEID
+    assert loaded.config.num_tokens == 4 and {lora.rank for lora in loaded.lora.values()} == {4}
+    assert len(list((tmp_path / "out" / "cache").rglob("*.faceemb"))) == 2  # each image's embedding, kept
+
+
 def test_bad_output_names_and_wrong_named_files_exit_2_before_the_model_loads(tmp_path, monkeypatch):
     from lib_adapters.training.methods.lora_file import save_lora
     make_shapes_dataset(tmp_path / "ds", "1_x", count=1)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from train_helpers import make_shapes_dataset, tiny
+from train_helpers import make_shapes_dataset, resumes_bit_for_bit, tiny
 
 from fixtures.clip import save_clip_vision, tiny_clip_vision
 from fixtures.ip import random_ip_state_dict
@@ -15,7 +15,6 @@ from lib_adapters.errors import IncompatibleModelError, InputError
 from lib_adapters.training.run_checkpoints import checkpoint_paths
 from lib_adapters.training.config import IPAdapterConfig, TrainConfig
 from lib_adapters.training.loop import train
-from lib_adapters.training.progress import TrainCallbacks
 from lib_adapters.training.methods.base import ExportInfo
 from lib_adapters.training.methods.ip_adapter import IPAdapterMethod
 from lib_adapters.unet.layout import bind_layout
@@ -111,19 +110,6 @@ def test_fine_tuning_starts_from_the_file_and_refuses_a_mismatch(encoder, tmp_pa
     save_file({f"{part}.{k}": v for part, sd in nested.items() for k, v in sd.items()}, str(full))
     with pytest.raises(InputError, match="full-face IP-Adapter; training supports plain and plus"):
         IPAdapterMethod(backend, IPAdapterConfig(projection="plus", image_encoder=encoder, init_from=full))
-
-
-class _StopAt(TrainCallbacks):
-    def __init__(self, step: int):
-        self.step, self.seen = step, 0
-
-    def on_progress(self, progress) -> None:
-        self.seen = progress.step
-
-    def interrupted(self) -> bool:
-        return self.seen >= self.step
-
-
 def test_interrupt_then_resume_equals_an_uninterrupted_run_bit_for_bit(encoder, tmp_path):
     make_shapes_dataset(tmp_path / "ds", "1_shapes", count=3)
 
@@ -132,13 +118,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run_bit_for_bit(encoder, 
         return TrainConfig(tmp_path / "ds", tmp_path / out, "ip", method="ip_adapter", resolution=64, steps=4,
                            batch_size=2, learning_rate=1e-3, seed=5, noise_offset=0.05, ip=ip)
 
-    straight = train(config("a"), tiny("sd1")[1])
-    first = train(config("b"), tiny("sd1")[1], callbacks=_StopAt(2))
-    assert first.interrupted and first.step == 2
-    second = train(config("b"), tiny("sd1")[1], resume_from=checkpoint_paths(config("b"), 2)[1])
-    assert first.losses + second.losses == straight.losses
-    a, b = load_file(str(straight.output)), load_file(str(second.output))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumes_bit_for_bit(config)
     assert any((config("b").cache_dir / "clip-features").glob("*.clipfeat"))  # the resumed run read cached features
     changed = TrainConfig(tmp_path / "ds", tmp_path / "b", "ip", method="ip_adapter", resolution=64, steps=4,
                           batch_size=2, seed=5, ip=IPAdapterConfig(projection="plain", image_encoder=encoder))

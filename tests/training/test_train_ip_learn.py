@@ -15,12 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from train_helpers import half_colour_image, held_out_noising, reading_clip_vision, tiny_pooled
+from train_helpers import (colour_images, half_colour_image, held_out_loss, reading_clip_vision, tiny_pooled,
+                           trained_ip_method)
 
-from lib_adapters.training.buckets import Bucket, load_pixels, place
 from lib_adapters.training.config import IPAdapterConfig, TrainConfig
-from lib_adapters.training.loop import train
-from lib_adapters.training.methods.ip_adapter import IPAdapterMethod
 
 CAPTION = "a picture"
 READ_SCALE = 5.0  # the encoder's image_embeds[:3] read the colour in [-1, 1] times this; the rest read 0
@@ -28,17 +26,6 @@ READ_SCALE = 5.0  # the encoder's image_embeds[:3] read the colour in [-1, 1] ti
 
 def _colours(rng: np.random.Generator, count: int) -> np.ndarray:
     return rng.integers(0, 256, (count, 3))
-
-
-def _images(folder: Path, colours: np.ndarray, caption: bool) -> list[Path]:
-    folder.mkdir(parents=True)
-    paths = []
-    for i, colour in enumerate(colours):
-        paths.append(folder / f"{i}.png")
-        half_colour_image(colour).save(paths[-1])
-        if caption:
-            (folder / f"{i}.txt").write_text(CAPTION)
-    return paths
 
 
 def _encoder(folder: Path) -> Path:
@@ -49,36 +36,21 @@ def _encoder(folder: Path) -> Path:
     return reading_clip_vision(folder, [half_colour_image(c) for c in colours], targets)
 
 
-def _held_out_loss(backend, method: IPAdapterMethod | None, paths: list[Path], references: list[Path]) -> float:
-    pixels = torch.stack([load_pixels(p, place(64, 64, Bucket(64, 64))) for p in paths])
-    latents = backend.encode_images(pixels)
-    noisy, t, target = held_out_noising(backend, latents)
-    with torch.no_grad():
-        cond = backend.encode_prompts([CAPTION] * len(paths))
-        if method is None:
-            return float((backend.apply(noisy, t, cond) - target).pow(2).mean())
-        with method.tokens_active(method.image_tokens(method.features.get(references))):
-            return float((backend.apply(noisy, t, cond) - target).pow(2).mean())
-
-
 def test_a_trained_adapter_uses_the_reference_image(tmp_path):
     rng = np.random.default_rng(0)
-    _images(tmp_path / "ds", _colours(rng, 32), caption=True)
-    held_out = _images(tmp_path / "held_out", _colours(rng, 16), caption=False)
+    colour_images(tmp_path / "ds", _colours(rng, 32), CAPTION)
+    held_out = colour_images(tmp_path / "held_out", _colours(rng, 16), None)
     config = TrainConfig(tmp_path / "ds", tmp_path / "out", "ip", method="ip_adapter", resolution=64, steps=150,
                          batch_size=4, learning_rate=1e-2, seed=0, cache_latents=True,
                          ip=IPAdapterConfig(image_encoder=_encoder(tmp_path / "clip")))
     _, backend = tiny_pooled("sd1", parameterization="v")
-    result = train(config, backend)
-    assert np.mean(result.losses[-10:]) < np.mean(result.losses[:10])
-
-    base = _held_out_loss(backend, None, held_out, held_out)
-    method = IPAdapterMethod(backend, config.ip)
-    method.load_trainable_file(result.output)  # the exported (fp16) file, as the panel would load it
-    right = _held_out_loss(backend, method, held_out, held_out)
-    wrong = _held_out_loss(backend, method, held_out, held_out[1:] + held_out[:1])  # each gets another's image
+    base = held_out_loss(backend, held_out, CAPTION)
+    method = trained_ip_method(config, backend)
+    right = held_out_loss(backend, held_out, CAPTION, method, method.features.get(held_out))
+    wrong = held_out_loss(backend, held_out, CAPTION, method,
+                          method.features.get(held_out[1:] + held_out[:1]))  # each gets another's image
     method.close()
     print(f"held-out loss: base {base:.4f}, right reference {right:.4f}, wrong reference {wrong:.4f}")
     assert right <= 0.7 * base, (base, right)
     assert right <= 0.8 * wrong, (right, wrong)
-    assert _held_out_loss(backend, None, held_out, held_out) == base  # the base model is as it was
+    assert held_out_loss(backend, held_out, CAPTION) == base  # the base model is as it was

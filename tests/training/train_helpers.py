@@ -10,6 +10,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from lib_adapters.training.progress import TrainCallbacks
+
 SHAPES = (("a red circle", (220, 30, 30), "ellipse"), ("a blue square", (30, 30, 220), "rectangle"),
           ("a green circle", (30, 200, 30), "ellipse"), ("a yellow square", (230, 220, 20), "rectangle"))
 
@@ -179,3 +181,114 @@ def held_out_noising(backend, latents: torch.Tensor, seed: int = 123):
     t = torch.randint(100, 900, (latents.shape[0],), generator=g)
     noisy = add_noise(latents, noise, t, backend.alphas_cumprod)
     return noisy, t, training_target(backend.parameterization, latents, noise, t, backend.alphas_cumprod)
+
+
+def colour_images(folder: Path, colours, caption: str | None) -> list[Path]:
+    """``half_colour_image`` of each colour as ``folder/<i>.png``, with ``caption`` beside it (None: no caption)."""
+    folder.mkdir(parents=True)
+    paths = []
+    for i, colour in enumerate(colours):
+        paths.append(folder / f"{i}.png")
+        half_colour_image(colour).save(paths[-1])
+        if caption is not None:
+            (folder / f"{i}.txt").write_text(caption)
+    return paths
+
+
+def held_out_loss(backend, paths: list[Path], caption: str, method=None, features: torch.Tensor | None = None) -> float:
+    """The denoising loss of 64x64 images under ``caption`` with ``held_out_noising``'s fixed noise and timesteps:
+    of the base model (``method`` None), or with an IP method's tokens of ``features`` (one row per image)."""
+    from lib_adapters.training.buckets import Bucket, load_pixels, place
+
+    pixels = torch.stack([load_pixels(p, place(64, 64, Bucket(64, 64))) for p in paths])
+    noisy, t, target = held_out_noising(backend, backend.encode_images(pixels))
+    with torch.no_grad():
+        cond = backend.encode_prompts([caption] * len(paths))
+        if method is None:
+            return float((backend.apply(noisy, t, cond) - target).pow(2).mean())
+        with method.tokens_active(method.image_tokens(features)):
+            return float((backend.apply(noisy, t, cond) - target).pow(2).mean())
+
+
+# -- face analysis stand-ins (IP-Adapter FaceID) -----------------------------------------------------------------
+class ColourFaces:
+    """A stand-in face analyzer (``FaceAnalyzer.analyze``'s contract: a ``FaceResult``, ``NoFaceError`` without a
+    face) whose unit-length embedding says an image's colour, as ArcFace's says a face's identity: ``[scale * c, 1]``
+    normed, ``c`` the mean RGB of the left half in [-1, 1], spread over the 512 dimensions by a fixed random rotation
+    (an ArcFace embedding fills them all). With ``scale`` 3 two random colours' embeddings have a cosine of about
+    0.1, near the 0 of two people's ArcFace embeddings; the constant keeps the brightness that norming would drop.
+    Images whose left half is pure grey (r == g == b) have no face. Counts its calls."""
+
+    def __init__(self, scale: float = 3.0, seed: int = 0):
+        import numpy as np
+
+        self.scale, self.calls = scale, 0
+        q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(512, 4)))
+        self.rotation = q.astype(np.float32)  # [512, 4], orthonormal columns: norms are kept
+
+    def analyze(self, image):
+        import numpy as np
+
+        from lib_adapters.face import FaceResult, NoFaceError
+
+        self.calls += 1
+        pixels = np.asarray(image, dtype=np.float32)
+        left = pixels[:, : pixels.shape[1] // 2].reshape(-1, 3).mean(0)
+        if np.ptp(left) == 0:
+            raise NoFaceError("No face found in the image.")
+        embedding = self.rotation @ np.append((left / 127.5 - 1) * self.scale, 1.0).astype(np.float32)
+        return FaceResult(box=np.array([0, 0, 8, 8], np.float32), score=0.9, keypoints=np.zeros((5, 2), np.float32),
+                          embedding=embedding, normed_embedding=embedding / np.linalg.norm(embedding), index=0,
+                          faces_found=1)
+
+
+def use_face_analyzer(monkeypatch, analyzer) -> None:
+    """Runs analyse faces with ``analyzer`` instead of the configured pack's onnxruntime sessions."""
+    monkeypatch.setattr("lib_adapters.training.face_data.open_face_analyzer", lambda ip: analyzer)
+
+
+class StopAt(TrainCallbacks):
+    """Training callbacks that interrupt the run once step ``step`` is done (a user's Interrupt, a Ctrl-C)."""
+
+    def __init__(self, step: int):
+        self.step, self.seen = step, 0
+
+    def on_progress(self, progress) -> None:
+        self.seen = progress.step
+
+    def interrupted(self) -> bool:
+        return self.seen >= self.step
+
+
+def resumes_bit_for_bit(config) -> dict[str, torch.Tensor]:
+    """``config(name)`` (a ``TrainConfig`` writing to folder ``name``) trained straight through as "a", and as "b"
+    interrupted after step 2 then resumed, each on a fresh tiny SD1 model: the same losses and the same exported
+    tensors, bit for bit. Returns those tensors."""
+    from safetensors.torch import load_file
+
+    from lib_adapters.training.loop import train
+    from lib_adapters.training.run_checkpoints import checkpoint_paths
+
+    straight = train(config("a"), tiny("sd1")[1])
+    first = train(config("b"), tiny("sd1")[1], callbacks=StopAt(2))
+    assert first.interrupted and first.step == 2
+    second = train(config("b"), tiny("sd1")[1], resume_from=checkpoint_paths(config("b"), 2)[1])
+    assert first.losses + second.losses == straight.losses
+    a, b = load_file(str(straight.output)), load_file(str(second.output))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a
+
+
+def trained_ip_method(config, backend):
+    """``config`` trained on ``backend`` (its loss lower at the end of the run than at the start), then its exported
+    (fp16) file loaded into a fresh IP method, as the panel would load it; ``close()`` it after use."""
+    import numpy as np
+
+    from lib_adapters.training.loop import train
+    from lib_adapters.training.methods.ip_adapter import IPAdapterMethod
+
+    result = train(config, backend)
+    assert np.mean(result.losses[-10:]) < np.mean(result.losses[:10]), result.losses
+    method = IPAdapterMethod(backend, config.ip)
+    method.load_trainable_file(result.output)
+    return method

@@ -1,7 +1,8 @@
 """The "Train Adapter" tab driven in headless Chromium against the stub WebUI host page (host.py):
-it renders, switching the method swaps the knob groups, a bad dataset is reported in the tab, a run
-starts from the filled-in form, progress advances (step text, loss plot, log, a sample image in the gallery),
-Interrupt stops it with a checkpoint and the LoRA published, and the files are on disk.
+it renders, switching the method swaps the knob groups (and IP's projection faceid its FaceID knobs), a bad
+dataset is reported in the tab, a run starts from the filled-in form, progress advances (step text, loss plot,
+log, a sample image in the gallery), Interrupt stops it with a checkpoint and the LoRA published, and the files
+are on disk.
 
 Needs the ``playwright`` package and a system Chromium at /usr/bin/chromium (never a downloaded
 browser; tests/setup_env.sh installs Debian's as root). Without them it is skipped with the reason, except
@@ -113,6 +114,16 @@ def test_train_then_interrupt_in_the_browser(host, page, tmp_path):
     _select(page, "method", "IP-Adapter")
     page.wait_for_function("() => document.querySelector('#adapters_train_sample_image').innerText"
                            ".includes('Sample reference image')")
+    # FaceID: its face models and LoRA rank show in place of the CLIP encoder, which it does not read
+    assert page.locator("#adapters_train_ip_face_pack").is_hidden()
+    _select(page, "ip_projection", "faceid")
+    page.wait_for_selector("#adapters_train_ip_face_pack", state="visible")
+    page.wait_for_selector("#adapters_train_ip_image_encoder", state="hidden")
+    assert page.locator("#adapters_train_ip_lora_rank").is_visible()
+    assert _field(page, "ip_face_pack").input_value() == "buffalo_l"
+    _select(page, "ip_projection", "plain")
+    page.wait_for_selector("#adapters_train_ip_face_pack", state="hidden")
+    page.wait_for_selector("#adapters_train_ip_image_encoder", state="visible")
     _select(page, "method", "LoRA")
     page.wait_for_selector("#adapters_train_rank", state="visible")
     page.wait_for_selector("#adapters_train_t2i_condition", state="hidden")

@@ -1,5 +1,5 @@
-"""IP-Adapter training (plain and Plus, SD1.x/SD2.x and SDXL, ldm and diffusers UNets): the image projection and
-per-attn2 ``to_k_ip``/``to_v_ip``, everything else frozen.
+"""IP-Adapter training (plain, Plus and FaceID, SD1.x/SD2.x and SDXL, ldm and diffusers UNets): the image projection
+and per-attn2 ``to_k_ip``/``to_v_ip`` (FaceID: and the attention LoRA), everything else frozen.
 
 The recipe is the reference's (tencent-ailab ``tutorial_train.py`` / ``tutorial_train_plus.py``):
 ``to_k_ip``/``to_v_ip`` start as copies of the site's ``to_k``/``to_v``; each sample is trained without
@@ -10,8 +10,13 @@ generator so that a resumed run draws the same. Image tokens reach the UNet thro
 panel's: its keys and values are per batch row and keep their gradients. The UNet is never modified:
 ``close()`` removes the wrappers, and the CLIP vision encoder is the run's own frozen copy.
 
+FaceID (``tutorial_train_faceid.py``) reads each image's face embedding (``face_data.py``) instead of CLIP
+features, drops the image as a zero embedding, and trains a LoRA on every attention with the adapter
+(``faceid.py``); its unit applies that LoRA's ``to_out`` part to the image branch as well.
+
 The exported file is the reference's flat safetensors layout (``image_proj.*``, ``ip_adapter.{1,3,5,...}``
-numbered as diffusers' ``attn_processors``), which our panel, diffusers and sd-webui-controlnet load.
+numbered as diffusers' ``attn_processors``; FaceID's LoRA as ``ip_adapter.{0,1,2,...}.to_*_lora``), which our
+panel, diffusers and sd-webui-controlnet load.
 """
 from __future__ import annotations
 
@@ -24,8 +29,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from ...arch import BaseArch
 from ...errors import FormatError, IncompatibleModelError
@@ -33,20 +40,26 @@ from ...formats.ip import LoadedIPAdapter
 from ...formats.state_dict import load_strict
 from ...inference.ip import IPUnitRuntime, fold_key_value
 from ...inference.session import GenerationSession
+from ...models.clip_vision import ClipVisionEncoder
+from ...models.faceid import FACE_EMBEDDING_DIM
 from ...models.ip_adapter import IPAdapterModel, ProjectionConfig
 from ...models.resampler import DIM_HEAD
 from ...unet.a1111 import A1111Binding
 from ...unet.layout import IPSite
 from ..backends.base import TrainingBackend
 from ..config import IPAdapterConfig, IPProjection, TrainConfig
-from ..data import ImageRecord
+from ..data import DatasetInvalidError, ImageRecord, dataset_root
+from ..face_data import CACHE_FOLDER as FACE_CACHE
+from ..face_data import FaceEmbeddings
 from ..ip_data import (ImageFeatures, encoder_width, load_json_records, load_training_encoder,
                        reference_encoder)
-from ..named_files import load_ip_start
+from ..named_files import load_faceid_start, load_ip_start
 from ..nonfinite import InputSource, NonFiniteInput, bad_rows, kind, shown, unique, weights_advice
 from ..outputs import atomic_write
 from .base import ExportInfo, MethodBase, MethodBatch
-from .ip_sites import ip_layout
+from .faceid import (FACEID_TOKENS, FaceIDTrainingModel, LoRAHooks, faceid_config, file_state, layer_shapes,
+                     new_faceid_model)
+from .ip_sites import copy_key_values, ip_layout
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +81,23 @@ class TrainingIPUnit(IPUnitRuntime):
         kv = self.adapter.model.site(site.number)
         k, v = fold_key_value(kv.to_k_ip(self.tokens), kv.to_v_ip(self.tokens), heads, out_weight)
         return k.to(like.dtype), v.to(like.dtype)
+
+    def attention(self, site: IPSite, attn: nn.Module, q: torch.Tensor, call) -> torch.Tensor:
+        """The panel's term, except where FaceID's LoRA acts on ``to_out``: the reference adds the image branch
+        before ``to_out``, so its LoRA sees it too, and ``W_out`` cannot be folded into the values as one matrix."""
+        kv = self.adapter.model.site(site.number)
+        out_lora = getattr(kv, "to_out_lora", None)
+        if out_lora is None or self.tokens is None:
+            return super().attention(site, attn, q, call)
+        rows, heads, count, head_dim = q.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # [rows, T, inner] -> [rows, heads, T, head_dim]
+            return t.reshape(rows, -1, heads, head_dim).transpose(1, 2).to(q.dtype)
+
+        h = F.scaled_dot_product_attention(q, split(kv.to_k_ip(self.tokens)), split(kv.to_v_ip(self.tokens)))
+        h = h.transpose(1, 2).reshape(rows, count, heads * head_dim)
+        out = F.linear(h, attn.to_out[0].weight.to(h.dtype)) + out_lora(h).to(h.dtype)
+        return out * self.scale_at(site)
 
     def release(self) -> None:  # the panel's release moves the model to the CPU; training keeps it in place
         self.tokens = None
@@ -103,12 +133,7 @@ def new_adapter(projection: ProjectionConfig, sites: tuple[IPSite, ...], bound) 
     """A fresh adapter: torch's default initialisation for the projection (the reference's), and each site's
     ``to_k_ip``/``to_v_ip`` copied from its ``to_k``/``to_v``."""
     model = IPAdapterModel(projection, {s.number: s.hidden for s in sites})
-    with torch.no_grad():
-        for site in sites:
-            attn = bound.module(site.path)
-            kv = model.site(site.number)
-            kv.to_k_ip.weight.copy_(attn.to_k.weight.detach().float())
-            kv.to_v_ip.weight.copy_(attn.to_v.weight.detach().float())
+    copy_key_values(model, sites, bound)
     return model
 
 
@@ -117,11 +142,26 @@ class IPAdapterMethod(MethodBase):
 
     @classmethod
     def from_config(cls, config: TrainConfig, backend: TrainingBackend) -> "IPAdapterMethod":
-        cache = config.cache_dir / "clip-features" if config.ip.cache_features else None
-        return cls(backend, config.ip, cache)
+        if config.ip.faceid:  # always cached: the reference, too, reads one stored embedding per image
+            return cls(backend, config.ip, config.cache_dir / FACE_CACHE)
+        return cls(backend, config.ip, config.cache_dir / "clip-features" if config.ip.cache_features else None)
 
     @classmethod
     def load_records(cls, config: TrainConfig) -> list[ImageRecord]:
+        """The dataset's records; FaceID: each image's face analysed (once: cached), every image without one (and
+        a sample image without one) listed before the run starts."""
+        records = cls.dataset_records(config)
+        if config.ip.faceid:
+            paths = [r.path for r in records]
+            if config.sample_every and config.sample_image is not None:
+                paths.append(config.sample_image)
+            problems = FaceEmbeddings(config.ip, config.cache_dir / FACE_CACHE).problems(paths)
+            if problems:
+                raise DatasetInvalidError(config.ip.data_root or dataset_root(config.dataset_dir), problems)
+        return records
+
+    @classmethod
+    def dataset_records(cls, config: TrainConfig) -> list[ImageRecord]:
         """A ``.json`` dataset path is the reference's list; a folder is the usual image + caption folder."""
         if config.dataset_dir.suffix.lower() == ".json":
             return load_json_records(config.dataset_dir, config.ip.data_root, config.min_image_size)
@@ -132,6 +172,21 @@ class IPAdapterMethod(MethodBase):
         self.bound = ip_layout(backend)
         sites = self.bound.ip_sites()
         context_dim = int(self.bound.module(sites[0].path).to_k.in_features)
+        self.encoder: ClipVisionEncoder | None = None
+        if config.faceid:
+            model = self._faceid_parts(sites, context_dim, feature_cache)
+        else:
+            model = self._clip_parts(sites, context_dim, feature_cache)
+        self.model = model.float().to(backend.device).requires_grad_(True).train()
+        self.lora_hooks = LoRAHooks(self.model, self.bound, sites) if config.faceid else None
+        if self.lora_hooks is not None:
+            self.lora_hooks.attach()
+        self._install(sites)
+        self._drops: tuple[MethodBatch, list[Drops]] | None = None
+
+    def _clip_parts(self, sites: tuple[IPSite, ...], context_dim: int, cache: Path | None) -> IPAdapterModel:
+        """Plain and Plus: the CLIP vision encoder, its features, and the adapter (new, or the file to fine-tune)."""
+        config, backend = self.config, self.backend
         # the file to fine-tune, with the checks a request gets before the run starts (named_files.py)
         start = load_ip_start(config) if config.init_from is not None else None
         need = start.encoder_need if start is not None else reference_encoder(config.projection, backend.arch)
@@ -139,21 +194,34 @@ class IPAdapterMethod(MethodBase):
         self.encoder.model.to(backend.device)
         hidden_states = config.projection is IPProjection.PLUS
         width = encoder_width(self.encoder, hidden_states)
-        if start is not None:
-            if width != start.projection.clip_dim:
-                raise IncompatibleModelError(
-                    f"{start.name} needs a {start.encoder_need.description} CLIP vision encoder, but "
-                    f"{self.encoder.name} gives width {width}; choose the encoder it was trained with")
-            start.check_compatible(self.bound, "IP-Adapter training")
-            self.projection, model = start.projection, start.model
-        else:
-            self.projection = _projection_config(config, width, context_dim, backend.arch is BaseArch.SDXL)
-            model = new_adapter(self.projection, sites, self.bound)
-        self.model = model.float().to(backend.device).requires_grad_(True).train()
-        self.features = ImageFeatures(self.encoder, hidden_states, feature_cache)
+        self.features = ImageFeatures(self.encoder, hidden_states, cache)
         self.init_name = start.name if start is not None else ""
-        self._install(sites)
-        self._drops: tuple[MethodBatch, list[Drops]] | None = None
+        if start is None:
+            self.projection = _projection_config(config, width, context_dim, backend.arch is BaseArch.SDXL)
+            return new_adapter(self.projection, sites, self.bound)
+        if width != start.projection.clip_dim:
+            raise IncompatibleModelError(
+                f"{start.name} needs a {start.encoder_need.description} CLIP vision encoder, but "
+                f"{self.encoder.name} gives width {width}; choose the encoder it was trained with")
+        start.check_compatible(self.bound, "IP-Adapter training")
+        self.projection = start.projection
+        return start.model
+
+    def _faceid_parts(self, sites: tuple[IPSite, ...], context_dim: int, cache: Path | None) -> FaceIDTrainingModel:
+        """FaceID: the face embeddings and the model (projection, to_k_ip/to_v_ip, attention LoRA)."""
+        config = self.config
+        self.features = FaceEmbeddings(config, cache)
+        self.projection = ProjectionConfig(IPProjection.FACEID, clip_dim=FACE_EMBEDDING_DIM, context_dim=context_dim,
+                                           num_tokens=FACEID_TOKENS)
+        self.init_name = ""
+        if config.init_from is None:
+            return new_faceid_model(self.bound, sites, context_dim, config.lora_rank)
+        start = load_faceid_start(config)
+        start.check_compatible(self.bound, "IP-Adapter FaceID training")
+        model = FaceIDTrainingModel(faceid_config(context_dim), layer_shapes(self.bound, sites), config.lora_rank)
+        load_strict(model, file_state(start), str(config.init_from))
+        self.init_name = start.name
+        return model
 
     def _install(self, sites: tuple[IPSite, ...]) -> None:
         adapter = LoadedIPAdapter("training", self.model, self.projection, {s.number: s.hidden for s in sites})
@@ -202,18 +270,24 @@ class IPAdapterMethod(MethodBase):
             self.unit.tokens = None
 
     def nonfinite_inputs(self, batch: MethodBatch, updated: bool, root: Path | None) -> list[NonFiniteInput]:
-        """This batch's CLIP image features and image tokens, recomputed (only after a non-finite loss)."""
+        """This batch's CLIP image features (or face embeddings) and image tokens, recomputed (only after a
+        non-finite loss)."""
         images = [r.path for r in batch.records]
         with torch.no_grad():
             features = self.features.get(images)
             rows = bad_rows(features)
             if rows:
                 files = unique(images[r] for r in rows)
+                named = ", ".join(shown(f, root) for f in files)
+                if self.encoder is None:
+                    return [NonFiniteInput(
+                        InputSource.FEATURES, f"the face embeddings of {named} (pack {self.config.face_pack}) are "
+                        f"{kind([features])}", "The face models give NaN/inf for that image: check the pack's files "
+                        "(ip_face_pack) and the image; the learning rate is not the cause.", files)]
                 return [NonFiniteInput(
-                    InputSource.FEATURES, f"the CLIP image features of {', '.join(shown(f, root) for f in files)} "
-                    f"(encoder {self.encoder.name}) are {kind([features])}",
-                    "The CLIP vision encoder gives NaN/inf for that image: check the encoder file (ip_image_encoder) "
-                    "and the image; the learning rate is not the cause.", files)]
+                    InputSource.FEATURES, f"the CLIP image features of {named} (encoder {self.encoder.name}) are "
+                    f"{kind([features])}", "The CLIP vision encoder gives NaN/inf for that image: check the encoder "
+                    "file (ip_image_encoder) and the image; the learning rate is not the cause.", files)]
             empty = self.features.empty()
             features = torch.stack([empty if d.image else f for d, f in zip(self.drops(batch), features)])
             tokens = self.image_tokens(features)
@@ -265,10 +339,14 @@ class IPAdapterMethod(MethodBase):
         c, p = info.config, self.projection
         settings = {"learning_rate": c.learning_rate, "batch_size": c.batch_size, "resolution": c.resolution,
                     "drops": [self.config.image_drop, self.config.text_drop, self.config.both_drop]}
+        if self.encoder is None:  # FaceID: the face models' pack and the LoRA instead of a CLIP encoder
+            reads = {"face_models": self.config.face_pack, "face_embedding": "normed", "ip_lora_rank":
+                     str(self.config.lora_rank)}
+        else:
+            reads = {"clip_vision_encoder": self.encoder.name, "clip_vision_width": str(p.clip_dim),
+                     "clip_vision_input": "hidden_states[-2]" if p.kind.uses_hidden_states else "image_embeds"}
         return {"format": "pt", "adapter_family": "ip-adapter", "ip_projection": self.config.projection.value,
-                "ip_num_tokens": str(p.num_tokens), "clip_vision_encoder": self.encoder.name,
-                "clip_vision_input": "hidden_states[-2]" if p.kind.uses_hidden_states else "image_embeds",
-                "clip_vision_width": str(p.clip_dim), "base_model": info.model.name,
+                "ip_num_tokens": str(p.num_tokens), **reads, "base_model": info.model.name,
                 "base_model_version": info.model.base_model_version, "output_name": c.output_name,
                 "steps": str(info.step), "num_images": str(info.num_images), "fine_tuned_from": self.init_name,
                 "training_settings": json.dumps(settings), "training_started_at": str(info.started_at),
@@ -284,7 +362,12 @@ class IPAdapterMethod(MethodBase):
 
     def close(self) -> None:
         self.binding.restore()
-        self.encoder.model.to("cpu")
+        if self.lora_hooks is not None:
+            self.lora_hooks.detach()
+        if self.encoder is not None:
+            self.encoder.model.to("cpu")
+        else:
+            self.features.release()
 
 
 class IPSampleConditioning:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ...arch import BaseArch
@@ -54,3 +55,13 @@ def ip_layout(backend: TrainingBackend) -> BoundLayout | DiffusersIPLayout:
     if hasattr(unet, "attn_processors"):
         return DiffusersIPLayout(backend.arch, unet, diffusers_ip_sites(unet))
     return bind_layout(unet)
+
+
+def copy_key_values(model, sites: tuple[IPSite, ...], bound) -> None:
+    """The reference's start for a new adapter: each site's ``to_k_ip``/``to_v_ip`` a copy of its ``to_k``/``to_v``
+    (``model.site(n)``: any IP model, plain, Plus or FaceID)."""
+    with torch.no_grad():
+        for site in sites:
+            attn, kv = bound.module(site.path), model.site(site.number)
+            kv.to_k_ip.weight.copy_(attn.to_k.weight.detach().float())
+            kv.to_v_ip.weight.copy_(attn.to_v.weight.detach().float())

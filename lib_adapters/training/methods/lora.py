@@ -108,7 +108,7 @@ class LoraNetwork(nn.Module):
         if self._handles:
             return
         for name, lora in self.loras.items():
-            self._handles.append(self._bases[name].register_forward_hook(_hook(lora)))
+            self._handles.append(self._bases[name].register_forward_hook(adding_hook(lora)))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -141,7 +141,8 @@ class LoraNetwork(nn.Module):
                 lora.scale = float(lora.alpha) / lora.lora_down.weight.shape[0]
 
 
-def _hook(lora: LoraModule):
+def adding_hook(lora: nn.Module):
+    """A forward hook that adds ``lora(input)`` to a base layer's output (in the output's dtype)."""
     def add_delta(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return output + lora(args[0]).to(output.dtype)
     return add_delta

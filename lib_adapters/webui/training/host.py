@@ -8,9 +8,10 @@ in ``output_dir``.
 
 * Folders are the ones the file's users read: the WebUI's Lora dir for a LoRA; for T2I- and
   IP-Adapters the Adapters panel's own folder (models/adapters, the first folder its catalog lists),
-  with the panel's CLIP vision folders (models/clip_vision) for IP's encoder, the panel's annotator
-  folder for T2I's preprocessor weights, and the panel's catalog to resolve a file to fine-tune
-  given by its listed name. ``refresh_networks`` re-scans the Lora list or the panel's catalog.
+  with the panel's CLIP vision folders (models/clip_vision) for IP's encoder, models/insightface/models for
+  FaceID's face models, the panel's annotator folder for T2I's preprocessor weights, and the panel's catalog
+  to resolve a file to fine-tune given by its listed name. ``refresh_networks`` re-scans the Lora list or the
+  panel's catalog.
 
 * ``exclusive`` holds ``modules.call_queue.queue_lock`` (the lock every generation takes, UI and API),
   so no generation runs meanwhile and one that waits runs right after; it brackets the run with
@@ -38,6 +39,7 @@ import torch
 from ...arch import BaseArch, detect_unet_arch
 from ...catalog import ModelCatalog
 from ...errors import InputError, MissingFileError
+from ...face.discovery import face_models_root
 from ...training.backends.ldm import LdmBackend
 from ...training.config import Method
 from ...training.errors import NonFiniteLossError
@@ -75,10 +77,13 @@ class TrainingHost:
         return "the Lora list" if Method(method) is Method.LORA else "the Adapters panel's model list"
 
     def places(self, method: str = "lora") -> FilePlaces:
-        """The panel's folders for the files a request names (catalog names, encoders, preprocessor weights)."""
+        """The panel's folders for the files a request names (catalog names, encoders, preprocessor weights), and
+        the WebUI's models/insightface/models, where insightface (and sd-webui-controlnet) keep the face models."""
+        from modules import paths
         cfg = _panel_settings()
         catalog = ModelCatalog(cfg.model_dirs, cfg.shared_model_dirs)  # a fresh scan: exactly what is there now
-        return FilePlaces(catalog.resolve, tuple(cfg.encoder_dirs), cfg.annotator_dir)
+        return FilePlaces(catalog.resolve, tuple(cfg.encoder_dirs), cfg.annotator_dir,
+                          face_models_root(paths.models_path))
 
     def work_dir(self, method: str = "lora") -> Path:
         """Checkpoints, samples and the latent cache: ``<outputs>/adapters-training`` (never scanned as models)."""

@@ -20,8 +20,10 @@ import gradio as gr
 from modules.ui_components import FormRow, ToolButton
 
 from ...catalog import ModelCatalog
+from ...face.discovery import available_packs
 from ...formats.detect import ModelFamily, detect_family
 from ...formats.reader import MODEL_SUFFIXES, PICKLE_SUFFIXES, read_safetensors_keys
+from ...models.ip_adapter import IPProjection
 from ...preprocess.registry import list_preprocessors
 from ...training.request import FIELDS, Kind
 from ..panel import settings
@@ -41,14 +43,15 @@ def eid(name: str) -> str:
 
 
 def _family_of(path: Path) -> str:
-    """"t2i", "ip" or "" for an adapter file. A pickle's keys cannot be read without loading it: its name decides."""
+    """"t2i", "ip" (IP-Adapters and FaceID: one IP method, the run's projection decides which it fine-tunes) or "" for
+    an adapter file. A pickle's keys cannot be read without loading it: its name decides."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return "ip" if any(h in path.name.lower() for h in _IP_NAME_HINTS) else "t2i"
     try:
         family = detect_family({k: None for k in read_safetensors_keys(path)})[0]
     except Exception:  # noqa: BLE001  (an unreadable file is simply not offered; the panel reports it on load)
         return ""
-    return "t2i" if family.is_t2i else "ip" if family is ModelFamily.IP_ADAPTER else ""
+    return "t2i" if family.is_t2i else "ip" if family in (ModelFamily.IP_ADAPTER, ModelFamily.IP_FACEID) else ""
 
 
 def adapter_choices(method: str) -> list[str]:
@@ -157,14 +160,40 @@ def t2i_advanced(i: dict[str, Any]) -> None:
             i[name] = widget(name)
 
 
+def face_pack_choices() -> list[str]:
+    """The default pack, then the pack folders in the WebUI's models/insightface/models (names only)."""
+    try:
+        from modules import paths
+        packs = available_packs(paths.models_path)
+    except Exception:  # noqa: BLE001  (as above)
+        log.warning("Train Adapter: could not list the face model packs", exc_info=True)
+        packs = []
+    return list(dict.fromkeys([FIELDS["ip_face_pack"].default] + packs))
+
+
 def ip_main(i: dict[str, Any]) -> None:
     with FormRow():
         i["ip_projection"] = widget("ip_projection")
         i["ip_init_from"] = _file_dropdown("ip_init_from", adapter_choices("ip_adapter"))
         i["ip_image_encoder"] = _file_dropdown("ip_image_encoder", encoder_choices(), f"{AUTO_ENCODER}: as released")
         refresh = ToolButton("\U0001F504", elem_id=eid("ip_refresh"))
-    refresh.click(fn=lambda: (gr.update(choices=adapter_choices("ip_adapter")), gr.update(choices=encoder_choices())),
-                  outputs=[i["ip_init_from"], i["ip_image_encoder"]], show_progress="hidden")
+    faceid_default = FIELDS["ip_projection"].default == IPProjection.FACEID.value
+    with FormRow(visible=faceid_default, elem_id=eid("ip_faceid")) as faceid:
+        # FaceID reads faces, not CLIP features: its pack and LoRA, shown while the projection is faceid
+        i["ip_face_pack"] = widget("ip_face_pack", gr.Dropdown, choices=face_pack_choices(), allow_custom_value=True)
+        i["ip_lora_rank"] = widget("ip_lora_rank", gr.Slider, minimum=0, maximum=256, step=1)
+    refresh.click(fn=lambda: (gr.update(choices=adapter_choices("ip_adapter")), gr.update(choices=encoder_choices()),
+                              gr.update(choices=face_pack_choices())),
+                  outputs=[i["ip_init_from"], i["ip_image_encoder"], i["ip_face_pack"]], show_progress="hidden")
+    i["ip_projection"].change(fn=projection_changed, inputs=[i["ip_projection"]],
+                              outputs=[faceid, i["ip_image_encoder"]], show_progress="hidden")
+
+
+def projection_changed(projection: str) -> tuple[dict, dict]:
+    """(the FaceID row, the CLIP encoder box): FaceID's pack and LoRA rank shown while the projection is faceid, the
+    encoder, which FaceID does not read, while it is not."""
+    faceid = projection == IPProjection.FACEID.value
+    return gr.update(visible=faceid), gr.update(visible=not faceid)
 
 
 def ip_advanced(i: dict[str, Any]) -> None:
