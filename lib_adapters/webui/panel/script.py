@@ -184,6 +184,11 @@ class AdaptersScript(scripts.Script):
 
             p.close = close_and_restore
 
+    def process_before_every_sampling(self, p: Any, *units: Any, **kwargs: Any) -> None:
+        # Forge: the units built in process() go onto this pass's UNet patcher; nothing on A1111
+        if self._controller is not None:
+            self._controller.before_sampling(p)
+
     def postprocess(self, p: Any, processed: Any, *units: Any) -> None:
         self._end()
 
