@@ -133,28 +133,17 @@ def webui(tmp_path):
     sampling.MAX_CHUNKS_PER_CALL = None
 
 
-class _Latents(scripts.Script):
-    out: list = []
-
-    def title(self):
-        return "Latents"
-
-    def show(self, is_img2img):
-        return scripts.AlwaysVisible
-
-    def post_sample(self, p, ps, *args):
-        _Latents.out.append(ps.samples.clone())
-
-
 def test_forge_main_baseline_is_the_a1111_baseline_bit_for_bit(webui):
-    driver.build_runners([_Latents])
+    from test_forge_panel_e2e import Capture
+
+    driver.build_runners([Capture])
     driver.txt2img(batch_size=2)
     stub = forge_webui.install(MAIN, webui)
     try:
         driver.txt2img(batch_size=2)
     finally:
         stub.uninstall()
-    assert torch.equal(_Latents.out[-1], _Latents.out[-2])
+    assert torch.equal(Capture.runs[-1][0], Capture.runs[-2][0])
 
 
 @pytest.mark.parametrize("flavour", [MAIN, CLASSIC])

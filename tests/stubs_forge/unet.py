@@ -68,52 +68,38 @@ def _replace(slots: dict, block: Any, block_index: int):
     return slots.get((block[0], block[1], block_index)) or slots.get((block[0], block[1]))
 
 
+def _attend(attn: torch.nn.Module, name: str, n: torch.Tensor, context: torch.Tensor | None, to: dict,
+            extra: dict) -> torch.Tensor:
+    """One attention of a transformer block with its patch points: the ``<name>_patch`` list (the value starts
+    as the context, which for attn1 starts as ``n``), the replace slot, else the module; ``<name>_output_patch``."""
+    patches = to.get("patches", {})
+    value = None
+    if f"{name}_patch" in patches:
+        context = n if context is None else context
+        value = context
+        for p in patches[f"{name}_patch"]:
+            n, context, value = p(n, context, value, extra)
+    where = to.get("block")
+    fn = _replace(to.get("patches_replace", {}).get(name, {}), where, to.get("block_index", 0))
+    if fn is not None:
+        context = n if context is None else context
+        value = context if value is None else value
+        n = attn.to_out(fn(attn.to_q(n), attn.to_k(context), attn.to_v(value), extra))
+    else:
+        n = attention(attn, n, context, value)
+    for p in patches.get(f"{name}_output_patch", []):
+        n = p(n, extra)
+    return n
+
+
 def transformer_block(block: torch.nn.Module, x: torch.Tensor, context: torch.Tensor, to: dict) -> torch.Tensor:
     extra = {k: v for k, v in to.items() if k not in ("patches", "patches_replace")}
     extra["n_heads"] = block.attn1.heads
     extra["dim_head"] = block.attn1.to_q.out_features // block.attn1.heads
-    patches = to.get("patches", {})
-    replace = to.get("patches_replace", {})
-    where, depth = to.get("block"), to.get("block_index", 0)
-
-    n = block.norm1(x)
-    context1 = context if block.disable_self_attn else None
-    value1 = None
-    if "attn1_patch" in patches:
-        context1 = n if context1 is None else context1
-        value1 = context1
-        for p in patches["attn1_patch"]:
-            n, context1, value1 = p(n, context1, value1, extra)
-    fn = _replace(replace.get("attn1", {}), where, depth)
-    if fn is not None:
-        context1 = n if context1 is None else context1
-        value1 = context1 if value1 is None else value1
-        attn = block.attn1
-        n = attn.to_out(fn(attn.to_q(n), attn.to_k(context1), attn.to_v(value1), extra))
-    else:
-        n = attention(block.attn1, n, context1, value1)
-    for p in patches.get("attn1_output_patch", []):
-        n = p(n, extra)
-    x = x + n
-    for p in patches.get("middle_patch", []):
+    x = x + _attend(block.attn1, "attn1", block.norm1(x), context if block.disable_self_attn else None, to, extra)
+    for p in to.get("patches", {}).get("middle_patch", []):
         x = p(x, extra)
-
-    n = block.norm2(x)
-    context2, value2 = context, None
-    if "attn2_patch" in patches:
-        value2 = context2
-        for p in patches["attn2_patch"]:
-            n, context2, value2 = p(n, context2, value2, extra)
-    fn = _replace(replace.get("attn2", {}), where, depth)
-    if fn is not None:
-        value2 = context2 if value2 is None else value2
-        attn = block.attn2
-        n = attn.to_out(fn(attn.to_q(n), attn.to_k(context2), attn.to_v(value2), extra))
-    else:
-        n = attention(block.attn2, n, context2, value2)
-    for p in patches.get("attn2_output_patch", []):
-        n = p(n, extra)
-    x = x + n
+    x = x + _attend(block.attn2, "attn2", block.norm2(x), context, to, extra)
     return block.ff(block.norm3(x)) + x
 
 
