@@ -35,13 +35,13 @@ _TE_MLP = ("fc1", "fc2")
 
 
 def is_linear(module: nn.Module) -> bool:
-    """``nn.Linear``, or a host's own Linear layer (Forge main's ``ForgeOperations.Linear`` is a plain Module)."""
+    """``nn.Linear``, or a host's own Linear layer that does not subclass it (Forge main's ``ForgeOperations.Linear``
+    is a plain Module): ``in_features``, ``out_features`` and a weight of shape ``(out_features, in_features)``."""
     if isinstance(module, nn.Linear):
         return True
     weight = getattr(module, "weight", None)
-    return (type(module).__name__ == "Linear" and isinstance(getattr(module, "in_features", None), int)
-            and isinstance(getattr(module, "out_features", None), int) and isinstance(weight, torch.Tensor)
-            and weight.ndim == 2)
+    shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+    return isinstance(weight, torch.Tensor) and all(isinstance(n, int) for n in shape) and tuple(weight.shape) == shape
 
 
 class LoraModule(nn.Module):
