@@ -38,7 +38,7 @@ from ...errors import IncompatibleModelError, MissingFileError
 from ...training.backends.forge import ForgeBackend
 from ...training.config import Method
 from ..host import Host, HostKind
-from .host import TrainingHost, _lora_extension, _restore_hypernetworks, _unload_hypernetworks
+from .host import TrainingHost, _lora_extension, _restore_hypernetworks, _unload_hypernetworks, kept_as_it_was
 
 log = logging.getLogger(__name__)
 
@@ -113,31 +113,19 @@ class ForgeTrainingHost(TrainingHost):
     @contextlib.contextmanager
     def training_model(self, backend: ForgeBackend):
         model = backend.sd_model
-        roots = backend.base_modules()
-        modes = [(m, m.training) for root in roots for m in root.modules()]
-        flags = [(p, p.requires_grad) for root in roots for p in root.parameters()]
-        forwards = [(m, m.__dict__.get("forward")) for m in backend.unet.modules()]
         current = model.forge_objects
         hypernetworks = _unload_hypernetworks()
         model.forge_objects = model.forge_objects_original.shallow_copy()
         try:
-            self._load(model.forge_objects)
-            replaced = make_ordinary(roots)
-            if replaced:
-                log.info("adapters training: %d of Forge's inference tensors made ordinary so gradients can pass", replaced)
-            yield
+            self._load(model.forge_objects)  # loading replaces merged Parameters (Classic): remember after it
+            roots = backend.base_modules()
+            with kept_as_it_was(roots, backend.unet):
+                replaced = make_ordinary(roots)
+                if replaced:
+                    log.info("adapters training: %d of Forge's inference tensors made ordinary for gradients", replaced)
+                yield
         finally:
             _restore_hypernetworks(hypernetworks)
-            with torch.no_grad():
-                for module, forward in forwards:
-                    if forward is None:
-                        module.__dict__.pop("forward", None)
-                    else:
-                        module.forward = forward
-                for param, flag in flags:
-                    param.requires_grad_(flag)
-                for module, mode in modes:
-                    module.training = mode
             model.forge_objects = current
 
     def refresh_networks(self, method: str = "lora") -> None:
