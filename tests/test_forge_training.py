@@ -234,6 +234,20 @@ def test_sdxl_lora_with_both_text_encoders_matches_a1111(env, flavour):
     assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
 
 
+@pytest.mark.parametrize("flavour", FORGES)
+def test_gradient_checkpointing_on_forge_changes_no_number(env, flavour):
+    """Checkpointed layers are recomputed after the UNet call, when Forge's transformer_options hold the last
+    block's keys: each recomputation must see its own call's (the IP patches find their site by them)."""
+    settings = dict(METHODS["ip plus"], sample_every=0, sample_prompts=[])
+    with webui_on(flavour) as (_, _, training_host):
+        plain = train(training_host, request(env, "plain", **settings))
+        checkpointed = train(training_host, request(env, "checkpointed", **settings, gradient_checkpointing=True))
+    assert plain.state is checkpointed.state is JobState.FINISHED, (plain.error, checkpointed.error)
+    assert np.abs(np.subtract(checkpointed.losses, plain.losses)).max() <= TOLERANCE
+    a, b = (read_state_dict(env.adapters / f"{n}.safetensors") for n in ("plain", "checkpointed"))
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-3
+
+
 # -- a user's LoRA, merged by Forge ---------------------------------------------------------------------------------
 def user_lora(env, tiny, name: str = "user", seed: int = 11) -> None:
     """A random LoRA (UNet and text encoder) in the Lora dir, as a user would have."""

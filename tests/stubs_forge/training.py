@@ -15,7 +15,9 @@ and Forge Classic at 1f95d717 (``modules_forge/forge_loader.py``, ``modules_forg
 - **main's Linear**: every ``nn.Linear`` of the UNet and the text encoder is replaced by ``ForgeOperations.Linear``,
   an ``nn.Module`` that is *not* an ``nn.Linear``, sharing the same Parameters;
 - **the UNet module's own forward is Forge's** (``unet.unet_forward``: ``(x, timesteps, context, y, control,
-  transformer_options)``, blocks walked as layers with the patch points), as a UNet Forge built has;
+  transformer_options)``, blocks walked as layers with the patch points), as a UNet Forge built has, and each
+  spatial transformer is called as a module with ``(x, context, transformer_options)``, as both Forges call it
+  (the base stub runs it as a function), so hooks, wrappers and checkpointing of that layer take effect;
 - ``forge_objects.clip`` (``cond_stage_model`` with ``clip_l.transformer`` / SDXL ``clip_g``, a ``patcher``
   over it, ``clone``, ``add_patches``) and ``forge_objects.vae`` (``first_stage_model``, a ``patcher``,
   ``encode`` of ``[B, H, W, 3]`` in [0, 1] that *samples* the posterior as both Forges do, ``decode``);
@@ -211,6 +213,12 @@ def install(stub: ForgeStub) -> ForgeTraining:
             t.forge_linears(transformer, manual_cast=True)
     t.make_inference([unet, tiny.first_stage_model, *transformers.values()])
     t.set(unet, "forward", lambda *args, **kwargs: forge_unet.unet_forward(unet, *args, **kwargs))
+    spatial_transformer = forge_unet.spatial_transformer
+    t.set(forge_unet, "spatial_transformer", lambda layer, x, context, to: layer(x, context, to))
+    for layer in unet.modules():
+        if isinstance(layer, forge_unet.SpatialTransformer):
+            t.set(layer, "forward", lambda x, context=None, transformer_options=None, layer=layer: spatial_transformer(
+                layer, x, context, {} if transformer_options is None else transformer_options))
 
     joint = JointTextEncoder()
     for name, transformer in transformers.items():
