@@ -119,17 +119,21 @@ def request(env, name: str, **changes) -> TrainRequest:
 
 
 class WatchingHost(ForgeTrainingHost):
-    """Records, at every step, the UNet modules that carry an instance ``forward`` (the stub's own UNet forward
-    aside): on Forge the methods' contributions must go through Forge's patches, as the panel's do."""
+    """Records, at every step, the UNet modules that carry an instance ``forward`` the stub did not give them: on
+    Forge the methods' contributions must go through Forge's patches, as the panel's do."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.wrapped: list[list[str]] = []
+        self.stubs = {n for n, m in self._unet().named_modules() if "forward" in m.__dict__}
+
+    def _unet(self):
+        return self._objects().unet.model.diffusion_model
 
     def report(self, p, first_step, method, output_name):
         super().report(p, first_step, method, output_name)
-        unet = self._objects().unet.model.diffusion_model
-        self.wrapped.append([n for n, m in unet.named_modules() if n and "forward" in m.__dict__])
+        self.wrapped.append([n for n, m in self._unet().named_modules()
+                             if "forward" in m.__dict__ and n not in self.stubs])
 
 
 def train(training_host, req: TrainRequest, *, resume: bool = False, jobs: TrainingJobs | None = None):
