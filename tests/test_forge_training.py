@@ -378,12 +378,16 @@ def test_a_published_adapter_drives_the_next_forge_generation(env, panel, flavou
 
 # -- the route and the script on Forge ------------------------------------------------------------------------------
 @pytest.mark.parametrize("flavour", FORGES)
-def test_the_route_and_the_scripts_host_train_on_forge(env, flavour):
+def test_the_route_and_the_scripts_host_train_on_forge(env, flavour, tmp_path):
+    """The training script picks Forge's host; a LoRA and a T2I-Adapter job go through the web route and finish."""
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
     from lib_adapters.webui.training.api import PREFIX, register_api
 
+    conditioned = make_shapes_dataset(tmp_path / "conditioned", "2_shapes")  # condition files are not LoRA images
+    add_conditions(conditioned)
+    jobs_done = {}
     with webui_on(flavour) as _:
         spec = importlib.util.spec_from_file_location("adapters_train_forge", TESTS.parent / "scripts" / "adapters_train.py")
         script = importlib.util.module_from_spec(spec)
@@ -394,10 +398,16 @@ def test_the_route_and_the_scripts_host_train_on_forge(env, flavour):
         app = FastAPI()
         register_api(app, jobs)
         client = TestClient(app)
-        body = dict(dataset_dir=str(env.dataset), output_name="routed", resolution=64, steps=3, batch_size=2,
-                    learning_rate=1e-3, rank=4, alpha=4, save_every=0)  # the route's own defaults otherwise
-        assert client.post(PREFIX, json=body).status_code == 200
-        jobs.wait(TIMEOUT)
-        status = client.get(PREFIX).json()
-    assert status["state"] == "finished", status["error"]
-    assert status["output"] == str(env.lora_dir / "routed.safetensors") and len(status["losses"]) == 3
+        common = dict(dataset_dir=str(env.dataset), resolution=64, steps=3, batch_size=2, learning_rate=1e-3,
+                      save_every=0)
+        for name, body in (("routed", dict(common, rank=4, alpha=4)),
+                           ("routed_depth", dict(common, method="t2i_adapter", t2i_condition="depth",
+                                                 dataset_dir=str(conditioned)))):
+            response = client.post(PREFIX, json=dict(body, output_name=name))
+            assert response.status_code == 200, response.text
+            jobs.wait(TIMEOUT)
+            jobs_done[name] = client.get(PREFIX).json()
+    for name, folder in (("routed", env.lora_dir), ("routed_depth", env.adapters)):
+        status = jobs_done[name]
+        assert status["state"] == "finished", status["error"]
+        assert status["output"] == str(folder / f"{name}.safetensors") and len(status["losses"]) == 3
