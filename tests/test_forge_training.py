@@ -252,6 +252,23 @@ def test_gradient_checkpointing_on_forge_changes_no_number(env, flavour):
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-3
 
 
+@pytest.mark.parametrize("flavour", FORGES)
+def test_forge_unloads_no_model_of_the_run_while_it_goes_on(env, flavour, monkeypatch):
+    """With --always-offload-from-vram every load of Forge's loader unloads every other model; Forge's own text
+    (Classic, every encode) and VAE (every sample's decode) code loads its patcher at each use: the UNet, CLIP and
+    VAE of the run must stay loaded all the same."""
+    with webui_on(flavour) as (model, _, training_host):
+        loader = training_host._loader()
+        monkeypatch.setattr(loader, "ALWAYS_OFFLOAD", True)
+        loader.evicted.clear()
+        status = train(training_host, request(env, "kept", **LORA, sample_every=2, sample_prompts=["a red circle"],
+                                              sample_steps=2))
+        assert status.state is JobState.FINISHED, status.error
+        base = model.forge_objects_original
+        assert not [p for p in loader.evicted if any(p is q for q in (base.unet, base.clip.patcher, base.vae.patcher))]
+        assert loader.load_models_gpu.__module__ == loader.__name__  # Forge's own loader again
+
+
 # -- a user's LoRA, merged by Forge ---------------------------------------------------------------------------------
 def user_lora(env, tiny, name: str = "user", seed: int = 11) -> None:
     """A random LoRA (UNet and text encoder) in the Lora dir, as a user would have."""

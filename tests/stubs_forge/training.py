@@ -29,13 +29,16 @@ and Forge Classic at 1f95d717 (``modules_forge/forge_loader.py``, ``modules_forg
   model's ``latent_format``), ``get_first_stage_encoding`` the identity, the text encoder loading
   ``forge_objects.clip.patcher`` before every encode (``move_clip_to_gpu``), ``current_lora_hash``;
 - the loaders ``backend.memory_management`` / ``ldm_patched.modules.model_management``
-  (``load_models_gpu``, ``load_model_gpu``), over the stub's one-loaded-patcher-per-model ``memory``.
+  (``load_models_gpu``, ``load_model_gpu``, ``current_loaded_models``; ``ALWAYS_OFFLOAD`` unloads every other
+  model on each load, as ``--always-offload-from-vram`` does), over the stub's one-loaded-patcher-per-model
+  ``memory``; the CLIP and VAE code above calls them as Forge's does.
 
 Not modelled: devices, dtypes other than fp32 (so no manual cast actually happens), tiled VAE, textual inversion.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -46,7 +49,7 @@ from torch import nn
 from modules import processing
 
 from . import unet as forge_unet
-from .patcher import CLASSIC, MAIN, ClassicModelPatcher, ModelPatcher, memory
+from .patcher import CLASSIC, MAIN, ClassicModelPatcher, ModelPatcher
 from .webui import ForgeStub
 
 
@@ -70,6 +73,12 @@ class ForgeOperations:
                 weight = weight.to(device=x.device, dtype=x.dtype)
                 bias = bias.to(device=x.device, dtype=x.dtype) if bias is not None else None
             return F.linear(x, weight, bias)
+
+
+def load_model_gpu(patcher: Any) -> None:
+    """What Forge's code calls before using a model: the loader of the flavour on ``sys.path`` (``hosts/*``)."""
+    name = "backend.memory_management" if patcher.flavour == MAIN else "ldm_patched.modules.model_management"
+    importlib.import_module(name).load_model_gpu(patcher)
 
 
 class JointTextEncoder(nn.Module):
@@ -102,7 +111,7 @@ class ForgeVAE:
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, H, W, 3]`` in [0, 1] -> unscaled latents, a *sample* of the posterior (both Forges sample)."""
-        memory.load(self.patcher)
+        load_model_gpu(self.patcher)
         fsm = self.first_stage_model
         moments = fsm.quant_conv(fsm.encoder(pixels.movedim(-1, 1) * 2.0 - 1.0))
         mean, logvar = moments.chunk(2, dim=1)
@@ -110,7 +119,7 @@ class ForgeVAE:
         return mean + std * torch.randn(mean.shape).to(mean)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        memory.load(self.patcher)
+        load_model_gpu(self.patcher)
         pixels = self.first_stage_model.decode(latents)
         return ((pixels + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)
 
@@ -255,7 +264,7 @@ def _install_main(t: ForgeTraining, engine: Any, tiny: Any, latent: LatentFormat
         t.set(engine, "text_processing_engine", tiny.cond_stage_model)
 
     def get_learned_conditioning(prompt):
-        memory.load(engine.forge_objects.clip.patcher)
+        load_model_gpu(engine.forge_objects.clip.patcher)
         return tiny.get_learned_conditioning(prompt)
 
     def encode_first_stage(x):
@@ -292,7 +301,7 @@ def _install_classic(t: ForgeTraining, tiny: Any, latent: LatentFormat) -> None:
         encode = embedder.encode_with_transformers
 
         def encode_with_transformers(tokens, encode=encode):
-            memory.load(tiny.forge_objects.clip.patcher)
+            load_model_gpu(tiny.forge_objects.clip.patcher)
             return encode(tokens)
 
         t.set(embedder, "encode_with_transformers", encode_with_transformers)

@@ -17,6 +17,11 @@ model (``training/backends/forge.py``) and how it is made ready, in ``training_m
   could pass through the frozen UNet. Every inference tensor of the UNet, text encoders and VAE has its storage
   replaced by an ordinary copy, in place (the same ``Parameter`` objects, the same values, no second copy
   kept). They stay ordinary afterwards, which inference does not mind.
+* While the run goes on, a call of Forge's loader for patchers that are all loaded already returns at once.
+  Forge's own code asks to load its patcher at every use (Classic's text encoder before every encode, the VAE
+  for every decode of a sample), and the loader then frees memory for it by unloading the *other* models: the
+  UNet being trained (with ``--always-offload-from-vram``, every time), whose weights would move to the CPU
+  under the run. The loader is put back afterwards.
 * Module modes, ``requires_grad`` flags and instance forwards are remembered and restored as on A1111.
 
 After a LoRA is published, Forge's LoRA extension would reuse what it cached for the same file name (its
@@ -65,6 +70,25 @@ def make_ordinary(modules: list[nn.Module]) -> int:
     return count
 
 
+@contextlib.contextmanager
+def loads_of_loaded_models_skipped(loader):
+    """``loader.load_models_gpu`` returns at once for patchers that are all loaded already (see the module
+    docstring); ``load_model_gpu`` goes through it in both Forges."""
+    original = loader.load_models_gpu
+
+    def load_models_gpu(models, *args, **kwargs):
+        loaded = {id(m.model) for m in getattr(loader, "current_loaded_models", [])}
+        if models and all(id(m) in loaded for m in models):
+            return None
+        return original(models, *args, **kwargs)
+
+    loader.load_models_gpu = load_models_gpu
+    try:
+        yield
+    finally:
+        loader.load_models_gpu = original
+
+
 class ForgeTrainingHost(TrainingHost):
     """``TrainingHost`` for Forge: the model from ``forge_objects`` (see the module docstring)."""
 
@@ -104,11 +128,13 @@ class ForgeTrainingHost(TrainingHost):
         from modules import shared
         return ForgeBackend(self._sd_model(), clip_skip=getattr(shared.opts, "CLIP_stop_at_last_layers", None))
 
+    def _loader(self):
+        return importlib.import_module(_LOADERS[self.host.kind])
+
     def _load(self, objects) -> None:
         """Forge's own loader, for the base patchers (their LoRA-free weights, on the compute device)."""
-        loader = importlib.import_module(_LOADERS[self.host.kind])
         patchers = [objects.unet] + [getattr(o, "patcher", None) for o in (objects.clip, objects.vae)]
-        loader.load_models_gpu([p for p in patchers if p is not None])
+        self._loader().load_models_gpu([p for p in patchers if p is not None])
 
     @contextlib.contextmanager
     def training_model(self, backend: ForgeBackend):
@@ -119,7 +145,7 @@ class ForgeTrainingHost(TrainingHost):
         try:
             self._load(model.forge_objects)  # loading replaces merged Parameters (Classic): remember after it
             roots = backend.base_modules()
-            with kept_as_it_was(roots, backend.unet):
+            with kept_as_it_was(roots, backend.unet), loads_of_loaded_models_skipped(self._loader()):
                 replaced = make_ordinary(roots)
                 if replaced:
                     log.info("adapters training: %d of Forge's inference tensors made ordinary for gradients", replaced)
