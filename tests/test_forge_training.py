@@ -257,16 +257,20 @@ def test_forge_unloads_no_model_of_the_run_while_it_goes_on(env, flavour, monkey
     """With --always-offload-from-vram every load of Forge's loader unloads every other model; Forge's own text
     (Classic, every encode) and VAE (every sample's decode) code loads its patcher at each use: the UNet, CLIP and
     VAE of the run must stay loaded all the same."""
+    from stubs_forge import loader as stub_loader
+
     with webui_on(flavour) as (model, _, training_host):
         loader = training_host._loader()
-        monkeypatch.setattr(loader, "ALWAYS_OFFLOAD", True)
-        loader.evicted.clear()
+        monkeypatch.setattr(stub_loader, "ALWAYS_OFFLOAD", True)
+        stub_loader.evicted.clear()
         status = train(training_host, request(env, "kept", **LORA, sample_every=2, sample_prompts=["a red circle"],
                                               sample_steps=2))
         assert status.state is JobState.FINISHED, status.error
         base = model.forge_objects_original
-        assert not [p for p in loader.evicted if any(p is q for q in (base.unet, base.clip.patcher, base.vae.patcher))]
-        assert loader.load_models_gpu.__module__ == loader.__name__  # Forge's own loader again
+        kept = (base.unet, base.clip.patcher, base.vae.patcher)
+        assert not [p for p in stub_loader.evicted if any(p is q for q in kept)]
+        loader.load_model_gpu(base.vae.patcher)  # after the run Forge's loader is its own again: it unloads them
+        assert [p for p in stub_loader.evicted if p is base.unet]
 
 
 # -- a user's LoRA, merged by Forge ---------------------------------------------------------------------------------

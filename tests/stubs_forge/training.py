@@ -28,10 +28,10 @@ and Forge Classic at 1f95d717 (``modules_forge/forge_loader.py``, ``modules_forg
 - Classic: ``encode_first_stage``/``decode_first_stage`` patched as its loader does (inference mode, the
   model's ``latent_format``), ``get_first_stage_encoding`` the identity, the text encoder loading
   ``forge_objects.clip.patcher`` before every encode (``move_clip_to_gpu``), ``current_lora_hash``;
-- the loaders ``backend.memory_management`` / ``ldm_patched.modules.model_management``
-  (``load_models_gpu``, ``load_model_gpu``, ``current_loaded_models``; ``ALWAYS_OFFLOAD`` unloads every other
-  model on each load, as ``--always-offload-from-vram`` does), over the stub's one-loaded-patcher-per-model
-  ``memory``; the CLIP and VAE code above calls them as Forge's does.
+- the loaders ``backend.memory_management`` / ``ldm_patched.modules.model_management`` (``load_models_gpu``,
+  ``load_model_gpu``, ``current_loaded_models``; ``stubs_forge.loader``, whose ``ALWAYS_OFFLOAD`` unloads every
+  other model on each load as ``--always-offload-from-vram`` does); the CLIP and VAE code above calls them as
+  Forge's does.
 
 Not modelled: devices, dtypes other than fp32 (so no manual cast actually happens), tiled VAE, textual inversion.
 """
