@@ -21,6 +21,7 @@ from fixtures.adapters import diffusers_adapter, save_both_layouts
 from fixtures.clip import save_clip_vision, tiny_clip_vision
 from fixtures.ip import random_ip_state_dict
 from fixtures.unets import install_webui_cat_hijack
+from lib_adapters.errors import IncompatibleModelError
 from lib_adapters.unet.layout import bind_layout
 from lib_adapters.webui import host
 from modules import paths, scripts, shared
@@ -259,3 +260,21 @@ def test_forge_controlnet_and_ip_adapter_chain_with_ours(env, flavour):
     assert _max_diff(both, results["theirs"]) > 1e-2 and _max_diff(both, results["ours"]) > 1e-2
     assert _max_diff(both, results["ours then theirs"]) <= 1e-5
 
+
+
+@pytest.mark.parametrize("error", [IncompatibleModelError("a refiner's UNet"), RuntimeError("boom")])
+def test_a_pass_the_units_cannot_patch_samples_as_forge_would_and_says_so(env, monkeypatch, error):
+    """Registering on the pass's patcher fails (an incompatible UNet, or a bug): Forge's image, bit for bit,
+    with the reason in the comments and in the infotext (for API clients)."""
+    from lib_adapters.unet.forge import ForgeBinding
+
+    def fail(self, unet_patcher):
+        raise error
+
+    no_extension = driver.build_runner([Capture], is_img2img=False)
+    _, bare, _ = generate(env, MAIN, runner=no_extension)
+    monkeypatch.setattr(ForgeBinding, "patch", fail)
+    processed, latents, _ = generate(env, MAIN, [DEPTH])
+    assert torch.equal(latents, bare)
+    assert str(error) in processed.comments and str(error) in processed.infotexts[0]
+    assert "Adapters skipped" in processed.infotexts[0]

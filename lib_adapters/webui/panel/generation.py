@@ -119,11 +119,15 @@ class GenerationController:
         objects = p.sd_model.forge_objects
         try:
             objects.unet = binding.patch(objects.unet)
-        except AdapterError as exc:
+        except Exception as exc:  # this pass samples without the units; the image still comes, and says so
+            if not isinstance(exc, AdapterError):
+                log.exception("Adapters: registering the units on Forge's UNet patcher failed")
+                exc = AdapterError(f"unexpected {type(exc).__name__}: {exc}")
             log.warning("Adapters: %s", exc)
             comment = getattr(p, "comment", None)
             if callable(comment):
                 comment(f"Adapters: {exc}")
+            p.extra_generation_params["Adapters skipped"] = str(exc)  # API clients read the infotext
 
     def end(self) -> None:
         """Restore the UNet and unpin the generation's models; safe to call at any time, any number of times."""
