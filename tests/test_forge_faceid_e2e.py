@@ -18,15 +18,15 @@ from face.face_pack import face_image, write_pack
 from face.faceid_weights import faceid_state_dict, kohya_lora
 from fixtures.clip import save_clip_vision, tiny_clip_vision
 from fixtures.ip import CLIP_HIDDEN
-from fixtures.unets import LDM_SD1, install_webui_cat_hijack, to_diffusers_unet
+from fixtures.unets import LDM_SD1, to_diffusers_unet
 from lib_adapters.unet.forge import WEIGHTS_PREFIX, OurWeightPatch
 from lib_adapters.unet.layout import bind_layout
 from lib_adapters.webui import host
 from modules import paths, shared
 from stubs_forge import lora as forge_lora
 from stubs_forge import webui as forge_webui
-from test_forge_panel_e2e import A1111, CLASSIC, MAIN, TOLERANCE, Capture, Env, _max_diff, generate
-from test_panel_e2e import _load_script_module, _units
+from test_forge_panel_e2e import A1111, CLASSIC, MAIN, TOLERANCE, Capture, Env, _max_diff, fresh_panel, generate
+from test_panel_e2e import _units
 
 FACEID, PLUS_V2 = "ip-adapter-faceid_sd15", "ip-adapter-faceid-plusv2_sd15"
 LORA_EXTENSION = Path(__file__).resolve().parent / "stubs" / "extensions-builtin" / "Lora"
@@ -35,13 +35,7 @@ PLAIN, STYLED = "a tiny photo", "<lora:style:1> a tiny photo"
 
 @pytest.fixture()
 def env(tmp_path):
-    install_webui_cat_hijack()
-    driver.reset_webui(tmp_path)
-    module = _load_script_module()
-    module.release_resources()
-    import lib_adapters.webui.panel as panel
-    panel._resources = None
-    host.forget()
+    module = fresh_panel(tmp_path)
     model = driver.load_tiny_model("sd1")
     unet = model.model.diffusion_model
     sites = {s.number: s.hidden for s in bind_layout(unet).ip_sites()}

@@ -58,8 +58,8 @@ class Env:
     script_class: type
 
 
-@pytest.fixture()
-def env(tmp_path):
+def fresh_panel(tmp_path):
+    """A reset stub WebUI with the Adapters script module loaded afresh (no shared resources, no host detected)."""
     install_webui_cat_hijack()
     driver.reset_webui(tmp_path)
     module = _load_script_module()
@@ -67,6 +67,12 @@ def env(tmp_path):
     import lib_adapters.webui.panel as panel
     panel._resources = None
     host.forget()
+    return module
+
+
+@pytest.fixture()
+def env(tmp_path):
+    module = fresh_panel(tmp_path)
     model = driver.load_tiny_model("sd1")
     models = Path(paths.models_path)
     save_both_layouts(diffusers_adapter("full_adapter", 3, seed=4), models / "adapters", "depth")

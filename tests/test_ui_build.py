@@ -14,24 +14,19 @@ import json
 import gradio as gr
 import pytest
 
-import driver
 from lib_adapters.webui import host
 from lib_adapters.webui.gradio_compat import GRADIO_4
+from lib_adapters.webui.panel.infotext import LABELS
 from lib_adapters.webui.training.tab import START_JS, TrainTab, eid
 from modules import errors, scripts, shared
-from test_panel_e2e import _load_script_module
+from test_forge_panel_e2e import fresh_panel
 
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 
 
 @pytest.fixture()
 def module(tmp_path):
-    driver.reset_webui(tmp_path)
-    host.forget()
-    loaded = _load_script_module()
-    loaded.release_resources()
-    import lib_adapters.webui.panel as panel
-    panel._resources = None
+    loaded = fresh_panel(tmp_path)
     errors.exception_records.clear()
     yield loaded
     host.forget()
@@ -71,8 +66,7 @@ def test_the_panel_builds_every_unit_without_an_error(module, is_img2img):
     state_ids = {c._id for c in inputs[script.args_from:]}
     updates_state = [d for d in _dependencies(config) if set(d["outputs"]) & state_ids]
     assert len(updates_state) >= 2 * 20  # each unit's fields (and its extra images) update its state
-    assert len(script.infotext_fields) == 2 * (1 + len(__import__("lib_adapters.webui.panel.infotext",
-                                                                  fromlist=["LABELS"]).LABELS))
+    assert len(script.infotext_fields) == 2 * (1 + len(LABELS))  # "Enabled" and every field, per unit
 
 
 def test_the_train_tab_builds_and_its_start_buttons_run_the_javascript(module):
