@@ -95,6 +95,17 @@ def add_deltas(a: WeightDelta, b: WeightDelta) -> WeightDelta:
     return dense(a) + dense(b)
 
 
+def linear_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The [out, in] weight of a layer that computes ``x @ weight.T + bias``, or None for any other layer. Duck-typed:
+    Forge main builds its UNet's linear layers as plain ``nn.Module``s with ``weight`` and ``bias`` (its
+    ``ForgeOperations.Linear``, to skip weight initialisation), not as ``nn.Linear``."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(layer, nn.Linear) or (isinstance(weight, torch.Tensor) and weight.ndim == 2
+                                        and hasattr(layer, "in_features") and hasattr(layer, "out_features")):
+        return weight
+    return None
+
+
 def current_weight(layer: nn.Module) -> torch.Tensor:
     """The weight ``layer`` computes with now: its parameter, plus the delta a binding adds to its output rather
     than to the parameter (``FORWARD_DELTA``). Whoever folds the layer's weight into something else (the IP
