@@ -11,12 +11,22 @@ the first's files and removing either later breaks ``import cv2``. When any Open
 installed, controlnet-aux goes in with ``--no-deps`` and then only its other missing requirements
 (pip's own check will then say controlnet-aux misses opencv-python-headless: the ``cv2`` it needs
 is there under the WebUI's name).
+
+onnxruntime (face analysis for IP-Adapter FaceID) has the same trap: ``onnxruntime``,
+``onnxruntime-gpu``, ``onnxruntime-directml``... all write the one ``onnxruntime`` package, so
+nothing is added when any of them is installed. When none is, the CPU wheel goes in, unless the
+WebUI's torch is a CUDA build whose CUDA and cuDNN a PyPI ``onnxruntime-gpu`` was built for:
+1.18 and older are CUDA 11.8 + cuDNN 8 builds, 1.19 and newer CUDA 12 + cuDNN 9. torch 2.1.2+cu121,
+the WebUI 1.10's own, ships cuDNN 8, which no PyPI ``onnxruntime-gpu`` loads: there the CPU wheel
+is installed (``onnxruntime-gpu`` would only fall back to the CPU, after a 200 MB download and an
+error in the console at every session). torch is imported only when onnxruntime is missing.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import os
 import tempfile
+from dataclasses import dataclass
 
 import launch
 
@@ -41,6 +51,53 @@ WEBUI_PACKAGES = (
     "protobuf", "open-clip-torch", "omegaconf", "scipy",
 ) + OPENCV_DISTRIBUTIONS
 
+# every distribution that provides the `onnxruntime` package
+ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                             "onnxruntime-silicon", "onnxruntime-qnn", "ort-nightly", "ort-nightly-gpu")
+ONNXRUNTIME_CPU = "onnxruntime>=1.16"
+# torch's CUDA major -> (the cuDNN major it must ship, the onnxruntime-gpu releases built for both on PyPI):
+# CUDA 11.8 + cuDNN 8 up to 1.18, CUDA 12 + cuDNN 9 from 1.19 (onnxruntime's CUDA provider requirements);
+# the upper bound is the last release for Python 3.10, checked to resolve beside the WebUI's numpy and protobuf
+ONNXRUNTIME_GPU = {11: (8, "onnxruntime-gpu>=1.16,<1.19"), 12: (9, "onnxruntime-gpu>=1.19,<1.24")}
+
+
+@dataclass(frozen=True)
+class TorchBuild:
+    cuda: str | None  # torch.version.cuda: "12.1", or None for CPU, ROCm and MPS builds
+    cudnn: int | None  # torch.backends.cudnn.version(): 8902 for cuDNN 8.9.2, 90100 for 9.1.0, None without
+
+    @property
+    def cudnn_major(self) -> int | None:
+        if not self.cudnn:
+            return None
+        return self.cudnn // 10000 if self.cudnn >= 10000 else self.cudnn // 1000  # cuDNN 9 moved to 5 digits
+
+
+def torch_build() -> TorchBuild:
+    """What the WebUI's torch was built with (imported here only when onnxruntime is missing)."""
+    try:
+        import torch
+    except ImportError:
+        return TorchBuild(None, None)
+    try:
+        cudnn = torch.backends.cudnn.version()
+    except Exception:  # a CUDA build whose cuDNN library does not load: nothing for onnxruntime-gpu either
+        cudnn = None
+    return TorchBuild(getattr(torch.version, "cuda", None), cudnn)
+
+
+def onnxruntime_requirement(build: TorchBuild) -> str:
+    """onnxruntime-gpu where torch's CUDA and cuDNN match a PyPI build of it, else the CPU wheel."""
+    if build.cuda is None:
+        return ONNXRUNTIME_CPU
+    cudnn_major, spec = ONNXRUNTIME_GPU.get(int(build.cuda.split(".")[0]), (None, None))
+    if spec is None or build.cudnn_major != cudnn_major:
+        cudnn = f"cuDNN {build.cudnn_major}" if build.cudnn_major else "no cuDNN"
+        print(f"[adapters] torch has CUDA {build.cuda} with {cudnn}, for which PyPI has no onnxruntime-gpu build: "
+              f"installing the CPU onnxruntime (FaceID's face analysis runs on the CPU).")
+        return ONNXRUNTIME_CPU
+    return spec
+
 
 def installed_pins() -> list[str]:
     pins = []
@@ -53,7 +110,10 @@ def installed_pins() -> list[str]:
 
 
 def missing_requirements() -> list[str]:
-    return [spec for dist, spec in REQUIREMENTS.items() if not launch.is_installed(dist)]
+    missing = [spec for dist, spec in REQUIREMENTS.items() if not launch.is_installed(dist)]
+    if not any(launch.is_installed(name) for name in ONNXRUNTIME_DISTRIBUTIONS):
+        missing.append(onnxruntime_requirement(torch_build()))
+    return missing
 
 
 def installed_opencv() -> list[str]:
@@ -86,7 +146,8 @@ def main() -> None:
                     launch.run_pip(f'{args} -c "{constraints}"', description)
             except Exception as exc:  # the launcher raises RuntimeError with pip's output
                 print(f"[adapters] could not install {spec} without changing the WebUI's own packages: {exc}\n"
-                      f"[adapters] the extension still works; preprocessors that need it are unavailable.")
+                      f"[adapters] the extension still works; what needs it (preprocessors, FaceID's face "
+                      f"analysis) is unavailable.")
     finally:
         os.unlink(constraints)
 

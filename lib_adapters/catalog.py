@@ -1,6 +1,8 @@
 """Which adapter files the panel offers, and their short hashes for infotext.
 
-Our own folders (``models/adapters`` and any the user adds in Settings) are listed whole. A shared
+Our own folders (``models/adapters`` and any the user adds in Settings) are listed whole, but for
+LoRA files (a FaceID adapter's paired ``*_lora.safetensors`` may sit next to it: the unit finds it
+there, it is not a model to pick). A shared
 folder such as sd-webui-controlnet's ``models/ControlNet`` holds ControlNets too, so from it we
 list only files whose safetensors header has adapter keys, and pickled files whose name says
 adapter (the header of a pickle cannot be read without loading it). Detection proper always
@@ -21,7 +23,7 @@ from typing import Sequence
 
 from .errors import FormatError, MissingFileError
 from .formats.adapter_file import LOADERS
-from .formats.detect import detect_family
+from .formats.detect import ModelFamily, detect_family
 from .formats.reader import (MODEL_SUFFIXES, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_safetensors_keys,
                              read_safetensors_shapes, read_state_dict)
 
@@ -46,6 +48,16 @@ def _is_adapter_file_in_shared_folder(path: Path) -> bool:
     return family in LOADERS  # a family the panel loads
 
 
+def _is_lora_file(path: Path) -> bool:
+    """A safetensors LoRA (its header's keys say so); pickles are not opened to list them."""
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return False
+    try:
+        return detect_family({k: None for k in read_safetensors_keys(path)})[0] is ModelFamily.LORA
+    except FormatError:
+        return False
+
+
 def _model_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
@@ -66,7 +78,7 @@ class ModelCatalog:
 
     def refresh(self) -> list[str]:
         entries: dict[str, ModelEntry] = {}
-        candidates = [p for f in self.own_folders for p in _model_files(Path(f))]
+        candidates = [p for f in self.own_folders for p in _model_files(Path(f)) if not _is_lora_file(p)]
         candidates += [p for f in self.shared_folders for p in _model_files(Path(f))
                        if _is_adapter_file_in_shared_folder(p)]
         for path in candidates:

@@ -28,7 +28,7 @@ class InputError(AdapterError):
 
 
 class UnsupportedModelError(AdapterError):
-    """A recognised model family that this extension does not support yet (e.g. IP-Adapter FaceID)."""
+    """A recognised model family that cannot be used where it was given (e.g. a ControlNet in the Adapters panel)."""
 
 
 class DiskFullError(AdapterError):

@@ -14,7 +14,7 @@ from lib_adapters.inference.session import GenerationSession
 from lib_adapters.unet.a1111 import A1111Binding
 from lib_adapters.unet.forge import MARK, ForgeBinding, attn2_key, block_key
 from lib_adapters.unet.layout import IPSite, bind_layout
-from lib_adapters.unet.points import Point, UNetCall
+from lib_adapters.unet.points import LowRankDelta, Point, UNetCall, dense
 from modules import sd_samplers_kdiffusion
 from stubs_forge import builtins
 from stubs_forge.patcher import CLASSIC, MAIN, memory, unet_patcher_class
@@ -76,8 +76,26 @@ class Deltas(_Runtime):
                 for i, path in enumerate(self.paths)}
 
 
-def _deltas(unet) -> Deltas:
-    return Deltas([n for n, _ in unet.named_parameters() if n.endswith(("attn1.to_q.weight", "attn2.to_v.weight"))][:4])
+class LowRank(Deltas):
+    """Rank-2 LoRA deltas with a scale (what a FaceID unit's LoRA gives), two units' worth on the first path."""
+
+    def weight_deltas(self, bound):
+        out = {}
+        for i, path in enumerate(self.paths):
+            rows, cols = bound.unet.get_parameter(path).shape
+            g = torch.Generator().manual_seed(10 + i)
+            out[path] = LowRankDelta(torch.randn(rows, 2, generator=g) * 0.3, torch.randn(2, cols, generator=g) * 0.3, 0.7)
+        first = self.paths[0]
+        out[first] = out[first] + LowRankDelta(out[first].up.flip(0), out[first].down.flip(1), -0.4)
+        return out
+
+
+DELTAS = {"dense": Deltas, "low rank": LowRank}
+
+
+def _deltas(unet, kind: str = "dense") -> Deltas:
+    paths = [n for n, _ in unet.named_parameters() if n.endswith(("attn1.to_q.weight", "attn2.to_v.weight"))][:4]
+    return DELTAS[kind](paths)
 
 
 def _setup(arch: str, flavour: str):
@@ -118,14 +136,15 @@ def _bind(unet, runtimes, rows: int = 2) -> ForgeBinding:
     return ForgeBinding(session)
 
 
+@pytest.mark.parametrize("kind", list(DELTAS))
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_every_point_agrees_with_the_a1111_binding(arch, flavour):
+def test_every_point_agrees_with_the_a1111_binding(arch, flavour, kind):
     unet, base = _setup(arch, flavour)
     x, t, context = _inputs()
     plain = _a1111(unet, [], x, t, context, 2)
     residuals = Residuals()
-    runtimes = [residuals, Tokens(), Attention(), _deltas(unet)]
+    runtimes = [residuals, Tokens(), Attention(), _deltas(unet, kind)]
     reference = _a1111(unet, runtimes, x, t, context, 2)
     assert (reference - plain).abs().max() > 1e-2
     binding = _bind(unet, runtimes)
@@ -140,47 +159,73 @@ def test_every_point_agrees_with_the_a1111_binding(arch, flavour):
     assert len(residuals.sizes) == 2 * len(bind_layout(unet).layout.t2i_sites)
 
 
+def _our_patch_values(clone, flavour) -> dict:
+    """Parameter key -> the value of our weight patch on ``clone``."""
+    if flavour == MAIN:
+        ours = [v for k, v in clone.lora_patches.items() if k[0].startswith("adapters-extension/")]
+        assert len(ours) == 1
+        return {key: entries[0][1] for key, entries in ours[0].items()}
+    return {key: entries[-1][1] for key, entries in clone.patches.items()}
+
+
+@pytest.mark.parametrize("kind", list(DELTAS))
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_weights_are_forge_weight_patches_and_come_back_bit_identical(flavour):
+def test_weights_are_forge_weight_patches_and_come_back_bit_identical(flavour, kind):
     unet, base = _setup("sd1", flavour)
     originals = {n: p for n, p in unet.named_parameters()}
     before = {n: p.detach().clone() for n, p in originals.items()}
-    deltas = _deltas(unet)
+    deltas = _deltas(unet, kind)
     binding = _bind(unet, [deltas])
     clone = binding.patch(base)
-    if flavour == MAIN:
-        ours = [k for k in clone.lora_patches if k[0].startswith("adapters-extension/")]
-        assert len(ours) == 1 and base.lora_patches == {}
-    else:
-        assert set(clone.patches) == {f"diffusion_model.{p}" for p in deltas.paths} and base.patches == {}
+    values = _our_patch_values(clone, flavour)
+    assert set(values) == {f"diffusion_model.{p}" for p in deltas.paths}
+    assert (base.lora_patches if flavour == MAIN else base.patches) == {}
+    expected = {k: dense(v) for k, v in deltas.weight_deltas(bind_layout(unet)).items()}
+    for key, value in values.items():
+        shape = before[key[len("diffusion_model."):]].shape
+        if kind == "low rank":  # Forge's own LoRA patch, kept factored: no weight-sized tensor in the patch
+            assert value[0] == "lora" and value[1][2:] == (None, None, None)
+            up, down = value[1][:2]
+            assert up.shape[0] == shape[0] and down.shape[1] == shape[1] and up.shape[1] == down.shape[0] <= 4
+        else:
+            assert len(value) == 1 and value[0].shape == shape
     assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())  # nothing until Forge loads it
     memory.load(clone)
-    expected = deltas.weight_deltas(bind_layout(unet))
     for name, p in unet.named_parameters():
-        assert torch.equal(p, before[name] + expected[name]) if name in expected else p is originals[name]
+        if name in expected:
+            assert torch.allclose(p, before[name] + expected[name], atol=1e-6)
+        else:
+            assert p is originals[name]
     memory.load(base)
     assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())
     if flavour == MAIN:  # main's loader puts the very Parameter objects back
         assert all(p is originals[n] for n, p in unet.named_parameters())
 
 
+@pytest.mark.parametrize("kind", list(DELTAS))
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_their_weight_patch_and_ours_both_merge(flavour):
-    """A user LoRA already on the patcher (Forge's forge_objects_after_applying_lora) keeps applying."""
+def test_their_weight_patch_and_ours_both_merge(flavour, kind):
+    """A user LoRA already on the patcher (Forge's forge_objects_after_applying_lora, a "lora" patch with an
+    alpha at strength 0.8) keeps applying, on the same weight as ours; then its patcher alone, then the base."""
     unet, base = _setup("sd1", flavour)
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    theirs = torch.full_like(before[key], 0.01)
+    g = torch.Generator().manual_seed(5)
+    up, down = torch.randn(before[key].shape[0], 4, generator=g), torch.randn(4, before[key].shape[1], generator=g)
+    theirs = 0.8 * (8.0 / 4) * (up @ down)
     lora = base.clone()
+    patch = {f"diffusion_model.{key}": ("lora", (up, down, 8.0, None, None))}
     if flavour == MAIN:
-        lora.add_patches(filename="their_lora.safetensors", patches={f"diffusion_model.{key}": (theirs,)})
+        lora.add_patches(filename="their_lora.safetensors", patches=patch, strength_patch=0.8)
     else:
-        lora.add_patches({f"diffusion_model.{key}": (theirs,)})
-    deltas = Deltas([key])
+        lora.add_patches(patch, 0.8)
+    deltas = DELTAS[kind]([key])
     clone = _bind(unet, [deltas]).patch(lora)
     memory.load(clone)
-    ours = deltas.weight_deltas(bind_layout(unet))[key]
-    assert torch.allclose(unet.get_parameter(key), before[key] + theirs + ours, atol=1e-7)
+    ours = dense(deltas.weight_deltas(bind_layout(unet))[key])
+    assert torch.allclose(unet.get_parameter(key), before[key] + theirs + ours, atol=1e-5)
+    memory.load(lora)
+    assert torch.allclose(unet.get_parameter(key), before[key] + theirs, atol=1e-5)
     memory.load(base)
     assert torch.equal(unet.get_parameter(key), before[key])
 

@@ -21,6 +21,7 @@ from fixtures.adapters import diffusers_adapter, save_both_layouts
 from fixtures.clip import save_clip_vision, tiny_clip_vision
 from fixtures.ip import random_ip_state_dict
 from fixtures.unets import install_webui_cat_hijack
+from lib_adapters.errors import IncompatibleModelError
 from lib_adapters.unet.layout import bind_layout
 from lib_adapters.webui import host
 from modules import paths, scripts, shared
@@ -57,8 +58,8 @@ class Env:
     script_class: type
 
 
-@pytest.fixture()
-def env(tmp_path):
+def fresh_panel(tmp_path):
+    """A reset stub WebUI with the Adapters script module loaded afresh (no shared resources, no host detected)."""
     install_webui_cat_hijack()
     driver.reset_webui(tmp_path)
     module = _load_script_module()
@@ -66,6 +67,12 @@ def env(tmp_path):
     import lib_adapters.webui.panel as panel
     panel._resources = None
     host.forget()
+    return module
+
+
+@pytest.fixture()
+def env(tmp_path):
+    module = fresh_panel(tmp_path)
     model = driver.load_tiny_model("sd1")
     models = Path(paths.models_path)
     save_both_layouts(diffusers_adapter("full_adapter", 3, seed=4), models / "adapters", "depth")
@@ -259,3 +266,21 @@ def test_forge_controlnet_and_ip_adapter_chain_with_ours(env, flavour):
     assert _max_diff(both, results["theirs"]) > 1e-2 and _max_diff(both, results["ours"]) > 1e-2
     assert _max_diff(both, results["ours then theirs"]) <= 1e-5
 
+
+
+@pytest.mark.parametrize("error", [IncompatibleModelError("a refiner's UNet"), RuntimeError("boom")])
+def test_a_pass_the_units_cannot_patch_samples_as_forge_would_and_says_so(env, monkeypatch, error):
+    """Registering on the pass's patcher fails (an incompatible UNet, or a bug): Forge's image, bit for bit,
+    with the reason in the comments and in the infotext (for API clients)."""
+    from lib_adapters.unet.forge import ForgeBinding
+
+    def fail(self, unet_patcher):
+        raise error
+
+    no_extension = driver.build_runner([Capture], is_img2img=False)
+    _, bare, _ = generate(env, MAIN, runner=no_extension)
+    monkeypatch.setattr(ForgeBinding, "patch", fail)
+    processed, latents, _ = generate(env, MAIN, [DEPTH])
+    assert torch.equal(latents, bare)
+    assert str(error) in processed.comments and str(error) in processed.infotexts[0]
+    assert "Adapters skipped" in processed.infotexts[0]

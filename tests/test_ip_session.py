@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fixtures.ip import clip_outputs, random_ip_state_dict
 from fixtures.sessions import build_context, hooked
 from fixtures.unets import LDM_SD1, LDM_SDXL, build_ldm_unet
-from lib_adapters.errors import IncompatibleModelError, UnsupportedModelError
+from lib_adapters.errors import FormatError, IncompatibleModelError
 from lib_adapters.formats.ip import ip_from_state_dict
 from lib_adapters.formats.reader import flatten_state_dict
 from lib_adapters.inference.blocks import BlockPreset, block_weights
@@ -187,12 +187,18 @@ def test_sdxl_ip_file_on_sd1_is_refused(sd1, tmp_path):
         ip.FAMILY.build(build_context(unet), "Adapter 1", unit, runtime.adapter, tmp_path / "xl.bin")
 
 
-def test_faceid_files_are_recognised_and_refused(sd1):
+def test_faceid_files_are_their_own_family_not_ip_adapters(sd1):
+    """A FaceID key (its LoRA) makes the file the FaceID family: the IP loader refuses it naming the family, and
+    the FaceID loader refuses a projection that no FaceID has (the file mixes two models)."""
+    from lib_adapters.formats.faceid import faceid_from_state_dict
+
     _, bound = sd1
     nested = random_ip_state_dict(bound, "base", 32)
     nested["ip_adapter"]["0.to_q_lora.down.weight"] = torch.zeros(128, 32)
-    with pytest.raises(UnsupportedModelError, match="FaceID"):
+    with pytest.raises(FormatError, match="IP-Adapter FaceID file, not an IP-Adapter"):
         ip_from_state_dict(flatten_state_dict(nested), "faceid")
+    with pytest.raises(FormatError, match="image projection of no FaceID model"):
+        faceid_from_state_dict(flatten_state_dict(nested), "faceid")
 
 
 def test_layout_numbers_follow_the_reference_table(sd1):

@@ -21,7 +21,7 @@ from lib_adapters.inference.runtime import UnitRuntime
 from lib_adapters.inference.session import GenerationSession
 from lib_adapters.unet.a1111 import A1111Binding
 from lib_adapters.unet.layout import bind_layout
-from lib_adapters.unet.points import Point, UNetCall
+from lib_adapters.unet.points import FORWARD_DELTA, LowRankDelta, Point, UNetCall, current_weight
 
 
 @dataclass
@@ -54,7 +54,8 @@ class WeightPatch(UnitRuntime):
     points = frozenset({Point.WEIGHTS})
 
     def weight_deltas(self, bound):
-        return {path: delta * self.weight for path, delta in self.deltas.items()}
+        return {path: (LowRankDelta(delta.up, delta.down, delta.scale * self.weight) if isinstance(delta, LowRankDelta)
+                       else delta * self.weight) for path, delta in self.deltas.items()}
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +97,16 @@ def test_a_new_runtime_needs_no_change_to_the_session(unet):
     assert torch.allclose(both, summed, atol=1e-5) and not torch.allclose(both, first, atol=1e-4)
 
 
-def test_weight_patches_act_for_the_generation_and_are_undone_exactly(unet):
+@pytest.mark.parametrize("factored", [False, True], ids=["dense", "low-rank"])
+def test_weight_patches_act_for_the_generation_and_are_undone_exactly(unet, factored):
+    """The delta acts as ``weight + delta`` while the generation runs, added at the layer's output: the weight
+    tensors are never written (so the WebUI's Lora extension, which backs weights up, never sees our delta)."""
     bound = bind_layout(unet)
     path = bound.ip_sites()[0].path + ".to_k.weight"
-    delta = torch.randn_like(unet.get_parameter(path)) * 0.05
+    shape = unet.get_parameter(path).shape
+    g = torch.Generator().manual_seed(3)
+    up, down = torch.randn(shape[0], 2, generator=g) * 0.2, torch.randn(2, shape[1], generator=g) * 0.2
+    delta = LowRankDelta(up, down, 0.5) if factored else (up @ down) * 0.5
     x, t, ctx = _inputs()
     snapshot = _snapshot(unet)
     with torch.no_grad():
@@ -108,17 +115,35 @@ def test_weight_patches_act_for_the_generation_and_are_undone_exactly(unet):
         binding.install()
         try:
             patched = unet(x, t, context=ctx)
-            assert torch.equal(unet.get_parameter(path), snapshot[1][path] + 2.0 * delta)
+            assert torch.equal(unet.get_parameter(path), snapshot[1][path])  # never written
+            assert torch.allclose(current_weight(unet.get_submodule(path[:-len(".weight")])),
+                                  snapshot[1][path] + (up @ down), atol=1e-6)
         finally:
             binding.restore()
         binding.restore()  # twice is harmless
         after = unet(x, t, context=ctx)
         manual = build_ldm_unet(LDM_SD1, seed=0)
-        manual.get_parameter(path).add_(2.0 * delta)
+        manual.get_parameter(path).add_(up @ down)  # 2.0 x 0.5
         expected = manual(x, t, context=ctx)
-    assert torch.equal(patched, expected) and not torch.equal(patched, base)
+    assert torch.allclose(patched, expected, atol=1e-5) and not torch.allclose(patched, base, atol=1e-4)
     assert torch.equal(after, base)
+    assert FORWARD_DELTA not in unet.get_submodule(path[:-len(".weight")]).__dict__
     _assert_same(unet, snapshot)
+
+
+def test_deltas_of_two_runtimes_on_one_layer_add_up(unet):
+    bound = bind_layout(unet)
+    path = bound.ip_sites()[0].path + ".to_q.weight"
+    shape = unet.get_parameter(path).shape
+    g = torch.Generator().manual_seed(4)
+    a = LowRankDelta(torch.randn(shape[0], 2, generator=g), torch.randn(2, shape[1], generator=g), 0.1)
+    b = LowRankDelta(torch.randn(shape[0], 3, generator=g), torch.randn(3, shape[1], generator=g), 0.2)
+    session = GenerationSession(bound, [WeightPatch("Adapter 1", {path: a}), WeightPatch("Adapter 2", {path: b})])
+    summed = session.weight_deltas()[path]
+    assert isinstance(summed, LowRankDelta) and summed.up.shape[1] == 5
+    assert torch.allclose(summed.dense(), a.dense() + b.dense(), atol=1e-5)
+    mixed = GenerationSession(bound, [WeightPatch("Adapter 1", {path: a}), WeightPatch("Adapter 2", {path: b.dense()})])
+    assert torch.allclose(mixed.weight_deltas()[path], a.dense() + b.dense(), atol=1e-5)
 
 
 def test_the_binding_wires_only_the_points_in_use(unet):

@@ -10,18 +10,20 @@ from pathlib import Path
 from typing import Callable, Union
 
 from .detect import ModelFamily, detect_family
+from .faceid import LoadedFaceIDAdapter, faceid_from_state_dict
 from .ip import LoadedIPAdapter, ip_from_state_dict
 from .reader import read_weights
 from .state_dict import StateDict
 from .t2i import LoadedT2IAdapter, t2i_from_state_dict
 
-LoadedAdapter = Union[LoadedT2IAdapter, LoadedIPAdapter]
+LoadedAdapter = Union[LoadedT2IAdapter, LoadedIPAdapter, LoadedFaceIDAdapter]
 
 LOADERS: dict[ModelFamily, Callable[[StateDict, str], LoadedAdapter]] = {
     ModelFamily.T2I_FULL: t2i_from_state_dict,
     ModelFamily.T2I_LIGHT: t2i_from_state_dict,
     ModelFamily.T2I_STYLE: t2i_from_state_dict,
     ModelFamily.IP_ADAPTER: ip_from_state_dict,
+    ModelFamily.IP_FACEID: faceid_from_state_dict,  # Plus v2 from the name ("v2" in the file's stem)
 }
 
 

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import FormatError
+from .faceid_keys import is_faceid_keys
 from .state_dict import StateDict
 
 
@@ -22,6 +23,7 @@ class ModelFamily(str, Enum):
     T2I_LIGHT = "T2I-Adapter (light)"
     T2I_STYLE = "T2I-Adapter (style)"
     IP_ADAPTER = "IP-Adapter"
+    IP_FACEID = "IP-Adapter FaceID"
     CONTROLNET = "ControlNet"
     LORA = "LoRA"
     CHECKPOINT = "Stable Diffusion checkpoint"
@@ -68,6 +70,8 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature(ModelFamily.T2I_LIGHT, T2ILayout.TENCENTARC,
               _has("body.0.in_conv.weight", "body.0.out_conv.weight", "body.0.body.0.block1.weight")),
     Signature(ModelFamily.T2I_STYLE, T2ILayout.TENCENTARC, _has("style_embedding", "proj", "ln_pre.weight")),
+    # FaceID files have an IP-Adapter's two halves too: their signature (projection keys, LoRA keys) goes first
+    Signature(ModelFamily.IP_FACEID, None, is_faceid_keys),
     Signature(ModelFamily.IP_ADAPTER, None, _has_prefixes("image_proj.", "ip_adapter.")),
     Signature(ModelFamily.CONTROLNET, None,
               _any_contains("input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight")),

@@ -30,8 +30,10 @@ import torch
 
 from ..errors import FormatError
 from ..models.clip_vision import EncoderNeed
-from ..models.faceid import FACE_EMBEDDING_DIM, FaceIDAdapterModel, FaceIDConfig, FaceIDVariant
+from ..models.faceid import FaceIDAdapterModel, FaceIDConfig, FaceIDVariant
 from .detect import ModelFamily, detect_family
+from .faceid_keys import LORA_KEY as _LORA_KEY
+from .faceid_keys import is_faceid_keys, variant_of_keys
 from .ip import check_ip_sites, resampler_shape, site_widths, split_ip_file
 from .reader import read_state_dict
 from .state_dict import StateDict, load_strict, shape_of
@@ -41,7 +43,6 @@ if TYPE_CHECKING:  # only for annotations: formats never need the UNet's table
 
 PORTRAIT_TOKENS = 16
 LORA_PARTS = ("q", "k", "v", "out")
-_LORA_KEY = re.compile(r"(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
 _KV_KEY = re.compile(r"(\d+)\.to_(k|v)_ip\.weight$")
 
 
@@ -71,6 +72,10 @@ class LoadedFaceIDAdapter:
     config: FaceIDConfig
     site_hidden: dict[int, int]
     lora: dict[int, AttentionLoRA] = field(default_factory=dict)  # processor number -> its LoRA; {} for Portrait
+
+    @property
+    def family(self) -> ModelFamily:
+        return ModelFamily.IP_FACEID
 
     @property
     def variant(self) -> FaceIDVariant:
@@ -106,24 +111,9 @@ class LoadedFaceIDAdapter:
             return self.model.image_proj(face_embeds.float(), clip, s_scale=s_scale)
 
 
-def variant_of_keys(image_proj: StateDict) -> FaceIDVariant | None:
-    """The FaceID variant these ``image_proj`` keys show, or None for other IP-Adapters. Keys tell the projection
-    only: ``faceid_config`` refines FaceID into Portrait (16 tokens) and Plus into Plus v2 (the name)."""
-    if "perceiver_resampler.proj_in.weight" in image_proj:
-        return FaceIDVariant.PLUS
-    if "proj.0.weight" in image_proj and "norm.weight" in image_proj and "proj.3.weight" not in image_proj:
-        return FaceIDVariant.FACEID
-    proj_in = image_proj.get("proj_in.weight")
-    if "latents" in image_proj and proj_in is not None and int(proj_in.shape[1]) == FACE_EMBEDDING_DIM:
-        return FaceIDVariant.PORTRAIT_UNNORM  # no CLIP encoder has 512-wide hidden states: a face embedding
-    return None
-
-
 def is_faceid_state_dict(sd: StateDict) -> bool:
     """True for FaceID files (flat ``image_proj.*``/``ip_adapter.*`` keys), False for other IP-Adapters."""
-    proj = {k[len("image_proj."):]: v for k, v in sd.items() if k.startswith("image_proj.")}
-    return variant_of_keys(proj) is not None or any(_LORA_KEY.match(k[len("ip_adapter."):]) for k in sd
-                                                      if k.startswith("ip_adapter."))
+    return is_faceid_keys(sd)
 
 
 def _perceiver_fields(proj: StateDict, prefix: str, dim: int, source: str) -> dict[str, int]:
@@ -204,13 +194,16 @@ def faceid_from_state_dict(sd: StateDict, name: str = "ip-adapter-faceid", plus_
                            ) -> LoadedFaceIDAdapter:
     """Load a flat FaceID state dict; ``plus_v2`` overrides the name's hint for Plus files."""
     family, _, sd = detect_family(sd, name)
-    if family is not ModelFamily.IP_ADAPTER:
+    if family is ModelFamily.IP_ADAPTER:
+        raise FormatError(f"{name}: this IP-Adapter takes CLIP image features, not a face embedding; it is not a "
+                          "FaceID model. Load it as a regular IP-Adapter.")
+    if family is not ModelFamily.IP_FACEID:
         raise FormatError(f"{name}: this is a {family.value} file, not an IP-Adapter FaceID.")
     proj, ip = split_ip_file(sd, name)
     keys = variant_of_keys(proj)
-    if keys is None:
-        raise FormatError(f"{name}: this IP-Adapter takes CLIP image features, not a face embedding; it is not a "
-                          "FaceID model. Load it as a regular IP-Adapter.")
+    if keys is None:  # LoRA keys but a projection of no FaceID: the file mixes two models
+        raise FormatError(f"{name}: this file holds a FaceID LoRA but an image projection of no FaceID model "
+                          f"(keys: {', '.join(sorted(proj)[:4])}); it is damaged or mixes two models.")
     kv, lora = _split_ip(ip, name)
     context_dim, site_hidden = site_widths(kv, name)
     cfg = faceid_config(proj, keys, context_dim, name, plus_v2)

@@ -1,8 +1,8 @@
 """IP-Adapter files: projection, tokens, widths and the CLIP encoder they need, read from shapes.
 
 Accepted layouts: the nested ``.bin`` (``{"image_proj": ..., "ip_adapter": ...}``, flattened by
-the reader) and the flat ``.safetensors`` (``image_proj.*`` / ``ip_adapter.*``). FaceID files are
-recognised by their keys and refused until supported.
+the reader) and the flat ``.safetensors`` (``image_proj.*`` / ``ip_adapter.*``). FaceID files share the
+layout but are their own family (detected first, loaded by ``faceid.py``).
 
 The parts every IP-Adapter family's files share are public here for ``faceid.py``: splitting a file
 into its two halves (``split_ip_file``), the attention sites of its ``to_k_ip`` keys (``site_widths``),
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import FormatError, IncompatibleModelError, UnsupportedModelError
+from ..errors import FormatError, IncompatibleModelError
 from ..models.clip_vision import EncoderNeed
 from ..models.ip_adapter import IPAdapterModel, IPProjection, ProjectionConfig
 from ..models.resampler import DIM_HEAD
@@ -86,15 +86,6 @@ def site_widths(ip: StateDict, source: str) -> tuple[int, dict[int, int]]:
     return context_dim, {n: int(ip[f"{n}.to_k_ip.weight"].shape[0]) for n in numbers}
 
 
-def _refuse_faceid(proj: StateDict, ip: StateDict, source: str) -> None:
-    faceid = (any("_lora." in k for k in ip) or any(k.startswith("perceiver_resampler.") for k in proj)
-              or ("proj.0.weight" in proj and "proj.3.weight" not in proj))
-    if faceid:
-        raise UnsupportedModelError(
-            f"{source}: this is an IP-Adapter FaceID model, which needs InsightFace face embeddings and is not "
-            "supported yet. Use a plus-face or full-face IP-Adapter instead.")
-
-
 def resampler_shape(proj: StateDict, prefix: str, dim: int, source: str) -> tuple[int, int, int]:
     """(depth, heads, feed-forward factor) of the ``Resampler`` whose ``image_proj`` keys start with ``prefix``."""
     depth = len(numbered(proj, rf"{re.escape(prefix)}layers\.(\d+)\.0\.to_q\."))
@@ -129,7 +120,6 @@ def ip_from_state_dict(sd: StateDict, name: str = "ip-adapter") -> LoadedIPAdapt
     if family is not ModelFamily.IP_ADAPTER:
         raise FormatError(f"{name}: this is a {family.value} file, not an IP-Adapter.")
     proj, ip = split_ip_file(sd, name)
-    _refuse_faceid(proj, ip, name)
     context_dim, site_hidden = site_widths(ip, name)
     cfg = projection_config(proj, context_dim, name)
     model = IPAdapterModel(cfg, site_hidden)

@@ -66,10 +66,11 @@ def module_of(value: Any) -> torch.nn.Module | None:
 
 
 def memory_bytes(value: Any) -> int:
-    """Bytes of the parameters and buffers a cached value holds (each storage counted once)."""
+    """Bytes of the parameters and buffers a cached value holds (each storage counted once); a value that is not
+    a network says its size itself (``nbytes``: a FaceID model's paired LoRA)."""
     module = module_of(value)
     if module is None:
-        return 0
+        return int(getattr(value, "nbytes", 0) or 0)
     seen: set[int] = set()
     total = 0
     for tensor in list(module.parameters()) + list(module.buffers()):

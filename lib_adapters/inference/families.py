@@ -9,16 +9,17 @@ as a network type is in the WebUI's Lora extension (a ``ModuleType`` per file, o
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UnsupportedModelError
 from ..formats.detect import ModelFamily
-from . import ip, style, t2i
+from . import faceid, ip, style, t2i
 from .build import BuildContext, Family
 from .runtime import UnitRuntime
 from .units import AdapterUnit
 
-FAMILIES: tuple[Family, ...] = (t2i.FAMILY, style.FAMILY, ip.FAMILY)
+FAMILIES: tuple[Family, ...] = (t2i.FAMILY, style.FAMILY, ip.FAMILY, faceid.FAMILY)
 _BY_DETECTED = {detected: family for family in FAMILIES for detected in family.detected}
 
 
@@ -30,8 +31,18 @@ def family_for(detected: ModelFamily) -> Family:
     return family
 
 
-def build_runtime(ctx: BuildContext, label: str, unit: AdapterUnit, file: Path) -> tuple[UnitRuntime, Family]:
-    """The unit's runtime for this generation (the file loaded through the model cache), and its family."""
+@dataclass(frozen=True)
+class BuiltUnit:
+    runtime: UnitRuntime
+    family: Family
+    fields: tuple[str, ...]  # what its infotext holds
+    written: AdapterUnit  # the unit as its infotext writes it (defaults the family resolved filled in)
+
+
+def build_runtime(ctx: BuildContext, label: str, unit: AdapterUnit, file: Path) -> BuiltUnit:
+    """The unit's runtime for this generation (the file loaded through the model cache), its family and infotext."""
     adapter = ctx.models.load_adapter(file)
     family = family_for(adapter.family)
-    return family.build(ctx, label, unit, adapter, file), family
+    runtime = family.build(ctx, label, unit, adapter, file)
+    fields, written = family.infotext(unit, adapter, ctx)
+    return BuiltUnit(runtime, family, fields, written)

@@ -33,7 +33,7 @@ from ..formats.detect import ModelFamily
 from ..formats.ip import LoadedIPAdapter
 from ..models.clip_vision import CropMode
 from ..unet.layout import IPSite
-from ..unet.points import Point, UNetCall
+from ..unet.points import Point, UNetCall, current_weight
 from .blocks import block_weights
 from .build import BuildContext, Family
 from .cache import FileKey
@@ -75,7 +75,11 @@ class IPUnitRuntime(UnitRuntime):
     def attention(self, site: IPSite, attn: nn.Module, q: torch.Tensor, call: UNetCall | None) -> torch.Tensor:
         """``scale * to_out_linear(attention(q, k_ip, v_ip))`` [rows, tokens, dim] for one attn2 call."""
         cond_mask = call.cond_mask if call is not None else None
-        k, v = self.key_value(site, cond_mask, q, int(attn.heads), attn.to_out[0].weight)
+        # the weight to_out computes with now (a FaceID LoRA's delta on it included, however the host applies it);
+        # read only when the folded values are not cached yet (it may cost a LoRA's up @ down)
+        cached = (site.number, q.device, q.dtype) in self._kv
+        out_weight = attn.to_out[0].weight if cached else current_weight(attn.to_out[0])
+        k, v = self.key_value(site, cond_mask, q, int(attn.heads), out_weight)
         # [b, heads, n, dim] summed over heads == W_out applied to the concatenated heads
         out = F.scaled_dot_product_attention(q, k, v).sum(dim=1) * self.scale_at(site)
         region = self.mask_for(call.latent_hw if call is not None else None, q.shape[2], out)

@@ -13,8 +13,9 @@ of the steps; ``weight`` is its strength, applied by the runtime itself):
 - ``Point.ATTENTION``: ``attends(site)``, then ``attention(site, attn, q, call)``: a term
   [rows, tokens, dim] added to the output of the attn2 at ``site`` (after ``to_out``, without its
   bias), given the query split in heads, [rows, heads, tokens, head_dim] (IP-Adapters).
-- ``Point.WEIGHTS``: ``weight_deltas(bound)``, parameter path -> delta added to the UNet's weights
-  for the whole generation, whatever the window (e.g. the LoRA a FaceID file carries).
+- ``Point.WEIGHTS``: ``weight_deltas(bound)``, parameter path -> delta (a tensor, or a factored
+  ``LowRankDelta``) the UNet's weights get for the whole generation, whatever the window (the LoRA that
+  goes with a FaceID model); how a host applies it is its binding's business (``unet/points.py``).
 
 ``UNetCall`` (``call``) tells the latent size and which rows are cond rows. ``release()`` is called
 when the generation ends (drop per-generation caches, move models back to system memory).
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from ..unet.layout import BoundLayout, IPSite
-from ..unet.points import Point, UNetCall
+from ..unet.points import Point, UNetCall, WeightDelta
 from .schedule import in_window
 
 
@@ -55,7 +56,7 @@ class UnitRuntime:
     def attention(self, site: IPSite, attn: nn.Module, q: torch.Tensor, call: UNetCall | None) -> torch.Tensor | None:
         return None
 
-    def weight_deltas(self, bound: BoundLayout) -> dict[str, torch.Tensor]:
+    def weight_deltas(self, bound: BoundLayout) -> dict[str, WeightDelta]:
         return {}
 
     def release(self) -> None:

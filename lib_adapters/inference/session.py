@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..unet.layout import BoundLayout, IPSite
-from ..unet.points import Point, UNetCall
+from ..unet.points import Point, UNetCall, WeightDelta, add_deltas
 from .runtime import UnitRuntime
 
 log = logging.getLogger(__name__)
@@ -102,11 +102,11 @@ class GenerationSession:
         q = q.view(b, n, heads, inner // heads).transpose(1, 2)
         return _sum(r.attention(site, attn, q, call) for r in runtimes)
 
-    def weight_deltas(self) -> dict[str, torch.Tensor]:
-        deltas: dict[str, torch.Tensor] = {}
+    def weight_deltas(self) -> dict[str, WeightDelta]:
+        deltas: dict[str, WeightDelta] = {}
         for runtime in self._at[Point.WEIGHTS]:
             for path, delta in runtime.weight_deltas(self.bound).items():
-                deltas[path] = delta if path not in deltas else deltas[path] + delta
+                deltas[path] = delta if path not in deltas else add_deltas(deltas[path], delta)
         return deltas
 
 

@@ -45,7 +45,9 @@ class MultiImage(str, Enum):
 
 
 NO_MODEL = "None"
-WEIGHT_LIMIT = 10.0  # |weight| and |composition_weight| beyond this only make noise (the UI offers 0-2)
+WEIGHT_LIMIT = 10.0  # |weight|, |composition_weight|, ... beyond this only make noise (the UI offers 0-2)
+LARGEST_FACE = -1  # face_index: the largest face rather than the n-th from the left
+MAX_FACE_INDEX = 99
 _ALIASES = {"guidance_start": "start", "guidance_end": "end", "module": "preprocessor",
             "processor_res": "resolution", "input_image": "image"}
 
@@ -70,6 +72,12 @@ class AdapterUnit:
     multi_image: MultiImage = MultiImage.AVERAGE
     crop: CropMode = CropMode.CENTER
     mask: Any = None  # optional image: white where the image prompt acts, black where it does not
+    # IP-Adapter FaceID units only:
+    face_index: int = LARGEST_FACE  # which face: -1 the largest, else the n-th from the left (from 0)
+    face_pack: str = ""  # insightface model pack folder (buffalo_l, antelopev2); "": the one in Settings
+    faceid_lora: bool = True  # apply the LoRA that goes with the model for the generation
+    faceid_lora_weight: float = 1.0  # its strength (1: as trained), independent of the unit's weight
+    s_scale: float = 1.0  # FaceID Plus v2: weight of the face structure CLIP sees (the reference's s_scale)
 
     @property
     def is_active(self) -> bool:
@@ -122,6 +130,11 @@ class AdapterUnit:
                 "composition_weight": float(self.composition_weight),
                 "multi_image": _parse_enum(MultiImage, self.multi_image, "multi_image"),
                 "crop": CropMode.parse(self.crop),
+                "face_index": _as_int(self.face_index, "face_index"),
+                "face_pack": str(self.face_pack or "").strip(),
+                "faceid_lora": _as_bool(self.faceid_lora),
+                "faceid_lora_weight": float(self.faceid_lora_weight),
+                "s_scale": float(self.s_scale),
             }
         except (TypeError, ValueError) as exc:
             raise InputError(f"invalid adapter unit value: {exc}") from exc
@@ -130,7 +143,7 @@ class AdapterUnit:
         if not 0.0 <= self.start <= self.end <= 1.0:
             raise InputError(f"start ({self.start}) and end ({self.end}) must satisfy 0 <= start <= end <= 1")
         # NaN fails every comparison, so these also refuse NaN and infinities
-        for name in ("weight", "composition_weight"):
+        for name in ("weight", "composition_weight", "faceid_lora_weight", "s_scale"):
             if not -WEIGHT_LIMIT <= getattr(self, name) <= WEIGHT_LIMIT:
                 raise InputError(f"{name} {getattr(self, name)} is outside [-{WEIGHT_LIMIT:g}, {WEIGHT_LIMIT:g}]")
         for name in ("threshold_a", "threshold_b"):
@@ -138,6 +151,12 @@ class AdapterUnit:
                 raise InputError(f"{name} {getattr(self, name)} is not a finite number (-1: the preprocessor's default)")
         if not 64 <= self.resolution <= 4096:
             raise InputError(f"resolution {self.resolution} is outside [64, 4096]")
+        if not LARGEST_FACE <= self.face_index <= MAX_FACE_INDEX:
+            raise InputError(f"face_index {self.face_index} is outside [{LARGEST_FACE}, {MAX_FACE_INDEX}] "
+                             f"({LARGEST_FACE}: the largest face, 0: the leftmost, 1: the next, ...)")
+        if any(c in self.face_pack for c in "/\\:") or self.face_pack in (".", ".."):
+            raise InputError(f"face_pack {self.face_pack!r} must be the name of a folder in "
+                             "models/insightface/models (buffalo_l, antelopev2), not a path")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -161,6 +180,14 @@ def _parse_enum(enum: type[Enum], value: Any, name: str) -> Any:
                                (member.value.lower(), member.name.lower())):
             return member
     raise InputError(f"{name} {value!r} is not one of: {', '.join(m.value for m in enum)}")
+
+
+def _as_int(value: Any, name: str) -> int:
+    """An integer from the UI (a float slider value), the API or infotext ("2", "2.0"); 2.5 is refused."""
+    number = float(value)
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(f"{name} {value!r} is not a whole number")
+    return int(number)
 
 
 def _as_bool(value: Any) -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import AdapterError, InputError
 from . import detectors as det
 from . import simple
+from .face import run_face
 from .loading import build_detector
 from .resize import resize_exact, short_side_size, to_hwc_uint8
 from .spec import RESOLUTION_MAX, RESOLUTION_MIN, Preprocessor, RunParams, SliderSpec
@@ -44,6 +45,9 @@ _PREPROCESSORS: tuple[Preprocessor, ...] = (
         suggested_for=("sketch",),
     ),
     Preprocessor("color_grid", "Colour grid", simple.run_color_grid, suggested_for=("color",)),
+    # FaceID units read faces themselves; this preprocessor is their preview (box, keypoints, aligned crop).
+    # Its detector is the unit's face finder, which the caller passes in (``run_preprocessor(detector=...)``).
+    Preprocessor("face", "Face (FaceID: box, keypoints, aligned crop)", run_face, resolution=None),
     Preprocessor(
         "depth_midas", "Depth (MiDaS DPT-Hybrid)", det.run_plain, suggested_for=("depth",),
         detector=det.MIDAS,
@@ -198,6 +202,7 @@ def run_preprocessor(
     threshold_b: Optional[float] = None,
     weights_dir: Optional[Path] = None,
     cache: Optional[PreprocessorCache] = None,
+    detector: Any = None,
 ) -> np.ndarray:
     """Run preprocessor ``name`` on ``image`` and return an H x W x 3 uint8 RGB map.
 
@@ -205,6 +210,8 @@ def run_preprocessor(
     short side equals the resolution (default per preprocessor), except for preprocessors whose
     ``resolution`` is None, which keep the input size. Weight-needing preprocessors load their files
     from ``weights_dir`` only, through ``cache`` when given (else a load for this call only).
+    ``detector`` is for preprocessors without a weights spec whose detector the caller builds (``face``:
+    the unit's face finder).
 
     Raises InputError (unknown name, bad image, out-of-range parameter), MissingFileError (a
     weight file is not in ``weights_dir``), FormatError (a weight file is unreadable) and
@@ -217,7 +224,6 @@ def run_preprocessor(
         threshold_b=_resolve_threshold(preprocessor.threshold_b, threshold_b, "threshold_b"),
     )
     source = to_hwc_uint8(image)
-    detector = None
     if preprocessor.detector is not None:
         if cache is not None:
             detector = cache.get(preprocessor.name, weights_dir)
@@ -232,7 +238,7 @@ def run_preprocessor(
                 f"Preprocessor {preprocessor.name!r} failed: {type(exc).__name__}: {exc}"
             ) from exc
     else:
-        result = preprocessor.run(source, None, params)
+        result = preprocessor.run(source, detector, params)
 
     result = to_hwc_uint8(result)
     if params.resolution is None:

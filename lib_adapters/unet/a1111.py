@@ -11,9 +11,20 @@ forward is current, another extension's included) and patches weights:
   ``points.context(...)``, the current forward runs (the WebUI's attention implementation computes
   the text attention) while a forward hook on ``to_q`` catches its query for exactly this input,
   and ``points.attention(...)`` is added to its output;
-- each parameter of ``points.weight_deltas()`` becomes ``original + delta`` (the original tensor kept).
+- each Linear with a delta in ``points.weight_deltas()``: its output gets ``x @ delta^T`` added (a
+  ``LowRankDelta`` as two thin matmuls), so it computes as if its weight were ``weight + delta``.
 
-``restore()`` puts back exactly what was there, weights included; safe to call twice.
+The weights themselves are never written. Writing ``weight + delta`` in place would break the WebUI's
+built-in Lora extension whenever a LoRA of the prompt is active in the same generation: it merges its
+LoRAs into the weights on the first forward, after backing the weights up once
+(``network_weights_backup``, taken from whatever the weight is then, i.e. with our delta in it) and
+remembering what it merged (``network_current_names``). Our restore would then put back a weight
+without its LoRA while it believes the LoRA merged, and its backup would bring our delta back the
+next time its set of LoRAs changes: the model would stay altered. Added at the output, our delta
+composes with whatever the layer's forward does (its class forward patched by the Lora extension,
+merged or functional), and the model's tensors are the same objects with the same values after.
+
+``restore()`` puts back exactly what was there; safe to call twice.
 """
 from __future__ import annotations
 
@@ -21,11 +32,12 @@ import contextlib
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .hooks import Forward, PatchSet
 from .layout import IPSite
-from .points import Point, UNetCall, UNetPoints
+from .points import FORWARD_DELTA, LowRankDelta, Point, UNetCall, UNetPoints, WeightDelta
 
 
 class A1111Binding:
@@ -34,12 +46,12 @@ class A1111Binding:
     def __init__(self, points: UNetPoints):
         self.points = points
         self._patches = PatchSet()
-        self._weights: list[tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its original tensor)
+        self._marked: list[nn.Module] = []  # layers carrying FORWARD_DELTA while their delta is added
         self._call: UNetCall | None = None
 
     @property
     def installed(self) -> bool:
-        return len(self._patches) > 0 or bool(self._weights)
+        return len(self._patches) > 0
 
     def install(self) -> None:
         points = self.points
@@ -55,13 +67,12 @@ class A1111Binding:
                 module = bound.module(ip_site.path)
                 self._patches.wrap(module, self._attn2_wrapper(ip_site, module))
         if points.uses(Point.WEIGHTS):
-            self._patch_weights()
+            self._add_weight_deltas()
 
     def restore(self) -> None:
         self._patches.restore()
-        while self._weights:
-            parameter, original = self._weights.pop()
-            parameter.data = original
+        while self._marked:
+            self._marked.pop().__dict__.pop(FORWARD_DELTA, None)
         self._call = None
 
     def __enter__(self) -> "A1111Binding":
@@ -72,14 +83,37 @@ class A1111Binding:
         self.restore()
 
     # weights ---------------------------------------------------------------------------------
-    def _patch_weights(self) -> None:
+    def _add_weight_deltas(self) -> None:
+        """Each Linear with a weight delta adds ``delta(x)`` to its output (see the module docstring for why)."""
         unet = self.points.bound.unet
-        with torch.no_grad():
-            for path, delta in self.points.weight_deltas().items():
-                parameter = unet.get_parameter(path)
-                original = parameter.data
-                self._weights.append((parameter, original))
-                parameter.data = original + delta.to(original.device, original.dtype)
+        for path, delta in self.points.weight_deltas().items():
+            module_path, _, name = path.rpartition(".")
+            layer = unet.get_submodule(module_path)
+            if not isinstance(layer, nn.Linear) or name != "weight" or getattr(delta, "shape", None) is None \
+                    or tuple(delta.shape) != tuple(layer.weight.shape):
+                raise ValueError(f"the A1111 binding adds weight deltas to Linear weights of their shape only; got "
+                                 f"{path} ({type(layer).__name__}) and a delta of shape {tuple(delta.shape)}")
+            self._patches.wrap(layer, self._delta_wrapper(layer, delta))
+            layer.__dict__[FORWARD_DELTA] = delta
+            self._marked.append(layer)
+
+    @staticmethod
+    def _delta_wrapper(layer: nn.Linear, delta: WeightDelta) -> Callable[[Forward], Forward]:
+        def make(forward: Forward) -> Forward:
+            moved: dict[tuple, WeightDelta] = {}  # the delta on the input's device, in the layer's dtype: once
+
+            def linear(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                out = forward(x, *args, **kwargs)
+                key = (x.device, layer.weight.dtype)
+                if key not in moved:
+                    moved[key] = delta.to(*key)
+                d = moved[key]
+                term = d.apply(x.to(d.up.dtype)) if isinstance(d, LowRankDelta) else F.linear(x.to(d.dtype), d)
+                return out + term.to(out.dtype)
+
+            return linear
+
+        return make
 
     # wrappers --------------------------------------------------------------------------------
     def _wrap_entry(self, forward: Forward) -> Forward:

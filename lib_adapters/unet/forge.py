@@ -17,7 +17,12 @@ option: Forge Classic runs the blocks' layers directly, so wrappers on ``input_b
 - an attn2 output patch (after ``to_out``, bias included): ``+ points.attention(site, attn, input,
   None, call)``;
 - the weight deltas as one weight patch (``add_patches``), which Forge merges when it loads the
-  clone and takes back when it loads another patcher of the same model.
+  clone and takes back when it loads another patcher of the same model: a ``LowRankDelta`` (the LoRA of
+  a FaceID model) as Forge's own ``"lora"`` patch, kept factored as Forge keeps a prompt's LoRA (the
+  patch holds rank * (in + out) values; the dense ``up @ down`` exists only while Forge merges that one
+  weight), a dense delta as a ``"diff"`` patch. Both Forge main (``LoraLoader.refresh``) and Classic
+  (``patch_model``/``unpatch_model``) back up the weight they replace and put exactly that back, and a
+  prompt LoRA's patches on the same weight merge in the same pass (their sum, as on A1111).
 
 The attn2 *replace* slot is never written: Forge's own IP-Adapter owns it, and its replacement
 attends to the context our attn2 patch extended, then our output patch adds on top. Every other
@@ -43,7 +48,7 @@ from torch import nn
 
 from ..errors import IncompatibleModelError
 from .layout import IPSite
-from .points import Point, UNetCall, UNetPoints
+from .points import LowRankDelta, Point, UNetCall, UNetPoints, WeightDelta
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +61,18 @@ BlockKey = tuple  # Forge's transformer_options["block"]: ("input", 4), ("middle
 _IP_PATH = re.compile(r"(?:(input|output)_blocks\.(\d+)|middle_block)\.\d+\.transformer_blocks\.(\d+)\.attn2")
 
 
-class WeightDelta(tuple):
-    """``(delta,)``: Forge's "diff" weight patch, marked as ours so a re-patched clone can drop it."""
+class OurWeightPatch(tuple):
+    """A weight patch value as Forge's patchers merge it, marked as ours so a re-patched clone can drop it:
+    ``(delta,)`` ("diff": ``weight + delta``) or ``("lora", (up, down, alpha, mid, dora_scale))`` ("lora":
+    ``weight + alpha / rank * up @ down``, alpha None meaning 1; Classic reads the first four)."""
+
+
+def weight_patch(delta: WeightDelta) -> OurWeightPatch:
+    """Forge's patch value for one of our deltas: a LoRA stays factored (its scale folded into ``up``)."""
+    if isinstance(delta, LowRankDelta):
+        up = delta.up.detach() if delta.scale == 1.0 else delta.up.detach().float() * delta.scale
+        return OurWeightPatch(("lora", (up, delta.down.detach(), None, None, None)))
+    return OurWeightPatch((delta.detach(),))
 
 
 def block_key(path: str) -> BlockKey:
@@ -88,7 +103,7 @@ class ForgeBinding:
         self._attn2: dict[tuple[str, int, int], tuple[IPSite, nn.Module]] = {
             attn2_key(site.path): (site, bound.module(site.path)) for site in bound.ip_sites()}
         self._weights_name = f"{WEIGHTS_PREFIX}generation-{next(_generations)}"  # unique: Forge compares names
-        self._weights: dict[str, WeightDelta] | None = None
+        self._weights: dict[str, OurWeightPatch] | None = None
         self._closed = False
         self._memo: tuple | None = None
         self._warned_rows = False
@@ -198,7 +213,7 @@ class ForgeBinding:
 
     def _add_weights(self, clone: Any) -> None:
         if self._weights is None:
-            self._weights = {f"diffusion_model.{path}": WeightDelta((delta.detach(),))
+            self._weights = {f"diffusion_model.{path}": weight_patch(delta)
                              for path, delta in self.points.weight_deltas().items()}
         if not self._weights:
             return
@@ -234,7 +249,7 @@ def drop_ours(clone: Any) -> None:
     weight_patches = getattr(clone, "patches", None)  # Forge Classic: {key: [(strength, value, strength_model)]}
     if isinstance(weight_patches, dict):
         for key in list(weight_patches):
-            kept = [entry for entry in weight_patches[key] if not isinstance(entry[1], WeightDelta)]
+            kept = [entry for entry in weight_patches[key] if not isinstance(entry[1], OurWeightPatch)]
             if kept:
                 weight_patches[key] = kept
             else:

@@ -91,3 +91,42 @@ def flat(nested: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 def face_embeddings(count: int, seed: int = 1, normed: bool = True) -> torch.Tensor:
     e = torch.randn(count, 512, generator=torch.Generator().manual_seed(seed))
     return e / e.norm(dim=1, keepdim=True) if normed else e * 20
+
+
+def diffusers_processor_names(diffusers_unet) -> list[str]:
+    """The attention modules of a diffusers UNet in ``attn_processors`` order: the order the reference numbers its
+    processors in (tencent's ``ModuleList(unet.attn_processors.values())``; diffusers' ``_load_ip_adapter_loras``)."""
+    return [name[:-len(".processor")] for name in diffusers_unet.attn_processors]
+
+
+def kohya_lora(ip_adapter: dict[str, torch.Tensor], diffusers_unet, naming: str = "diffusers",
+               alpha: float | None = None, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """The in-file FaceID LoRA as a paired ``*_lora.safetensors`` in kohya's format, as tencent-ailab converted it:
+    ``lora_unet_<module>.lora_down/up.weight`` with the module named the diffusers way, or (``naming="sgm"``) the
+    way the WebUI's Lora extension converts those names (tests/training/webui_lora.py), minus its
+    ``diffusion_model_`` prefix. ``alpha``: an ``.alpha`` per module (the file's scale is then alpha / rank, so the
+    up weights are divided by it to keep the same delta); ``scale`` multiplies the up weights."""
+    import sys
+    from pathlib import Path
+
+    helpers = str(Path(__file__).resolve().parents[1] / "training")  # the WebUI Lora extension's name mapping
+    if helpers not in sys.path:
+        sys.path.insert(0, helpers)
+    from webui_lora import convert_diffusers_name_to_compvis
+
+    out: dict[str, torch.Tensor] = {}
+    for number, module in enumerate(diffusers_processor_names(diffusers_unet)):
+        if f"{number}.to_q_lora.down.weight" not in ip_adapter:
+            continue
+        for part, suffix in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("out", "to_out_0")):
+            name = f"lora_unet_{module.replace('.', '_')}_{suffix}"
+            if naming == "sgm":
+                name = "lora_unet_" + convert_diffusers_name_to_compvis(name, False)[len("diffusion_model_"):]
+            down = ip_adapter[f"{number}.to_{part}_lora.down.weight"]
+            up = ip_adapter[f"{number}.to_{part}_lora.up.weight"] * scale
+            if alpha is not None:
+                up = up * down.shape[0] / alpha
+                out[f"{name}.alpha"] = torch.tensor(float(alpha))
+            out[f"{name}.lora_down.weight"] = down.contiguous()
+            out[f"{name}.lora_up.weight"] = up.contiguous()
+    return out

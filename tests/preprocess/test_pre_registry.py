@@ -39,7 +39,8 @@ EXPECTED_WEIGHT_FILES = {
     "lineart_coarse": ("sk_model2.pth",),
     "lineart_anime": ("netG.pth",),
 }
-WEIGHT_FREE = {"none", "invert", "canny", "threshold", "color_grid"}
+# no annotator weights (``face`` draws what the FaceID unit's face models find; the caller passes its finder)
+WEIGHT_FREE = {"none", "invert", "canny", "threshold", "color_grid", "face"}
 
 
 @pytest.fixture

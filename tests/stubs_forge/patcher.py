@@ -13,7 +13,10 @@ patches. Weight patches reach the shared weights only when a patcher is *loaded*
 - Classic: ``add_patches(patches, strength_patch, strength_model)`` kept per key; loading unloads the other
   clones of the model (``unpatch_model`` puts back their backups), then ``patch_model`` merges this one's.
 
-A patch value ``(tensor,)`` is a "diff": ``weight + strength_patch * tensor`` (computed in fp32).
+A patch value ``(tensor,)`` is a "diff": ``weight + strength_patch * tensor``; ``("lora", (up, down, alpha,
+mid, ...))`` is a LoRA: ``weight + strength_patch * alpha / rank * (up @ down)`` (alpha None: 1; main's tuple
+has a fifth entry, dora_scale, Classic's four; ``mid`` and DoRA are not modelled). Both computed in fp32, the
+LoRA's ``up @ down`` made only while that weight is merged, as both patchers do.
 """
 from __future__ import annotations
 
@@ -33,14 +36,22 @@ def _set_parameter(model: nn.Module, key: str, value: torch.Tensor | nn.Paramete
 
 
 def merge(weight: torch.Tensor, patches: list[tuple[float, Any, float]]) -> torch.Tensor:
-    """The weight with "diff" patches ``(strength_patch, (diff,), strength_model)`` applied in fp32."""
+    """The weight with ``(strength_patch, value, strength_model)`` patches ("diff" or "lora") applied in fp32."""
     out = weight.detach().to(torch.float32, copy=True)
     for strength, value, strength_model in patches:
         if strength_model != 1.0:
             out *= strength_model
-        if len(value) != 1:
-            raise NotImplementedError("the stub only merges 'diff' patches")
-        out += strength * value[0].to(out.device, out.dtype)
+        if len(value) == 1:
+            out += strength * value[0].to(out.device, out.dtype)
+        elif len(value) == 2 and value[0] == "lora":
+            up, down, alpha, mid = value[1][:4]
+            if mid is not None or (len(value[1]) > 4 and value[1][4] is not None):
+                raise NotImplementedError("the stub merges plain LoRA patches (no LoCon mid, no DoRA)")
+            up, down = up.to(out.device, torch.float32), down.to(out.device, torch.float32)
+            scale = 1.0 if alpha is None else alpha / down.shape[0]
+            out += (strength * scale * (up.flatten(1) @ down.flatten(1))).reshape(out.shape)
+        else:
+            raise NotImplementedError(f"the stub merges 'diff' and 'lora' patches, not {value[0]!r}")
     return out.to(weight.dtype)
 
 
@@ -299,9 +310,12 @@ class Memory:
         self.loaded.append(patcher)
 
     def clear(self) -> None:
+        """Unload everything: every model gets its original weights back (the stub's end of a Forge session)."""
         for patcher in self.loaded:
             if patcher.flavour == CLASSIC:
                 patcher.unpatch_model()
+            else:
+                patcher.model.lora_loader.refresh({})
         self.loaded = []
 
 

@@ -202,3 +202,34 @@ def unet_forward(unet: torch.nn.Module, x: torch.Tensor, timesteps: torch.Tensor
     h = unet.out(h)
     h = around(h, "after")
     return h.type(x.dtype)
+
+
+class OperationsLinear(torch.nn.Module):
+    """Forge main's ``backend.operations.ForgeOperations.Linear``: a plain ``nn.Module`` (not an ``nn.Linear``, so
+    building it skips weight initialisation) with ``in_features``, ``out_features``, ``weight`` and ``bias``,
+    computing ``F.linear`` (fp32 on CPU: no manual cast)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameter objects
+        self.parameters_manual_cast = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_operations_linears(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Make ``unet``'s linear layers Forge main's (same parameters); returns what ``restore_linears`` puts back."""
+    undo = []
+    for parent in list(unet.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, OperationsLinear(child))
+                undo.append((parent, name, child))
+    return undo
+
+
+def restore_linears(undo: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
+    for parent, name, child in reversed(undo):
+        setattr(parent, name, child)

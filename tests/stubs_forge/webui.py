@@ -17,6 +17,9 @@
   function on the current ``forge_objects.unet`` (uncond first); ``skip_early_cond`` as main checks it
   (``> 0``) or as Classic does (``0 <= step/total <= skip``, true at step 0 with the default 0).
 
+On main the UNet's ``nn.Linear`` layers become main's ``ForgeOperations.Linear`` (plain modules holding the same
+parameters, ``unet.OperationsLinear``), as main builds its UNet.
+
 ``uninstall()`` puts everything back (and unloads the loaded patchers so the weights are the originals).
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ from modules import prompt_parser, scripts, sd_samplers_cfg_denoiser, sd_sampler
 from modules.script_callbacks import AfterCFGCallbackParams, CFGDenoiserParams, cfg_after_cfg_callback, cfg_denoiser_callback
 from modules.shared import opts, state
 
+from . import unet as forge_unet
 from .patcher import CLASSIC, MAIN, memory, unet_patcher_class
 from .sampling import KModel, sampling_cleanup, sampling_function, sampling_prepare
 
@@ -78,6 +82,7 @@ class ForgeStub:
         self.model.forge_objects_original = ForgeObjects(unet)
         self.model.forge_objects_after_applying_lora = ForgeObjects(unet)
         self._undo: list = []
+        self._linears: list = []
         self.calls: list[str] = []  # process_before_every_sampling calls: "discarded" (main hires 1st) / "used"
 
     # helpers --------------------------------------------------------------------------------
@@ -95,6 +100,7 @@ class ForgeStub:
         if self.flavour == MAIN:
             self._previous_model = shared.sd_model
             shared.sd_model = self.model
+            self._linears = forge_unet.use_operations_linears(self.tiny.model.diffusion_model)
         stub = self
         runner = scripts.ScriptRunner
         before_process_batch, process_batch, before_every = (
@@ -147,6 +153,8 @@ class ForgeStub:
             else:
                 setattr(owner, name, value)
         memory.clear()
+        forge_unet.restore_linears(self._linears)
+        self._linears = []
         if self.flavour == MAIN:
             shared.sd_model = self._previous_model
         else:

@@ -15,6 +15,7 @@ from typing import Any
 from ...catalog import EncoderCatalog, ModelCatalog
 from ...inference.cache import MB, AdapterCache
 from ...inference.encodings import EncodingCache
+from ...inference.faces import FaceAnalyzers, FaceService
 from ...inference.units import NO_MODEL
 from ...preprocess.registry import PreprocessorCache
 from . import settings
@@ -31,6 +32,7 @@ class SharedResources:
     adapters: AdapterCache
     preprocessors: PreprocessorCache
     encodings: EncodingCache = field(default_factory=EncodingCache)
+    face_analyzers: FaceAnalyzers = field(default_factory=FaceAnalyzers)
     scanned: bool = False
     host: tuple[str, str] | None = None  # (checkpoint, device) the caches were filled for
 
@@ -40,10 +42,14 @@ class SharedResources:
             self.scanned = True
         return [NO_MODEL] + self.catalog.names()
 
+    def faces(self, cfg: settings.PanelSettings) -> FaceService:
+        """Face analysis for FaceID units with the Settings' pack and device (the analyzers are kept)."""
+        return FaceService(cfg.models_dir, self.face_analyzers, self.encodings, cfg.face_pack, cfg.face_device)
+
     def clear(self) -> None:
         self.adapters.clear()
         self.encodings.clear()
-        self.preprocessors.clear()
+        self.preprocessors.clear()  # the face analyzers stay: they do not depend on the checkpoint
 
     def bind_host(self, host: tuple[str, str]) -> None:
         """Empty the caches when the generation runs on another checkpoint or device than the last one (a
@@ -70,6 +76,7 @@ def resources() -> SharedResources:
 def release_resources() -> None:
     if _resources is not None:
         _resources.clear()
+        _resources.face_analyzers.clear()
         _resources.host = None
 
 

@@ -11,15 +11,17 @@ the Forge binding reads the rows per UNet call), and the callback gives only the
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from ...catalog import EncoderCatalog, ModelCatalog
 from ...errors import AdapterError
 from ...inference.build import BuildContext, UnitInputs
 from ...inference.cache import AdapterCache
 from ...inference.encodings import EncodingCache
+from ...inference.faces import FaceService
 from ...inference.families import build_runtime
 from ...inference.runtime import UnitRuntime
 from ...inference.session import GenerationSession
@@ -33,6 +35,14 @@ from .. import host as hosts
 from . import infotext
 
 log = logging.getLogger("adapters")
+_PROMPT_LORA = re.compile(r"<(?:lora|lyco):([^:>]+)", re.IGNORECASE)  # the Lora extension's <lora:name:...>
+
+
+def prompt_loras(p: Any) -> frozenset[str]:
+    """The LoRA names the job's prompts apply themselves (lower case), so a unit does not apply one twice."""
+    prompts = [getattr(p, "prompt", "")] + list(getattr(p, "all_prompts", None) or [])
+    prompts += list(getattr(p, "all_hr_prompts", None) or [])
+    return frozenset(m.strip().lower() for text in prompts if isinstance(text, str) for m in _PROMPT_LORA.findall(text))
 
 
 def rows_of(cond: Any) -> int:
@@ -53,6 +63,8 @@ class GenerationController:
     encoders: EncoderCatalog
     encodings: EncodingCache = field(default_factory=EncodingCache)
     max_image_pixels: int | None = DEFAULT_MAX_MEGAPIXELS * MEGAPIXEL  # condition, reference and mask images
+    faces: Optional[FaceService] = None  # face analysis for FaceID units
+    lora_dirs: Sequence[Path] = ()  # the WebUI's Lora folders, where a FaceID model's paired LoRA may be
     session: GenerationSession | None = None
     _binding: A1111Binding | None = None
     _forge: ForgeBinding | None = None
@@ -71,9 +83,10 @@ class GenerationController:
                 if not unit.is_active:
                     continue
                 ctx = ctx or BuildContext(bind_layout(host.unet_module(p)), self.adapters, self.encoders,
-                                          self.encodings, self.inputs(getattr(p, "init_images", None) or ()))
+                                          self.encodings, self.inputs(getattr(p, "init_images", None) or ()),
+                                          self.lora_dirs, prompt_loras(p))
                 path = self.catalog.resolve(unit.model)
-                runtime, family = build_runtime(ctx, label, unit, path)
+                built = build_runtime(ctx, label, unit, path)
             except AdapterError as exc:
                 self._skip(p, label, exc)
                 continue
@@ -81,9 +94,11 @@ class GenerationController:
                 log.exception("%s failed", label)
                 self._skip(p, label, AdapterError(f"unexpected {type(exc).__name__}: {exc}"))
                 continue
-            runtimes.append(runtime)
+            finally:
+                self._say(p, ctx)
+            runtimes.append(built.runtime)
             model_label = f"{path.stem} [{self.catalog.short_hash(path)}]"
-            p.extra_generation_params[label] = infotext.format_unit(unit, model_label, family.unit_fields)
+            p.extra_generation_params[label] = infotext.format_unit(built.written, model_label, built.fields)
         if runtimes:
             assert ctx is not None
             self.session = GenerationSession(ctx.bound, runtimes)
@@ -104,11 +119,15 @@ class GenerationController:
         objects = p.sd_model.forge_objects
         try:
             objects.unet = binding.patch(objects.unet)
-        except AdapterError as exc:
+        except Exception as exc:  # this pass samples without the units; the image still comes, and says so
+            if not isinstance(exc, AdapterError):
+                log.exception("Adapters: registering the units on Forge's UNet patcher failed")
+                exc = AdapterError(f"unexpected {type(exc).__name__}: {exc}")
             log.warning("Adapters: %s", exc)
             comment = getattr(p, "comment", None)
             if callable(comment):
                 comment(f"Adapters: {exc}")
+            p.extra_generation_params["Adapters skipped"] = str(exc)  # API clients read the infotext
 
     def end(self) -> None:
         """Restore the UNet and unpin the generation's models; safe to call at any time, any number of times."""
@@ -143,7 +162,17 @@ class GenerationController:
 
     def inputs(self, init_images: Sequence[Any] = ()) -> UnitInputs:
         """How this panel's units read their images (also the preview's preprocessing)."""
-        return UnitInputs(self.preprocessors, self.annotator_dir, self.max_image_pixels, init_images)
+        return UnitInputs(self.preprocessors, self.annotator_dir, self.max_image_pixels, init_images, self.faces)
+
+    @staticmethod
+    def _say(p: Any, ctx: BuildContext | None) -> None:
+        """The notes of a unit's build (it still runs): in the console and the image's comments."""
+        while ctx is not None and ctx.notes:
+            message = ctx.notes.pop(0)
+            log.warning(message)
+            comment = getattr(p, "comment", None)
+            if callable(comment):
+                comment(message)
 
     def _skip(self, p: Any, label: str, exc: AdapterError) -> None:
         message = f"{label} skipped: {exc}"

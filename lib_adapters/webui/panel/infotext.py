@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ...catalog import split_name_and_hash
 from ...inference import t2i
-from ...inference.units import AdapterUnit
+from ...inference.units import LARGEST_FACE, AdapterUnit
 
 PREFIX = "Adapter"
 # unit field -> infotext label, for every field a family may write; enabled is implied by the unit's presence.
@@ -26,7 +26,11 @@ LABELS: dict[str, str] = {
     "control_mode": "Control mode", "resize_mode": "Resize mode", "resolution": "Resolution",
     "threshold_a": "Threshold A", "threshold_b": "Threshold B", "block_preset": "Blocks",
     "composition_weight": "Composition weight", "multi_image": "Multi-image", "crop": "Crop",
+    "face_index": "Face", "faceid_lora": "LoRA", "faceid_lora_weight": "LoRA weight", "s_scale": "Structure weight",
+    "face_pack": "Face models",
 }
+LARGEST = "largest"  # how "Face" writes LARGEST_FACE
+_ON_OFF = {True: "on", False: "off"}
 # (unit field, label) of a T2I-Adapter unit, the default
 FIELDS: tuple[tuple[str, str], ...] = tuple((name, LABELS[name]) for name in t2i.FAMILY.unit_fields)
 _LABEL_TO_FIELD = {label: name for name, label in LABELS.items()}
@@ -54,6 +58,8 @@ def format_unit(unit: AdapterUnit, model_label: str, fields: Sequence[str] = t2i
     """The unit's infotext value: ``fields`` (its family's ``unit_fields``), the model as ``model_label``."""
     values = unit.to_dict()
     values["model"] = model_label
+    values["face_index"] = LARGEST if unit.face_index == LARGEST_FACE else unit.face_index
+    values["faceid_lora"] = _ON_OFF[unit.faceid_lora]
     return ", ".join(f"{LABELS[name]}: {_clean(_fmt(values[name]))}" for name in fields)
 
 
@@ -79,6 +85,11 @@ def on_infotext_pasted(infotext: str, params: dict[str, Any]) -> None:
         parsed = parse_unit(value)
         if "model" in parsed:  # the dropdown lists bare names; the hash may be ours or sd-webui-controlnet's
             parsed["model"] = split_name_and_hash(parsed["model"])[0]
+        values: dict[str, Any] = dict(parsed)
+        if parsed.get("face_index") == LARGEST:  # the slider takes the number
+            values["face_index"] = str(LARGEST_FACE)
+        if "faceid_lora" in parsed:  # the checkbox takes a boolean
+            values["faceid_lora"] = parsed["faceid_lora"].lower() in ("on", "true", "1", "yes")
         for name, label in LABELS.items():
-            if name in parsed:
-                params[field_key(index, label)] = parsed[name]
+            if name in values:
+                params[field_key(index, label)] = values[name]

@@ -21,7 +21,9 @@ from ...inference.units import FIELD_ORDER, NO_MODEL, AdapterUnit, ControlMode, 
 from ...models.clip_vision import CropMode
 from ...preprocess.registry import get_preprocessor, list_preprocessors
 from ...preprocess.resize import ResizeMode
+from ..gradio_compat import image_source
 from . import SharedResources, host_of, infotext, resources, settings
+from .faceid_ui import faceid_options
 from .generation import GenerationController
 
 log = logging.getLogger("adapters")
@@ -48,7 +50,7 @@ def _threshold_updates(name: str, current_a: float = -1, current_b: float = -1) 
 def _controller(res: SharedResources) -> GenerationController:
     cfg = settings.current()
     return GenerationController(res.catalog, res.adapters, res.preprocessors, cfg.annotator_dir, res.encoders,
-                                res.encodings, cfg.max_image_pixels)
+                                res.encodings, cfg.max_image_pixels, res.faces(cfg), cfg.lora_dirs)
 
 
 def _unit_value(*values: Any) -> dict:
@@ -92,7 +94,7 @@ class AdaptersScript(scripts.Script):
         default = AdapterUnit()
         eid = lambda name: self.elem_id(f"unit{index + 1}_{name}")  # noqa: E731
         with gr.Row():
-            image = gr.Image(label="Condition image", source="upload", type="numpy", elem_id=eid("image"))
+            image = gr.Image(label="Condition image", type="numpy", elem_id=eid("image"), **image_source("upload"))
             preview = gr.Image(label="Preprocessed", interactive=False, elem_id=eid("preview"))
         enabled = gr.Checkbox(label="Enable", value=False, elem_id=eid("enabled"))
         with gr.Row():
@@ -130,13 +132,14 @@ class AdaptersScript(scripts.Script):
                                        value=default.multi_image.value, elem_id=eid("multi_image"))
                 crop = gr.Radio(label="Image to encoder", choices=[c.value for c in CropMode],
                                 value=default.crop.value, elem_id=eid("crop"))
-            mask = gr.Image(label="Attention mask (white: where the image prompt acts)", source="upload",
-                            type="numpy", elem_id=eid("mask"))
+            mask = gr.Image(label="Attention mask (white: where the image prompt acts)", type="numpy",
+                            elem_id=eid("mask"), **image_source("upload"))
+        faceid = faceid_options(eid, default, settings.current().models_dir)
 
         fields = dict(enabled=enabled, model=model, preprocessor=preprocessor, weight=weight, start=start, end=end,
                       control_mode=control_mode, resize_mode=resize_mode, resolution=resolution,
                       threshold_a=threshold_a, threshold_b=threshold_b, image=image, block_preset=block_preset,
-                      composition_weight=composition_weight, multi_image=multi_image, crop=crop, mask=mask)
+                      composition_weight=composition_weight, multi_image=multi_image, crop=crop, mask=mask, **faceid)
         ordered = [fields[name] for name in FIELD_ORDER]
         state = gr.State(default.to_dict())
         for component in ordered + [extra_images]:
@@ -172,6 +175,7 @@ class AdaptersScript(scripts.Script):
             self._controller = _controller(res)
         cfg = settings.current()
         self._controller.annotator_dir, self._controller.max_image_pixels = cfg.annotator_dir, cfg.max_image_pixels
+        self._controller.faces, self._controller.lora_dirs = res.faces(cfg), cfg.lora_dirs
         self._controller.start(p, units)
         if self._controller.session is not None:
             # postprocess() is skipped when sampling raises, but txt2img, img2img and the API all run

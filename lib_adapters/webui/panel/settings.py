@@ -4,10 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...face import DEFAULT_PACK, FaceDevice
 from ...inference.cache import DEFAULT_BUDGET_MB
 from ...preprocess.resize import DEFAULT_MAX_MEGAPIXELS, MEGAPIXEL
 
 SECTION = ("adapters", "Adapters")
+FACE_DEVICE_AUTO, FACE_DEVICE_CPU = "Auto", "CPU"
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,10 @@ class PanelSettings:
     encoder_dirs: tuple[Path, ...]  # CLIP vision encoders for IP-Adapters
     cache_budget_mb: int  # memory for adapter models and encoders kept between generations
     max_image_pixels: int | None  # larger condition/reference/mask images are refused; None: no limit
+    models_dir: Path = Path("models")  # the WebUI's models folder: face model packs in insightface/models/<pack>
+    face_pack: str = DEFAULT_PACK  # for FaceID units that name none
+    face_device: FaceDevice = FaceDevice.CPU
+    lora_dirs: tuple[Path, ...] = ()  # the WebUI's Lora folders (FaceID models' paired LoRAs)
 
 
 def register() -> None:
@@ -47,11 +53,18 @@ def register() -> None:
             {"minimum": 0, "maximum": 160, "step": 1},
         ).info("1 megapixel = 1024 x 1024 pixels, so 16 allows 4096 x 4096; larger images are refused before "
                "they are decoded (a small PNG can hold a huge image); 0: no limit"),
+        "adapters_face_pack": shared.OptionInfo(
+            DEFAULT_PACK, "Face models for IP-Adapter FaceID (insightface pack folder)",
+        ).info("a folder in models/insightface/models: buffalo_l or antelopev2, as insightface releases them "
+               "(non-commercial research use only); a unit may name another"),
+        "adapters_face_device": shared.OptionInfo(
+            FACE_DEVICE_AUTO, "Face analysis runs on", gr.Radio, {"choices": [FACE_DEVICE_AUTO, FACE_DEVICE_CPU]},
+        ).info("Auto: the GPU when the WebUI runs on CUDA and onnxruntime-gpu is installed, else the CPU"),
     }))
 
 
 def current() -> PanelSettings:
-    from modules import paths, shared
+    from modules import devices, paths, shared
 
     models = Path(paths.models_path)
     extra = tuple(Path(line.strip()) for line in str(getattr(shared.opts, "adapters_extra_model_dirs", "") or "")
@@ -65,7 +78,20 @@ def current() -> PanelSettings:
         encoder_dirs=(models / "clip_vision", models / "adapters" / "clip_vision"),
         cache_budget_mb=_budget_mb(getattr(shared.opts, "adapters_cache_budget_mb", DEFAULT_BUDGET_MB)),
         max_image_pixels=_max_pixels(getattr(shared.opts, "adapters_max_image_megapixels", DEFAULT_MAX_MEGAPIXELS)),
+        models_dir=models,
+        face_pack=str(getattr(shared.opts, "adapters_face_pack", DEFAULT_PACK) or DEFAULT_PACK).strip() or DEFAULT_PACK,
+        face_device=_face_device(getattr(shared.opts, "adapters_face_device", FACE_DEVICE_AUTO),
+                                 getattr(devices, "device", None)),
+        lora_dirs=tuple(Path(d) for d in (getattr(shared.cmd_opts, "lora_dir", None) or models / "Lora",
+                                          getattr(shared.cmd_opts, "lyco_dir_backcompat", None)) if d),
     )
+
+
+def _face_device(choice: object, webui_device: object) -> FaceDevice:
+    """CUDA when asked for (Auto) and the WebUI runs on CUDA; onnxruntime falls back to the CPU without its GPU
+    package (``face/runtime.providers_for``)."""
+    on_cuda = getattr(webui_device, "type", str(webui_device)) == "cuda"
+    return FaceDevice.CUDA if choice != FACE_DEVICE_CPU and on_cuda else FaceDevice.CPU
 
 
 def _budget_mb(value: object) -> int:
