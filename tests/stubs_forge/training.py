@@ -12,8 +12,8 @@ and Forge Classic at 1f95d717 (``modules_forge/forge_loader.py``, ``modules_forg
   under it, and moving a model to the GPU there makes its weights inference tensors), and
   ``process_images_inner`` runs under ``torch.inference_mode()`` as Forge's does. A naive backward through
   the UNet fails as on the real thing;
-- **main's Linear**: every ``nn.Linear`` of the UNet and the text encoder is replaced by ``ForgeOperations.Linear``,
-  an ``nn.Module`` that is *not* an ``nn.Linear``, sharing the same Parameters;
+- **main's Linear**: as the base stub does for the UNet, every ``nn.Linear`` of the text encoders becomes main's
+  ``ForgeOperations.Linear`` (``unet.OperationsLinear``, not an ``nn.Linear``, the same Parameters);
 - **the UNet module's own forward is Forge's** (``unet.unet_forward``: ``(x, timesteps, context, y, control,
   transformer_options)``, blocks walked as layers with the patch points), as a UNet Forge built has, and each
   spatial transformer is called as a module with ``(x, context, transformer_options)``, as both Forges call it
@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modules import processing
@@ -51,28 +50,6 @@ from modules import processing
 from . import unet as forge_unet
 from .patcher import CLASSIC, MAIN, ClassicModelPatcher, ModelPatcher
 from .webui import ForgeStub
-
-
-class ForgeOperations:
-    """Forge main's operations namespace (``backend.operations.ForgeOperations``)."""
-
-    class Linear(nn.Module):
-        """A Module (not an ``nn.Linear``) with ``in_features``, ``out_features``, ``weight``, ``bias`` and
-        ``parameters_manual_cast`` (weights cast to the input's dtype and device per call)."""
-
-        def __init__(self, linear: nn.Linear, manual_cast: bool):
-            super().__init__()
-            self.in_features, self.out_features = linear.in_features, linear.out_features
-            self.weight = linear.weight
-            self.bias = linear.bias
-            self.parameters_manual_cast = manual_cast
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            weight, bias = self.weight, self.bias
-            if self.parameters_manual_cast:
-                weight = weight.to(device=x.device, dtype=x.dtype)
-                bias = bias.to(device=x.device, dtype=x.dtype) if bias is not None else None
-            return F.linear(x, weight, bias)
 
 
 def load_model_gpu(patcher: Any) -> None:
@@ -181,19 +158,9 @@ class ForgeTraining:
 
         self.undo.append(back)
 
-    def forge_linears(self, root: nn.Module, manual_cast: bool) -> None:
-        swapped = []
-        for parent in list(root.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(parent, name, ForgeOperations.Linear(child, manual_cast))
-                    swapped.append((parent, name, child))
-
-        def back() -> None:
-            for parent, name, child in swapped:
-                setattr(parent, name, child)
-
-        self.undo.append(back)
+    def operations_linears(self, root: nn.Module) -> None:
+        undo = forge_unet.use_operations_linears(root)
+        self.undo.append(lambda: forge_unet.restore_linears(undo))
 
 
 def _inference(fn: Callable) -> Callable:
@@ -216,10 +183,9 @@ def install(stub: ForgeStub) -> ForgeTraining:
     tiny, flavour, model = stub.tiny, stub.flavour, stub.model
     unet = tiny.model.diffusion_model
     transformers = _text_transformers(tiny)
-    if flavour == MAIN:  # ForgeOperations: UNet Linear as stored, CLIP with manual cast
-        t.forge_linears(unet, manual_cast=False)
+    if flavour == MAIN:  # main builds its text encoders from ForgeOperations too (the base stub does the UNet)
         for transformer in transformers.values():
-            t.forge_linears(transformer, manual_cast=True)
+            t.operations_linears(transformer)
     t.make_inference([unet, tiny.first_stage_model, *transformers.values()])
     t.set(unet, "forward", lambda *args, **kwargs: forge_unet.unet_forward(unet, *args, **kwargs))
     spatial_transformer = forge_unet.spatial_transformer

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ...errors import FormatError, InputError
+from ...unet.points import linear_weight
 from ..backends.base import TextEncoderNaming, TextEncoderPart, TrainingBackend
 from ..config import LoraConfig, LoraTargets
 from .base import ExportInfo, MethodBase
@@ -35,13 +36,8 @@ _TE_MLP = ("fc1", "fc2")
 
 
 def is_linear(module: nn.Module) -> bool:
-    """``nn.Linear``, or a host's own Linear layer that does not subclass it (Forge main's ``ForgeOperations.Linear``
-    is a plain Module): ``in_features``, ``out_features`` and a weight of shape ``(out_features, in_features)``."""
-    if isinstance(module, nn.Linear):
-        return True
-    weight = getattr(module, "weight", None)
-    shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
-    return isinstance(weight, torch.Tensor) and all(isinstance(n, int) for n in shape) and tuple(weight.shape) == shape
+    """``nn.Linear``, or a host's own Linear layer that does not subclass it (``unet.points.linear_weight``)."""
+    return linear_weight(module) is not None
 
 
 class LoraModule(nn.Module):
