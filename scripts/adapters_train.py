@@ -8,7 +8,7 @@ this file only registers callbacks.
 from modules import script_callbacks
 
 from lib_adapters.webui.training import api as training_api
-from lib_adapters.webui.training.host import TrainingHost
+from lib_adapters.webui.training.forge_host import training_host
 from lib_adapters.webui.training.jobs import TrainingJobs
 from lib_adapters.webui.training.tab import ELEM_PREFIX, TITLE, TrainTab
 
@@ -18,7 +18,7 @@ _jobs = None
 def jobs():
     global _jobs
     if _jobs is None:
-        _jobs = TrainingJobs(TrainingHost())
+        _jobs = TrainingJobs(training_host())  # Forge's own glue on Forge (webui/host.py tells)
     return _jobs
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import FormatError, IncompatibleModelError
-from ..unet.points import LowRankDelta
+from ..unet.points import LowRankDelta, linear_weight
 from .detect import ModelFamily, detect_family
 from .reader import read_weights
 
@@ -107,8 +107,8 @@ def ldm_layer_name(name: str) -> str:
 
 
 def _linear_layers(unet: nn.Module) -> dict[str, str]:
-    """Every Linear of the UNet: its path with "_" for "." -> its path (the Lora extension's layer mapping)."""
-    return {path.replace(".", "_"): path for path, module in unet.named_modules() if isinstance(module, nn.Linear)}
+    """Every linear layer of the UNet: its path with "_" for "." -> its path (the Lora extension's layer mapping)."""
+    return {path.replace(".", "_"): path for path, module in unet.named_modules() if linear_weight(module) is not None}
 
 
 def paired_deltas(lora: PairedLoRA, bound: "BoundLayout", strength: float, label: str) -> dict[str, LowRankDelta]:
@@ -146,8 +146,9 @@ def infile_deltas(records: Mapping[int, "AttentionLoRA"], bound: "BoundLayout", 
 
 
 def _checked(delta: LowRankDelta, layer: nn.Module, source: str, key: str, label: str) -> LowRankDelta:
-    if not isinstance(layer, nn.Linear) or tuple(layer.weight.shape) != delta.shape:
-        found = tuple(layer.weight.shape) if isinstance(layer, nn.Linear) else type(layer).__name__
+    weight = linear_weight(layer)
+    if weight is None or tuple(weight.shape) != delta.shape:
+        found = type(layer).__name__ if weight is None else tuple(weight.shape)
         raise IncompatibleModelError(f"{label}: {source}'s {key} is a LoRA for a {delta.shape} layer, the loaded "
                                      f"checkpoint's is {found}; the LoRA belongs to another base model.")
     return delta

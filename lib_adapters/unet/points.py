@@ -1,7 +1,8 @@
 """The named points where adapters act on a UNet, and the interface a host binding drives.
 
 A host binding finds these points in its host's UNet (``a1111.py``: instance forward wrappers on
-an ldm/sgm UNet; on Forge it would be the UnetPatcher's block modifiers and attn2 patches) and at
+an ldm/sgm UNet; ``forge.py``: block modifiers, attn2 patches and weight patches on a clone of Forge's
+UnetPatcher) and at
 each asks a ``UNetPoints`` (the generation's session) what to add:
 
 - ``RESIDUAL``: right after the T2I site of level ``i`` (``layout.t2i_sites[i]``) runs, before
@@ -15,8 +16,10 @@ each asks a ``UNetPoints`` (the generation's session) what to add:
   computes as its value plus the delta (a tensor, or a ``LowRankDelta`` kept factored: a LoRA); the
   binding puts everything back afterwards. How is the binding's choice: on A1111 the delta is added
   to the layer's output (the weights are never written, see ``a1111.py``), and the layer carries the
-  delta under ``FORWARD_DELTA`` meanwhile, so ``current_weight`` tells what it computes with; a host
-  whose own patcher merges deltas into the weights (Forge) passes ``dense(delta)`` to it.
+  delta under ``FORWARD_DELTA`` meanwhile, so ``current_weight`` tells what it computes with; on Forge
+  the host's patcher merges the deltas into the weights while the patched clone is loaded (a
+  ``LowRankDelta`` handed over factored, as Forge's own LoRA patches are), so the parameter itself is
+  what it computes with.
 
 ``UNetCall`` is what the binding knows about the UNet call in progress: the latent's size and
 which of its rows are cond rows (on the A1111 WebUI from ``take_rows``, which counts them off the
@@ -90,6 +93,17 @@ def add_deltas(a: WeightDelta, b: WeightDelta) -> WeightDelta:
     if isinstance(a, LowRankDelta) and isinstance(b, LowRankDelta):
         return a + b
     return dense(a) + dense(b)
+
+
+def linear_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The [out, in] weight of a layer that computes ``x @ weight.T + bias``, or None for any other layer. Duck-typed:
+    Forge main builds its UNet's linear layers as plain ``nn.Module``s with ``weight`` and ``bias`` (its
+    ``ForgeOperations.Linear``, to skip weight initialisation), not as ``nn.Linear``."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(layer, nn.Linear) or (isinstance(weight, torch.Tensor) and weight.ndim == 2
+                                        and hasattr(layer, "in_features") and hasattr(layer, "out_features")):
+        return weight
+    return None
 
 
 def current_weight(layer: nn.Module) -> torch.Tensor:

@@ -4,20 +4,29 @@ A backend encodes images to latents and prompts to conditioning, runs the UNet o
 and exposes the schedule (``alphas_cumprod``), the prediction type, the UNet module and the text
 encoders (for LoRA). It also owns "training mode" for the base model: freezing every base weight
 and, on request, gradient checkpointing; ``restore()`` puts the model back exactly as it was.
+
+How the methods' contributions reach the UNet calls ``apply`` makes is the backend's call too, since hosts
+differ there: ``t2i_features`` (a T2I-Adapter's features) and ``bind`` (an IP-Adapter's session points) default
+to forward wrappers on the UNet's modules (``backends/injection.py``, ``unet/a1111.py``); the Forge backend
+registers Forge patches instead.
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
-from typing import Union
+from typing import Iterator, Union
 
 import torch
 from torch import nn
 
 from ...arch import BaseArch
+from ...unet.a1111 import A1111Binding
+from ...unet.points import UNetPoints
 from ..latent_cache import CacheIdentity
 from .grad_checkpointing import enable_block_checkpointing
+from .injection import inject_features
 
 Conditioning = Union[torch.Tensor, dict]  # SD1/SD2: [B, T, C]; SDXL: {"crossattn": [B, T, C], "vector": [B, D]}
 
@@ -147,6 +156,17 @@ class TrainingBackend(ABC):
     @abstractmethod
     def checkpoint_blocks(self) -> list[nn.Module]:
         """The UNet blocks whose forward is recomputed in backward when gradient checkpointing is on."""
+
+    # -- how contributions reach the UNet ----------------------------------------------------------
+    @contextlib.contextmanager
+    def t2i_features(self, features: list[torch.Tensor]) -> Iterator[None]:
+        """``features[level]`` added at the T2I sites in the ``apply`` calls made inside the block."""
+        with inject_features(self.unet, features):
+            yield
+
+    def bind(self, points: UNetPoints):
+        """A binding (``install()``/``restore()``) that makes ``points`` act in the ``apply`` calls."""
+        return A1111Binding(points)
 
     # -- training mode -----------------------------------------------------------------------------
     def prepare(self, gradient_checkpointing: bool = False) -> None:

@@ -4,6 +4,11 @@ The WebUI's own ``sd_hijack_checkpoint`` patches ldm classes only (not sgm, so n
 every instance at once; wrapping the instances we train keeps it local and undoable. Non-reentrant
 ``torch.utils.checkpoint`` gives gradients to parameters (LoRA) even when the block's inputs do not
 require grad, and replays forward hooks during recomputation.
+
+A dict argument is passed as a copy taken at call time: Forge hands every layer the one
+``transformer_options`` dict of the UNet call and keeps writing into it (``block``, ``block_index``),
+and its patches (ours included) find their site from those keys. The recomputation in backward runs
+after the whole forward, so it must see the values of its own call, not the last ones.
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from ...unet.hooks import Forward, PatchSet
 
 def _checkpointed(forward: Forward) -> Forward:
     def run(*args: Any, **kwargs: Any) -> Any:
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return run
 

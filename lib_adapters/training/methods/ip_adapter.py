@@ -6,7 +6,8 @@ The recipe is the reference's (tencent-ailab ``tutorial_train.py`` / ``tutorial_
 its image (the reference's uncond: zero ``image_embeds``, or the encoder's output for an all-zero input
 for Plus), without its caption, or without both, at the configured rates, drawn from the run's seeded
 generator so that a resumed run draws the same. Image tokens reach the UNet through the panel's own
-``GenerationSession`` and attn2 wrapper (``unet/a1111.py``); only the unit below differs from the
+``GenerationSession`` and the backend's binding (the attn2 wrapper of ``unet/a1111.py``, or on Forge the
+panel's Forge patches, ``unet/forge.py``); only the unit below differs from the
 panel's: its keys and values are per batch row and keep their gradients. The UNet is never modified:
 ``close()`` removes the wrappers, and the CLIP vision encoder is the run's own frozen copy.
 
@@ -44,7 +45,6 @@ from ...models.clip_vision import ClipVisionEncoder
 from ...models.faceid import FACE_EMBEDDING_DIM
 from ...models.ip_adapter import IPAdapterModel, ProjectionConfig
 from ...models.resampler import DIM_HEAD
-from ...unet.a1111 import A1111Binding
 from ...unet.layout import IPSite
 from ..backends.base import TrainingBackend
 from ..config import IPAdapterConfig, IPProjection, TrainConfig
@@ -227,7 +227,7 @@ class IPAdapterMethod(MethodBase):
         adapter = LoadedIPAdapter("training", self.model, self.projection, {s.number: s.hidden for s in sites})
         empty = torch.zeros(1, 1, self.projection.context_dim)
         self.unit = TrainingIPUnit("IP-Adapter training", adapter, empty, empty)
-        self.binding = A1111Binding(GenerationSession(self.bound, [self.unit]))
+        self.binding = self.backend.bind(GenerationSession(self.bound, [self.unit]))
         self.binding.install()
 
     # -- per batch ------------------------------------------------------------------------------------

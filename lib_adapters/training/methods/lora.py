@@ -4,6 +4,9 @@
 until the first step) and ``down`` kaiming-uniform, as in kohya's ``LoRAModule``. Hooks leave the
 base modules, their names and state dicts untouched; ``close()`` removes every hook. The LoRA
 weights are fp32 whatever the base dtype; under autocast the matmuls run in the autocast dtype.
+A "Linear" is ``nn.Linear`` or a layer that computes as one without subclassing it: Forge main builds
+its UNet and text encoders from its own ``Linear`` (an ``nn.Module`` with ``in_features``,
+``out_features`` and a 2-D ``weight``, cast per call).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from ...errors import FormatError, InputError
+from ...unet.points import linear_weight
 from ..backends.base import TextEncoderNaming, TextEncoderPart, TrainingBackend
 from ..config import LoraConfig, LoraTargets
 from .base import ExportInfo, MethodBase
@@ -31,13 +35,18 @@ _TE_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 _TE_MLP = ("fc1", "fc2")
 
 
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear``, or a host's own Linear layer that does not subclass it (``unet.points.linear_weight``)."""
+    return linear_weight(module) is not None
+
+
 class LoraModule(nn.Module):
     """The low-rank pair for one base layer; ``forward(x)`` is the delta to add to the base output."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
         device = base.weight.device
-        if isinstance(base, nn.Linear):
+        if is_linear(base):
             self.lora_down = nn.Linear(base.in_features, rank, bias=False, device=device)
             self.lora_up = nn.Linear(rank, base.out_features, bias=False, device=device)
         elif isinstance(base, nn.Conv2d) and base.groups == 1:
@@ -57,7 +66,7 @@ class LoraModule(nn.Module):
 
 def _child_layers(module: nn.Module):
     for name, child in module.named_modules():
-        if isinstance(child, (nn.Linear, nn.Conv2d)):
+        if is_linear(child) or isinstance(child, nn.Conv2d):
             yield name, child
 
 
@@ -81,7 +90,7 @@ def text_encoder_targets(part: TextEncoderPart, targets: LoraTargets) -> list[tu
     wanted = _TE_ATTENTION + (_TE_MLP if targets.feed_forward else ())
     out = []
     for path, module in part.module.named_modules():
-        if isinstance(module, nn.Linear) and ".layers." in path and path.rsplit(".", 1)[-1] in wanted:
+        if is_linear(module) and ".layers." in path and path.rsplit(".", 1)[-1] in wanted:
             out.append((kohya_name(part.prefix, path), module))
     return out
 

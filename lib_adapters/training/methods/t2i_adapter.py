@@ -4,12 +4,11 @@ Per micro-batch the conditions are fitted exactly as their images were (same buc
 crop), run through the adapter with gradients, and the four feature maps are added to the UNet's
 ``h`` at the sites the inference panel uses:
 
-* ldm/sgm UNets (the WebUI's model): forward wrappers (``unet.hooks.PatchSet``) on the sites of
-  ``unet.layout``'s table, adding ``inference.t2i.fit_feature(feature, h)`` as a panel unit does;
-* diffusers UNets: the UNet's own ``down_intrablock_additional_residuals`` input, which adds at the
-  same places (after the level's last block, before the skip is stored; after the middle block).
+the backend adds them (``TrainingBackend.t2i_features``, ``backends/injection.py``): forward wrappers on
+the sites of ldm/sgm UNets, a diffusers UNet's own ``down_intrablock_additional_residuals``, or on Forge
+a block modifier, each adding ``inference.t2i.fit_feature(feature, h)`` as a panel unit does.
 
-The wrappers live only while ``backend.apply`` runs (``unet_context``), so the base UNet is never
+They live only while ``backend.apply`` runs (``unet_context``), so the base UNet is never
 left changed. Files: TencentARC keys by default (our panel, sd-webui-controlnet, ComfyUI), or
 diffusers keys (``adapter.*``) with the ``T2IAdapter`` config in the metadata.
 """
@@ -18,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -28,13 +27,12 @@ from ...arch import BaseArch
 from ...errors import IncompatibleModelError
 from ...formats.reader import read_state_dict
 from ...formats.t2i import diffusers_config, t2i_from_state_dict, tencentarc_to_diffusers
-from ...inference.t2i import fit_feature
 from ...models.t2i_adapter import SpatialAdapterConfig, build_adapter
-from ...unet.hooks import Forward, PatchSet
 from ...unet.layout import bind_layout
 from PIL import Image
 
 from ..backends.base import TrainingBackend
+from ..backends.injection import inject_features  # noqa: F401  (its home before the backends chose how)
 from ..buckets import Bucket, place
 from ..config import T2IConfig, T2IKind, T2ILayout, TimestepSampling, TrainConfig
 from ..data import ImageRecord
@@ -121,7 +119,7 @@ class T2IAdapterMethod(MethodBase):
     @contextlib.contextmanager
     def unet_context(self, batch: MethodBatch) -> Iterator[None]:
         features = self.adapter(self.conditions(batch).to(batch.device))
-        with inject_features(self.backend.unet, features):
+        with self.backend.t2i_features(features):
             yield
 
     def nonfinite_inputs(self, batch: MethodBatch, updated: bool, root: Path | None) -> list[NonFiniteInput]:
@@ -149,7 +147,7 @@ class T2IAdapterMethod(MethodBase):
         condition = load_condition(path, square, self.adapter_config.image_channels)
         with torch.no_grad():
             features = [f.detach() for f in self.adapter(condition[None].to(self.backend.device))]
-        return T2ISampleConditioning(f"condition {path.name}", self.backend.unet, features)
+        return T2ISampleConditioning(f"condition {path.name}", self.backend, features)
 
     # -- state and files ------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -180,47 +178,13 @@ class T2IAdapterMethod(MethodBase):
 
 
 class T2ISampleConditioning:
-    def __init__(self, description: str, unet: nn.Module, features: list[torch.Tensor]):
-        self.description, self.unet, self.features = description, unet, features
+    def __init__(self, description: str, backend: TrainingBackend, features: list[torch.Tensor]):
+        self.description, self.backend, self.features = description, backend, features
 
     @contextlib.contextmanager
     def around(self, uncond: bool, rows: int) -> Iterator[None]:
-        with inject_features(self.unet, [f.expand(rows, *f.shape[1:]) for f in self.features]):
+        with self.backend.t2i_features([f.expand(rows, *f.shape[1:]) for f in self.features]):
             yield
-
-
-@contextlib.contextmanager
-def inject_features(unet: nn.Module, features: list[torch.Tensor]) -> Iterator[None]:
-    """Add ``features[level]`` at each T2I site of ``unet`` for the calls made inside the block."""
-    patches = PatchSet()
-    try:
-        if hasattr(unet, "input_blocks"):
-            bound = bind_layout(unet)
-            for level, site in enumerate(bound.layout.t2i_sites):
-                patches.wrap(bound.module(site.path), _site_wrapper(features[level]))
-        else:
-            patches.wrap(unet, _diffusers_wrapper(features))
-        yield
-    finally:
-        patches.restore()
-
-
-def _site_wrapper(feature: torch.Tensor):
-    def make(forward: Forward) -> Forward:
-        def site(*args: Any, **kwargs: Any) -> Any:
-            h = forward(*args, **kwargs)
-            return h + fit_feature(feature, h).to(h.dtype)
-        return site
-    return make
-
-
-def _diffusers_wrapper(features: list[torch.Tensor]):
-    def make(forward: Forward) -> Forward:
-        def unet_forward(*args: Any, **kwargs: Any) -> Any:
-            # diffusers pops the list as it goes: a fresh one per call
-            return forward(*args, down_intrablock_additional_residuals=list(features), **kwargs)
-        return unet_forward
-    return make
 
 
 def t2i_metadata(info: ExportInfo, t2i: T2IConfig, cfg: SpatialAdapterConfig) -> dict[str, str]:

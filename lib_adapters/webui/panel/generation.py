@@ -2,9 +2,11 @@
 
 Each unit goes through the family registry on its own (``inference/families.py``: file -> family ->
 runtime): a bad file, a missing image or an incompatible model skips that unit with a message (in
-the console and in the image's comments) and the generation goes on. The session's points are wired
-into the WebUI's UNet by the A1111 binding (forward wrappers), and the CFG denoiser's callback gives
-the session its row layout and progress.
+the console and in the image's comments) and the generation goes on. On A1111 the session's points
+are wired into the WebUI's UNet by the A1111 binding (forward wrappers) when the session starts, and
+the CFG denoiser's callback gives the session its row layout and progress. On Forge (``host.py``) they
+are registered on a clone of Forge's UNet patcher before every sampling pass (``before_sampling``;
+the Forge binding reads the rows per UNet call), and the callback gives only the progress.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ from ...inference.units import AdapterUnit
 from ...preprocess.registry import PreprocessorCache
 from ...preprocess.resize import DEFAULT_MAX_MEGAPIXELS, MEGAPIXEL
 from ...unet.a1111 import A1111Binding
+from ...unet.forge import ForgeBinding
 from ...unet.layout import bind_layout
+from .. import host as hosts
 from . import infotext
 
 log = logging.getLogger("adapters")
@@ -63,11 +67,13 @@ class GenerationController:
     lora_dirs: Sequence[Path] = ()  # the WebUI's Lora folders, where a FaceID model's paired LoRA may be
     session: GenerationSession | None = None
     _binding: A1111Binding | None = None
+    _forge: ForgeBinding | None = None
+    host: hosts.Host | None = None  # None: the detected one
 
     # generation lifecycle ------------------------------------------------------------------
     def start(self, p: Any, unit_values: Sequence[Any]) -> None:
         self.end()
-        unet = p.sd_model.model.diffusion_model
+        host = self.host or hosts.current()
         ctx: BuildContext | None = None
         runtimes: list[UnitRuntime] = []
         for index, value in enumerate(unit_values):
@@ -76,9 +82,9 @@ class GenerationController:
                 unit = AdapterUnit.from_value(value)
                 if not unit.is_active:
                     continue
-                ctx = ctx or BuildContext(bind_layout(unet), self.adapters, self.encoders, self.encodings,
-                                          self.inputs(getattr(p, "init_images", None) or ()), self.lora_dirs,
-                                          prompt_loras(p))
+                ctx = ctx or BuildContext(bind_layout(host.unet_module(p)), self.adapters, self.encoders,
+                                          self.encodings, self.inputs(getattr(p, "init_images", None) or ()),
+                                          self.lora_dirs, prompt_loras(p))
                 path = self.catalog.resolve(unit.model)
                 built = build_runtime(ctx, label, unit, path)
             except AdapterError as exc:
@@ -96,15 +102,42 @@ class GenerationController:
         if runtimes:
             assert ctx is not None
             self.session = GenerationSession(ctx.bound, runtimes)
-            self._binding = A1111Binding(self.session)
-            self._binding.install()
+            if host.is_forge:
+                self._forge = ForgeBinding(self.session)  # registered in before_sampling, on each pass's patcher
+            else:
+                self._binding = A1111Binding(self.session)
+                self._binding.install()
+
+    def before_sampling(self, p: Any) -> None:
+        """Forge, before every sampling pass: the current UNet patcher becomes a clone carrying the session
+        (Forge reset ``forge_objects`` just before, so the pass's patcher is the only change; Forge's own
+        ControlNet/IP-Adapter clone and set it the same way, so whichever runs later chains onto the other).
+        Nothing on A1111, or when no unit is active."""
+        binding = self._forge
+        if binding is None or not binding.active:
+            return
+        objects = p.sd_model.forge_objects
+        try:
+            objects.unet = binding.patch(objects.unet)
+        except Exception as exc:  # this pass samples without the units; the image still comes, and says so
+            if not isinstance(exc, AdapterError):
+                log.exception("Adapters: registering the units on Forge's UNet patcher failed")
+                exc = AdapterError(f"unexpected {type(exc).__name__}: {exc}")
+            log.warning("Adapters: %s", exc)
+            comment = getattr(p, "comment", None)
+            if callable(comment):
+                comment(f"Adapters: {exc}")
+            p.extra_generation_params["Adapters skipped"] = str(exc)  # API clients read the infotext
 
     def end(self) -> None:
         """Restore the UNet and unpin the generation's models; safe to call at any time, any number of times."""
         session, binding, self.session, self._binding = self.session, self._binding, None, None
+        forge, self._forge = self._forge, None
         try:
             if binding is not None:
                 binding.restore()
+            if forge is not None:
+                forge.close()  # nothing on the model to restore: Forge drops the patched clone at its next reset
         finally:
             try:
                 if session is not None:
@@ -115,13 +148,16 @@ class GenerationController:
     def on_cfg_denoiser(self, params: Any) -> None:
         if self.session is None:
             return
-        uncond = rows_of(params.text_uncond)
-        cond = int(params.x.shape[0]) - uncond
         denoiser = getattr(params, "denoiser", None)
         step = getattr(denoiser, "step", None)
         total = getattr(denoiser, "total_steps", None)
         if step is None or not total:
             step, total = params.sampling_step, params.total_sampling_steps
+        if self._forge is not None:  # Forge's params.x holds one row per image; rows are marked per UNet call
+            self.session.on_progress(step, total)
+            return
+        uncond = rows_of(params.text_uncond)
+        cond = int(params.x.shape[0]) - uncond
         self.session.on_denoiser(cond, uncond, step, total)
 
     def inputs(self, init_images: Sequence[Any] = ()) -> UnitInputs:

@@ -21,6 +21,7 @@ from ...inference.units import FIELD_ORDER, NO_MODEL, AdapterUnit, ControlMode, 
 from ...models.clip_vision import CropMode
 from ...preprocess.registry import get_preprocessor, list_preprocessors
 from ...preprocess.resize import ResizeMode
+from ..gradio_compat import image_source
 from . import SharedResources, host_of, infotext, resources, settings
 from .faceid_ui import faceid_options
 from .generation import GenerationController
@@ -93,7 +94,7 @@ class AdaptersScript(scripts.Script):
         default = AdapterUnit()
         eid = lambda name: self.elem_id(f"unit{index + 1}_{name}")  # noqa: E731
         with gr.Row():
-            image = gr.Image(label="Condition image", source="upload", type="numpy", elem_id=eid("image"))
+            image = gr.Image(label="Condition image", type="numpy", elem_id=eid("image"), **image_source("upload"))
             preview = gr.Image(label="Preprocessed", interactive=False, elem_id=eid("preview"))
         enabled = gr.Checkbox(label="Enable", value=False, elem_id=eid("enabled"))
         with gr.Row():
@@ -131,8 +132,8 @@ class AdaptersScript(scripts.Script):
                                        value=default.multi_image.value, elem_id=eid("multi_image"))
                 crop = gr.Radio(label="Image to encoder", choices=[c.value for c in CropMode],
                                 value=default.crop.value, elem_id=eid("crop"))
-            mask = gr.Image(label="Attention mask (white: where the image prompt acts)", source="upload",
-                            type="numpy", elem_id=eid("mask"))
+            mask = gr.Image(label="Attention mask (white: where the image prompt acts)", type="numpy",
+                            elem_id=eid("mask"), **image_source("upload"))
         faceid = faceid_options(eid, default, settings.current().models_dir)
 
         fields = dict(enabled=enabled, model=model, preprocessor=preprocessor, weight=weight, start=start, end=end,
@@ -186,6 +187,11 @@ class AdaptersScript(scripts.Script):
                 close()
 
             p.close = close_and_restore
+
+    def process_before_every_sampling(self, p: Any, *units: Any, **kwargs: Any) -> None:
+        # Forge: the units built in process() go onto this pass's UNet patcher; nothing on A1111
+        if self._controller is not None:
+            self._controller.before_sampling(p)
 
     def postprocess(self, p: Any, processed: Any, *units: Any) -> None:
         self._end()

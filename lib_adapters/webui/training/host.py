@@ -125,26 +125,16 @@ class TrainingHost:
     def training_model(self, backend: LdmBackend):
         """Active LoRAs unloaded, modes and flags remembered; everything as it was afterwards."""
         model = backend.sd_model
-        modes = [(m, m.training) for m in model.modules()]
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        unet = backend.unet
-        forwards = [(m, m.__dict__.get("forward")) for m in unet.modules()]
-        networks_state = unload_networks(model)
-        hypernetworks = _unload_hypernetworks()
+        networks_state = None
         try:
-            yield
+            with kept_as_it_was([model], backend.unet):
+                networks_state = unload_networks(model)
+                hypernetworks = _unload_hypernetworks()
+                try:
+                    yield
+                finally:
+                    _restore_hypernetworks(hypernetworks)
         finally:
-            _restore_hypernetworks(hypernetworks)
-            with torch.no_grad():
-                for module, forward in forwards:
-                    if forward is None:
-                        module.__dict__.pop("forward", None)
-                    else:
-                        module.forward = forward
-                for param, flag in flags:
-                    param.requires_grad_(flag)
-                for module, mode in modes:
-                    module.training = mode
             restore_networks(networks_state)
 
     # -- exclusivity and progress -------------------------------------------------------------------------------
@@ -226,6 +216,28 @@ class TrainingHost:
         networks = _lora_extension()
         if networks is not None:
             networks.list_available_networks()
+
+
+@contextlib.contextmanager
+def kept_as_it_was(roots: list, unet):
+    """Every module's train/eval mode and every parameter's ``requires_grad`` under ``roots``, and the instance
+    forwards of ``unet``'s modules, put back as they were when the block ends."""
+    modes = [(m, m.training) for root in roots for m in root.modules()]
+    flags = [(p, p.requires_grad) for root in roots for p in root.parameters()]
+    forwards = [(m, m.__dict__.get("forward")) for m in unet.modules()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, forward in forwards:
+                if forward is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = forward
+            for param, flag in flags:
+                param.requires_grad_(flag)
+            for module, mode in modes:
+                module.training = mode
 
 
 def _panel_settings():

@@ -27,6 +27,7 @@ import gradio as gr
 from modules.ui_components import FormRow, ToolButton
 
 from ...errors import AdapterError
+from ..gradio_compat import js
 from .jobs import TrainingJobs
 from .knobs import ADVANCED, ELEM_PREFIX, MAIN, eid, widget
 from .view import (
@@ -134,8 +135,8 @@ class TrainTab:
         id_task = gr.Textbox(visible=False, elem_id=eid("id_task"))  # the JS puts the task id here
         inputs = [id_task, self.inputs["method"]] + [self.inputs[name] for name in all_fields()]
         common = dict(outputs=self.outputs, show_progress="hidden")
-        train.click(fn=self.start, _js=START_JS, inputs=inputs, **common)
-        resume.click(fn=self.resume, _js=START_JS, inputs=inputs, **common)
+        train.click(fn=self.start, inputs=inputs, **js(START_JS), **common)
+        resume.click(fn=self.resume, inputs=inputs, **js(START_JS), **common)
         interrupt.click(fn=self.interrupt, inputs=[], **common)
         follow.click(fn=self.follow, inputs=[], **common)
         self.inputs["method"].change(fn=self.method_changed, inputs=[self.inputs["method"]],

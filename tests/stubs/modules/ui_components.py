@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import gradio as gr
 
+if int(gr.__version__.split(".")[0]) >= 4:  # Gradio 4 writes a .pyi beside every component subclass; Forge's
+    import gradio.component_meta  # modules/gradio_extensions.py turns that off, and so does this stand-in
+    gradio.component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
+
 
 class FormComponent:
     def get_expected_parent(self):
@@ -95,8 +99,9 @@ class InputAccordion(gr.Checkbox):
             self.accordion_id = f"input-accordion-{InputAccordion.global_index}"
             InputAccordion.global_index += 1
         super().__init__(value, **{**kwargs, "elem_id": f"{self.accordion_id}-checkbox", "visible": False})
-        self.change(fn=None, _js='function(checked){ inputAccordionChecked("' + self.accordion_id + '", checked); }',
-                    inputs=[self])
+        js_key = "js" if int(gr.__version__.split(".")[0]) >= 4 else "_js"  # Forge's copy, on Gradio 4, says js=
+        self.change(fn=None, inputs=[self],
+                    **{js_key: 'function(checked){ inputAccordionChecked("' + self.accordion_id + '", checked); }'})
         self.accordion = gr.Accordion(**{**kwargs, "elem_id": self.accordion_id, "label": kwargs.get("label", "Accordion"),
                                          "elem_classes": ["input-accordion"], "open": value})
 

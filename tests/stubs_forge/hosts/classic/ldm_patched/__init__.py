@@ -1,0 +1,1 @@
+"""Marker of Forge Classic's ComfyUI-derived backend package."""
