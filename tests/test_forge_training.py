@@ -1,8 +1,8 @@
 """The Train Adapter tab's jobs on Forge (main and Classic, the stub of tests/stubs_forge with its training side)
 against the same jobs on the A1111 stub, on tiny models built from the same seed.
 
-The truth is parity: a LoRA, T2I-Adapter and IP-Adapter (plain, plus) run on Forge has the A1111 run's loss at
-every step (<= 1e-5, fp32) and publishes the same weights. The stub keeps what would break a naive port: Forge's
+The truth is parity: a LoRA, T2I-Adapter and IP-Adapter (plain, plus, FaceID) run on Forge has the A1111 run's
+loss at every step (<= 1e-5, fp32) and publishes the same weights. The stub keeps what would break a naive port: Forge's
 weights are inference tensors (a run that does not make them ordinary fails), main's Linear layers are not
 ``nn.Linear``, Classic runs a block's layers without calling the block, Forge's VAE samples the posterior, its
 text entry points run under inference mode and load the current ``forge_objects``' patchers, and a LoRA of the
@@ -216,6 +216,40 @@ def test_every_method_trains_on_forge_as_on_a1111(env, method):
         assert forge_weights.keys() == weights.keys()
         assert max(float((forge_weights[k].float() - weights[k].float()).abs().max()) for k in weights) <= 1e-3
         assert len(status.samples) == len(reference.samples)
+
+
+
+def test_faceid_trains_on_forge_as_on_a1111(env, tmp_path):
+    """FaceID (plain): the face embeddings of the run's images and the attention LoRA the reference trains with it
+    reach Forge's UNet through Forge's patches, with the A1111 run's loss at every step and the same weights."""
+    from face.face_pack import face_image, write_pack
+
+    write_pack(Path(paths.models_path))
+    faces = tmp_path / "me"
+    faces.mkdir()
+    for seed in (1, 2, 3):
+        Image.fromarray(face_image(seed)).save(faces / f"{seed}.png")
+        (faces / f"{seed}.txt").write_text("a portrait of me")
+    settings = dict(method="ip_adapter", ip_projection="faceid", ip_lora_rank=4, ip_image_encoder="",
+                    dataset_dir=str(faces))
+    runs = {}
+    for flavour in [A1111, *FORGES]:
+        name = f"faceid_{flavour or 'a1111'}"
+        with webui_on(flavour) as (_, _, training_host):
+            if flavour is not None:
+                training_host = WatchingHost(host.current())
+            status = train(training_host, request(env, name, **settings))
+        assert status.state is JobState.FINISHED, (flavour, status.error)
+        if flavour is not None:
+            assert training_host.wrapped == [[]] * 4, flavour
+        runs[flavour] = (status, read_state_dict(env.adapters / f"{name}.safetensors"))
+    reference, weights = runs[A1111]
+    assert len(reference.losses) == 4 and any("lora" in k for k in weights), list(weights)[:8]
+    for flavour in FORGES:
+        status, forge_weights = runs[flavour]
+        assert np.abs(np.subtract(status.losses, reference.losses)).max() <= TOLERANCE, flavour
+        assert forge_weights.keys() == weights.keys()
+        assert max(float((forge_weights[k].float() - weights[k].float()).abs().max()) for k in weights) <= 1e-3
 
 
 @pytest.mark.parametrize("flavour", FORGES)
