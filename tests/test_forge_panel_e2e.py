@@ -128,6 +128,8 @@ _half[:, :32] = 255
 IP_MASK_STYLE_WINDOW = dict(IP_PLUS, mask=_half, block_preset="Style", start=0.25, end=0.75)
 IP_COMPOSITION = dict(IP_BASE, block_preset="Style and composition", composition_weight=0.5)
 DEPTH_WINDOW = dict(DEPTH, start=0.5, end=1.0, weight=2.0, control_mode="My prompt is more important")
+IP_MULTI_AVERAGE = dict(IP_PLUS, image=[_condition(seed=s) for s in (5, 6, 7)], multi_image="Average")
+IP_MULTI_CONCAT = dict(IP_BASE, image=[_condition(seed=s) for s in (5, 6)], multi_image="Concatenate")
 
 CASES = {
     "t2i": [DEPTH],
@@ -139,6 +141,8 @@ CASES = {
     "ip mask, style blocks, window": [IP_MASK_STYLE_WINDOW],
     "ip style and composition": [IP_COMPOSITION],
     "t2i window": [DEPTH_WINDOW],
+    "ip several images averaged": [IP_MULTI_AVERAGE],
+    "ip several images concatenated": [IP_MULTI_CONCAT],
 }
 
 
@@ -152,6 +156,8 @@ def test_a1111_and_forge_agree(env, case):
         processed, latents, _ = generate(env, flavour, units)
         assert _max_diff(latents, reference) <= TOLERANCE, flavour
         assert "Adapter 1" in processed.infotexts[0]
+        if "multi_image" in units[0]:
+            assert f"Multi-image: {units[0]['multi_image']}" in processed.infotexts[0], processed.infotexts[0]
 
 
 @pytest.mark.parametrize("flavour", [MAIN, CLASSIC])
