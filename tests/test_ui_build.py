@@ -4,12 +4,13 @@
 The stub WebUI, like the real one, reports an exception raised in a script's ``ui()`` and goes on without
 that script's UI, so the other tests pass with a panel that never built: here any such report fails. Each
 version gets its own arguments (``lib_adapters/webui/gradio_compat.py``), the page's config serialises as
-Gradio sends it to the browser, and every event is wired (the field changes update a unit's state, the
+Gradio sends it to the browser, no argument is deprecated by the installed version, and every event is wired (the field changes update a unit's state, the
 tab's Train and Resume buttons run the tab's JavaScript first).
 """
 from __future__ import annotations
 
 import json
+import warnings
 
 import gradio as gr
 import pytest
@@ -40,6 +41,12 @@ def _dependencies(config: dict) -> list[dict]:
     return config["dependencies"]
 
 
+def _argument_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    """Warnings our code or a component's arguments raised while building (a deprecated plot width, ...)."""
+    return [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+            if "lib_adapters" in w.filename or "argument" in str(w.message).lower()]
+
+
 def test_the_installed_gradio_is_one_the_hosts_run():
     assert gr.__version__ in ("3.41.2", "4.40.0")
     assert GRADIO_4 is (GRADIO_MAJOR == 4)
@@ -50,10 +57,12 @@ def test_the_panel_builds_every_unit_without_an_error(module, is_img2img):
     shared.opts.data["adapters_unit_count"] = 2
     runner = scripts.ScriptRunner()
     runner.initialize_scripts(is_img2img, [module.AdaptersScript])
-    with gr.Blocks(analytics_enabled=False) as demo:
+    with warnings.catch_warnings(record=True) as caught, gr.Blocks(analytics_enabled=False) as demo:
+        warnings.simplefilter("always")
         runner.prepare_ui()
         inputs = runner.setup_ui()
     assert errors.exception_records == [], errors.exception_records
+    assert _argument_warnings(caught) == []
     script = runner.alwayson_scripts[0]
     assert script.args_to - script.args_from == 2 and all(isinstance(c, gr.State) for c in inputs[script.args_from:])
     images = {c.elem_id: c for c in demo.blocks.values() if isinstance(c, gr.Image) and c.elem_id}
@@ -71,7 +80,10 @@ def test_the_panel_builds_every_unit_without_an_error(module, is_img2img):
 
 def test_the_train_tab_builds_and_its_start_buttons_run_the_javascript(module):
     tab = TrainTab(lambda: None)
-    demo = tab.build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        demo = tab.build()
+    assert _argument_warnings(caught) == []
     assert errors.exception_records == []
     config = _config(demo)
     by_id = {c.elem_id: c._id for c in demo.blocks.values() if getattr(c, "elem_id", None)}

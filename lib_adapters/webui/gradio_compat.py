@@ -5,6 +5,8 @@ Train Adapter tab use exist in both; what changed on the way:
 
 - ``gr.Image(source="upload")`` became ``sources=["upload"]`` (3.41 has no ``sources``, 4.x no ``source``).
 - An event's JavaScript is ``_js=`` in 3.41 and ``js=`` in 4.x.
+- A plot's ``width`` and ``tooltip`` are deprecated in 4.x (the plot fills its column and shows its own
+  tooltip; the real Forge logs a warning for each).
 
 Forge main patches every component to turn ``source`` into ``sources`` and to drop (with a warning) any
 argument it does not know, but Forge Classic and a bare Gradio 4 do not: passing each version its own
@@ -30,3 +32,7 @@ def js(code: str | None) -> dict[str, Any]:
         return {}
     return {"js": code} if GRADIO_4 else {"_js": code}
 
+
+def plot_only_3(**arguments: Any) -> dict[str, Any]:
+    """Plot arguments 3.41 reads and 4.x deprecates (``width``, ``tooltip``): given on 3.41 only."""
+    return {} if GRADIO_4 else arguments

@@ -27,7 +27,7 @@ import gradio as gr
 from modules.ui_components import FormRow, ToolButton
 
 from ...errors import AdapterError
-from ..gradio_compat import js
+from ..gradio_compat import js, plot_only_3
 from .jobs import TrainingJobs
 from .knobs import ADVANCED, ELEM_PREFIX, MAIN, eid, widget
 from .view import (
@@ -121,7 +121,7 @@ class TrainTab:
     def _outputs(self) -> None:
         progress = gr.HTML(value="No training run yet.", elem_id=eid("progress"))
         plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", x_title="step", y_title="loss",
-                           height=240, width=480, tooltip=["step", "loss"], elem_id=eid("loss_plot"),
+                           height=240, **plot_only_3(width=480, tooltip=["step", "loss"]), elem_id=eid("loss_plot"),
                            show_label=False)
         # hidden until there are samples
         gallery = gr.Gallery(label="Samples", show_label=False, columns=4, visible=False, elem_id=eid("gallery"))
