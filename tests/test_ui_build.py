@@ -3,9 +3,9 @@
 
 The stub WebUI, like the real one, reports an exception raised in a script's ``ui()`` and goes on without
 that script's UI, so the other tests pass with a panel that never built: here any such report fails. Each
-version gets its own arguments (``lib_adapters/webui/gradio_compat.py``), the page's config serialises as
-Gradio sends it to the browser, no argument is deprecated by the installed version, and every event is wired (the field changes update a unit's state, the
-tab's Train and Resume buttons run the tab's JavaScript first).
+version gets its own arguments (``lib_adapters/webui/gradio_compat.py``; none deprecated by the installed
+version), the page's config serialises as Gradio sends it to the browser, and every event is wired (the field
+changes update a unit's state, the tab's Train and Resume buttons run the tab's JavaScript first).
 """
 from __future__ import annotations
 
