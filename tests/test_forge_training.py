@@ -170,6 +170,34 @@ def test_forge_weights_are_inference_tensors_and_a_naive_port_fails(env, flavour
         assert not any(p.is_inference() for p in unet.parameters())
 
 
+def test_make_ordinary_gives_parameters_created_in_inference_mode_a_version_counter():
+    """Forge main's loader creates its ``Parameter`` objects under ``torch.inference_mode()`` (the real app's
+    first LoRA run failed with "Inference tensors do not track version counter": a new ``.data`` gives such a
+    tensor no version counter). After ``make_ordinary`` a backward passes through them; the objects, their
+    attributes, values and ``requires_grad`` are kept, and buffers are ordinary too."""
+    with torch.inference_mode():
+        layer = torch.nn.Linear(4, 3)
+        layer.weight = torch.nn.Parameter(torch.randn(3, 4), requires_grad=False)
+        layer.bias = torch.nn.Parameter(torch.randn(3))
+        layer.register_buffer("scale", torch.ones(3))
+    layer.weight.forge_note = "kept"
+    weight, bias = layer.weight, layer.bias
+    values = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert weight.is_inference() and bias.is_inference() and layer.scale.is_inference()
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="nference"):
+        torch.nn.functional.linear(x, weight, bias).sum().backward()
+
+    assert forge_host.make_ordinary([layer]) == 3
+    assert layer.weight is weight and layer.bias is bias and weight.forge_note == "kept"
+    assert not any(t.is_inference() for t in (weight, bias, layer.scale))
+    assert weight.requires_grad is False and bias.requires_grad is True
+    assert all(torch.equal(values[k], v) for k, v in layer.state_dict().items())
+    (torch.nn.functional.linear(x, weight, bias) * layer.scale).sum().backward()
+    assert x.grad is not None and bias.grad is not None
+    assert forge_host.make_ordinary([layer]) == 0
+
+
 @pytest.mark.parametrize("flavour", FORGES)
 def test_what_forge_cannot_train_is_refused_before_anything_starts(env, flavour):
     from lib_adapters.errors import IncompatibleModelError

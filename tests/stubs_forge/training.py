@@ -136,23 +136,30 @@ class ForgeTraining:
 
     # pieces ------------------------------------------------------------------------------------
     def make_inference(self, modules: list[nn.Module]) -> None:
+        """Every parameter becomes a ``Parameter`` *created* under ``torch.inference_mode()``, as Forge main's
+        ``forge_loader`` (``ForgeOperations.*._load_from_state_dict``: ``torch.nn.Parameter(...)`` under
+        inference mode) makes them: such a tensor has no version counter at all, which replacing its ``.data``
+        outside inference mode does not give it (the real app showed "Inference tensors do not track version
+        counter" where a stub that only swapped ``.data`` in inference mode passed). The Python objects stay
+        the same (``torch.utils.swap_tensors``), so the stub's references to them hold."""
         saved = []
         with torch.inference_mode():
             for root in modules:
                 for module in root.modules():
                     for param in module._parameters.values():
-                        if param is not None:
-                            saved.append(("p", param, param.data))
-                            param.data = param.data.clone()
+                        if param is not None and not param.is_inference():
+                            created = nn.Parameter(param.data.clone(), requires_grad=param.requires_grad)
+                            torch.utils.swap_tensors(param, created)  # param: the inference one; created: the old
+                            saved.append(("p", param, created))
                     for name, buffer in list(module._buffers.items()):
                         if buffer is not None:
                             saved.append(("b", (module, name), buffer))
                             module._buffers[name] = buffer.clone()
 
         def back() -> None:
-            for kind, where, value in saved:
+            for kind, where, value in reversed(saved):
                 if kind == "p":
-                    where.data = value
+                    torch.utils.swap_tensors(where, value)
                 else:
                     where[0]._buffers[where[1]] = value
 

@@ -16,7 +16,8 @@ A transformer block builds a fresh ``extra_options`` (every transformer option b
 ``n_heads``/``dim_head``) shared by its patches, then: norm1, ``attn1_patch`` list, attn1 (replace slot
 ``(block, number, block_index)`` then ``(block, number)``, else the attention), ``attn1_output_patch``,
 residual, ``middle_patch``; norm2, ``attn2_patch`` list (value starts as the context), attn2 replace slot or
-the attention module, ``attn2_output_patch``, residual; feed-forward. The attention module is the ldm one
+the attention module, ``attn2_output_patch``, residual; feed-forward. The residuals are added in place
+(``x += n``), as both Forges write them. The attention module is the ldm one
 (the same arithmetic as on the A1111 path); a value that differs from the context, and the replace slots'
 callers, use ``scaled_dot_product_attention`` over the module's projections.
 """
@@ -96,11 +97,18 @@ def transformer_block(block: torch.nn.Module, x: torch.Tensor, context: torch.Te
     extra = {k: v for k, v in to.items() if k not in ("patches", "patches_replace")}
     extra["n_heads"] = block.attn1.heads
     extra["dim_head"] = block.attn1.to_q.out_features // block.attn1.heads
-    x = x + _attend(block.attn1, "attn1", block.norm1(x), context if block.disable_self_attn else None, to, extra)
+    # the residuals in place, as Forge writes them (`x += n` after norm1/norm2 saved x): autograd through them
+    # fails unless the trainer makes them out of place (the real Forge main failed so at the first LoRA step)
+    n = _attend(block.attn1, "attn1", block.norm1(x), context if block.disable_self_attn else None, to, extra)
+    x += n
     for p in to.get("patches", {}).get("middle_patch", []):
         x = p(x, extra)
-    x = x + _attend(block.attn2, "attn2", block.norm2(x), context, to, extra)
-    return block.ff(block.norm3(x)) + x
+    n = _attend(block.attn2, "attn2", block.norm2(x), context, to, extra)
+    x += n
+    x_skip = x
+    x = block.ff(block.norm3(x))
+    x += x_skip
+    return x
 
 
 def spatial_transformer(st: torch.nn.Module, x: torch.Tensor, context: torch.Tensor, to: dict) -> torch.Tensor:

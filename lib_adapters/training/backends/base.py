@@ -176,7 +176,12 @@ class TrainingBackend(ABC):
         self._saved_flags = [(p, p.requires_grad) for m in self.base_modules() for p in m.parameters()]
         for module in self.base_modules():
             module.requires_grad_(False)
-        self._patches = enable_block_checkpointing(self.checkpoint_blocks()) if gradient_checkpointing else None
+        self._patches = (enable_block_checkpointing(self.checkpoint_blocks(), self.checkpoint_context())
+                         if gradient_checkpointing else None)
+
+    def checkpoint_context(self):
+        """``torch.utils.checkpoint``'s ``context_fn`` for the checkpointed blocks (None: none needed)."""
+        return None
 
     def restore(self) -> None:
         """Undo ``prepare``: requires_grad flags as they were, block forwards as they were."""

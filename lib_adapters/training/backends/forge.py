@@ -26,7 +26,10 @@ the run). What this backend uses, duck-typed (nothing here imports Forge):
 
 Forge builds (main) or moves (both, onto the GPU inside the generation's ``torch.inference_mode()``) its weights
 as inference tensors, which autograd cannot save: the host glue turns them into ordinary tensors before the run
-(``webui/training/forge_host.py``); outputs Forge computes under inference mode are cloned here.
+(``webui/training/forge_host.py``); outputs Forge computes under inference mode are cloned here. Forge's
+transformer blocks add their residuals in place (``x += n``) after saving ``x`` for backward: the UNet runs
+with augmented assignments computed out of place (``augmented.py``), also in a checkpointed block's
+recomputation.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from ...unet.forge import ForgeBinding, block_key
 from ...unet.layout import bind_layout
 from ...unet.points import UNetPoints
 from ..latent_cache import CacheIdentity, module_fingerprint
+from .augmented import out_of_place_augmented
 from .base import (PREDICTION_NAMES, Conditioning, Parameterization, SizeCondition, TextEncoderNaming,
                    TextEncoderPart)
 from .ldm import LdmBackend
@@ -177,7 +181,12 @@ class ForgeBackend(LdmBackend):
         if self._block_modifiers:
             options["block_modifiers"] = [*options.get("block_modifiers", []), *self._block_modifiers]
         extra = {"y": y} if y is not None and getattr(self._unet, "num_classes", None) is not None else {}
-        return self._unet(noisy, timesteps, context=context, control=None, transformer_options=options, **extra)
+        with out_of_place_augmented():  # Forge's residuals are `x += n`, after norm1/norm2 saved x (augmented.py)
+            return self._unet(noisy, timesteps, context=context, control=None, transformer_options=options, **extra)
+
+    def checkpoint_context(self):
+        """The recomputation of a checkpointed block runs Forge's in-place residuals again: out of place too."""
+        return lambda: (out_of_place_augmented(), out_of_place_augmented())
 
     # -- how contributions reach the UNet ----------------------------------------------------------
     @contextlib.contextmanager

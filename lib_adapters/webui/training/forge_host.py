@@ -14,9 +14,11 @@ model (``training/backends/forge.py``) and how it is made ready, in ``training_m
   is put back; Forge loads the generation's own patchers, LoRAs merged again, at the next generation.
 * Forge builds its weights under ``torch.inference_mode()`` (main's loader) or moves them to the GPU inside a
   generation, which runs under it (both): such inference tensors cannot be saved for backward, so no gradient
-  could pass through the frozen UNet. Every inference tensor of the UNet, text encoders and VAE has its storage
-  replaced by an ordinary copy, in place (the same ``Parameter`` objects, the same values, no second copy
-  kept). They stay ordinary afterwards, which inference does not mind.
+  could pass through the frozen UNet. Every inference tensor of the UNet, text encoders and VAE is replaced by
+  an ordinary copy, in place (the same ``Parameter`` objects through ``torch.utils.swap_tensors``: main creates
+  its ``Parameter`` objects under inference mode, and those have no version counter, which a new ``.data`` does
+  not give them; the same values, no second copy kept). They stay ordinary afterwards, which inference does not
+  mind.
 * While the run goes on, a call of Forge's loader for patchers that are all loaded already returns at once.
   Forge's own code asks to load its patcher at every use (Classic's text encoder before every encode, the VAE
   for every decode of a sample), and the loader then frees memory for it by unloading the *other* models: the
@@ -52,16 +54,33 @@ _QUANTIZED = ("nf4", "fp4", "gguf")  # Forge main's storage dtypes that are not 
 RELOAD_LORAS = "adapters-training: reload"  # a current_lora_hash no prompt matches: Forge re-reads its LoRAs
 
 
+def _ordinary_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
+    """Make ``param`` (``module.<name>``) an ordinary tensor with the same values, keeping the Python object.
+
+    A ``Parameter`` *created* under inference mode (Forge main's loader builds every weight so) has no version
+    counter, and assigning its ``.data`` does not give it one: autograd then fails with "Inference tensors do not
+    track version counter" (seen in the real Forge). ``torch.utils.swap_tensors`` gives the same object a new,
+    ordinary tensor; its attributes are carried over. Where a swap is refused (another reference to the tensor),
+    the module gets the new ``Parameter`` instead."""
+    fresh = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+    fresh.__dict__.update(param.__dict__)
+    try:
+        torch.utils.swap_tensors(param, fresh)
+    except RuntimeError as e:
+        log.info("adapters training: %s of %s replaced, not swapped (%s)", name, type(module).__name__, e)
+        module._parameters[name] = fresh
+
+
 def make_ordinary(modules: list[nn.Module]) -> int:
-    """Replace the storage of every inference tensor (parameter or buffer) of ``modules`` by an ordinary copy, in
-    place; returns how many were replaced."""
+    """Replace every inference tensor (parameter or buffer) of ``modules`` by an ordinary copy (parameters keep
+    their Python objects, see ``_ordinary_parameter``); returns how many were replaced."""
     count = 0
     with torch.inference_mode(False), torch.no_grad():
         for root in modules:
             for module in root.modules():
-                for param in module._parameters.values():
+                for name, param in list(module._parameters.items()):
                     if param is not None and param.is_inference():
-                        param.data = param.data.clone()
+                        _ordinary_parameter(module, name, param)
                         count += 1
                 for name, buffer in list(module._buffers.items()):
                     if buffer is not None and buffer.is_inference():
