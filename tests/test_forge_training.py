@@ -198,6 +198,19 @@ def test_make_ordinary_gives_parameters_created_in_inference_mode_a_version_coun
     assert forge_host.make_ordinary([layer]) == 0
 
 
+def test_make_ordinary_without_swap_tensors_gives_the_module_new_parameters(monkeypatch):
+    """On a torch without ``torch.utils.swap_tensors`` (before 2.3) the module gets ordinary Parameters instead."""
+    with torch.inference_mode():
+        layer = torch.nn.Linear(4, 3)
+    old = layer.weight
+    monkeypatch.delattr(torch.utils, "swap_tensors")
+    assert forge_host.make_ordinary([layer]) == 2
+    assert layer.weight is not old and torch.equal(layer.weight, old) and not layer.weight.is_inference()
+    x = torch.randn(2, 4, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+
+
 @pytest.mark.parametrize("flavour", FORGES)
 def test_what_forge_cannot_train_is_refused_before_anything_starts(env, flavour):
     from lib_adapters.errors import IncompatibleModelError

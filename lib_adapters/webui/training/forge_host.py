@@ -65,6 +65,8 @@ def _ordinary_parameter(module: nn.Module, name: str, param: nn.Parameter) -> No
     fresh = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
     fresh.__dict__.update(param.__dict__)
     try:
+        if not hasattr(torch.utils, "swap_tensors"):  # torch before 2.3 (every Forge ships a later one)
+            raise RuntimeError("this torch has no swap_tensors")
         torch.utils.swap_tensors(param, fresh)
     except RuntimeError as e:
         log.info("adapters training: %s of %s replaced, not swapped (%s)", name, type(module).__name__, e)
