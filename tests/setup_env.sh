@@ -17,7 +17,7 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
   "${apt_install[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && "${apt_install[@]}" >/dev/null 2>&1; } \
     || echo "setup_env: could not install chromium with apt-get; the browser test will be skipped (fails under CI=true)" >&2
 fi
-# Forge (main and Classic) runs Gradio 4.40 where A1111 runs 3.41: the UI tests run under both
+# Forge main runs Gradio 4.40 where A1111 and Forge Classic run 3.41: the UI tests run under both
 # (tests/run_gradio4.sh). The Gradio 4 venv holds only Forge's pins of gradio and what gradio 4 needs
 # beyond the main venv (fastapi, pydantic 2, starlette, ...: about 130 MB, 25 s cold); everything else
 # (torch, numpy, the stub WebUI's needs) comes from the main venv through a .pth file read after its own

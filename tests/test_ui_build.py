@@ -1,5 +1,5 @@
 """The Adapters panel and the Train Adapter tab build under the Gradio that is installed: 3.41 in the test venv
-(A1111 1.10), 4.40 in the Forge venv of ``tests/run_gradio4.sh`` (Forge main and Classic).
+(A1111 1.10, Forge Classic), 4.40 in the Forge venv of ``tests/run_gradio4.sh`` (Forge main).
 
 The stub WebUI, like the real one, reports an exception raised in a script's ``ui()`` and goes on without
 that script's UI, so the other tests pass with a panel that never built: here any such report fails. Each

@@ -1,6 +1,6 @@
 """The few Gradio arguments that differ between the hosts' Gradio versions, in one place.
 
-A1111 1.10 runs Gradio 3.41; Forge (main and Classic) runs Gradio 4.40. The components the panel and the
+A1111 1.10 and Forge Classic run Gradio 3.41; Forge main runs Gradio 4.40. The components the panel and the
 Train Adapter tab use exist in both; what changed on the way:
 
 - ``gr.Image(source="upload")`` became ``sources=["upload"]`` (3.41 has no ``sources``, 4.x no ``source``).
@@ -9,7 +9,7 @@ Train Adapter tab use exist in both; what changed on the way:
   tooltip; the real Forge logs a warning for each).
 
 Forge main patches every component to turn ``source`` into ``sources`` and to drop (with a warning) any
-argument it does not know, but Forge Classic and a bare Gradio 4 do not: passing each version its own
+argument it does not know, but a bare Gradio 4 does not: passing each version its own
 arguments works everywhere and warns nowhere.
 """
 from __future__ import annotations
