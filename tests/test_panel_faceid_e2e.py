@@ -93,6 +93,9 @@ def test_no_face_skips_the_unit_with_a_message_and_the_image_is_the_baseline(web
     assert _same(result, base)
     assert "Adapter 1 skipped" in result.comments and "No face found" in result.comments
     assert "No face found" in result.infotexts[0]  # API clients read the infotext
+    # the real WebUI 1.10.1 showed 'Adapter 1 skipped: "Adapter 1: No face found ...' (the label twice)
+    assert "Adapter 1: No face" not in result.comments and "Adapter 1: No face" not in result.infotexts[0]
+    assert 'Adapter 1 skipped: "No face found' in result.infotexts[0]
 
 
 def test_missing_face_models_say_which_file_goes_where(webui):

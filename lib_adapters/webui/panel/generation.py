@@ -175,10 +175,13 @@ class GenerationController:
                 comment(message)
 
     def _skip(self, p: Any, label: str, exc: AdapterError) -> None:
-        message = f"{label} skipped: {exc}"
+        reason = str(exc)
+        if reason.startswith(f"{label}: "):  # e.g. the face analysis names the unit for the preview's message
+            reason = reason[len(label) + 2:]
+        message = f"{label} skipped: {reason}"
         log.warning(message)
         comment = getattr(p, "comment", None)
         if callable(comment):
             comment(message)
         # API clients see the infotext but not the comments: say it there too
-        p.extra_generation_params[f"{label} skipped"] = str(exc)
+        p.extra_generation_params[f"{label} skipped"] = reason
