@@ -20,7 +20,7 @@ import os
 from typing import Any, Iterable
 
 from modules import (
-    paths_internal, processing, script_callbacks, scripts, sd_hijack, shared,
+    paths_internal, processing, script_callbacks, scripts, sd_hijack, sd_models, shared,
 )
 
 DEFAULTS: dict[str, Any] = dict(prompt="a tiny photo", negative_prompt="", seed=1, steps=4, cfg_scale=7.0, width=64,
@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = dict(prompt="a tiny photo", negative_prompt="", seed=
 
 def reset_webui(root: str | os.PathLike | None = None) -> None:
     """Fresh global state: callbacks cleared, options back to defaults, new ``State``, no runners,
-    no model, cond caches emptied; with ``root`` the paths are moved there (``paths_internal.configure``)."""
+    no model (none kept in the loaded-models list either), cond caches emptied; with ``root`` the paths are moved there (``paths_internal.configure``)."""
     if root is not None:
         paths_internal.configure(root)
     script_callbacks.clear_callbacks()
@@ -41,6 +41,7 @@ def reset_webui(root: str | os.PathLike | None = None) -> None:
     scripts.scripts_img2img = None
     scripts.scripts_data.clear()
     shared.sd_model = None
+    sd_models.model_data.loaded_sd_models.clear()  # the WebUI's list of loaded models: else every test's stays alive
     processing.StableDiffusionProcessing.cached_c[:] = [None, None]
     processing.StableDiffusionProcessing.cached_uc[:] = [None, None]
     processing.StableDiffusionProcessingTxt2Img.cached_hr_c[:] = [None, None]
