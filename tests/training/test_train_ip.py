@@ -3,6 +3,7 @@ ldm and diffusers backends) that train both parts, export files our panel's load
 key numbering, and leave the UNet exactly as it was."""
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,22 @@ def test_a_short_run_exports_a_file_our_loader_reads(arch, kind, projection, enc
     assert metadata["clip_vision_input"] == ("hidden_states[-2]" if projection == "plus" else "image_embeds")
     changed = _changed(result.output, arch, encoder)
     assert any(k.startswith("image_proj.") for k in changed) and any(k.startswith("ip_adapter.") for k in changed)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_a_finished_run_leaves_nothing_of_itself_in_memory(checkpointing, encoder, tmp_path):
+    """The hook that drops a step's image tokens after backward held the tokens and the method: a cycle through
+    autograd's C++ graph that Python's collector cannot see, so every IP run kept its method, the encoder, the
+    features and the model alive for the rest of the WebUI's session."""
+    make_shapes_dataset(tmp_path / "ds", "1_shapes")
+    _, backend = tiny("sd1")
+
+    def alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, IPAdapterMethod) for o in gc.get_objects())
+
+    before = alive()
+    result = train(_config(tmp_path, "out", encoder, gradient_checkpointing=checkpointing), backend)
+    assert len(result.losses) == 2 and result.output.is_file()
+    del result
+    assert alive() == before

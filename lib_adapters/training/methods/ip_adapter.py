@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -261,13 +262,12 @@ class IPAdapterMethod(MethodBase):
             if tokens.requires_grad:
                 # Gradient checkpointing replays the UNet's blocks during backward, after this context: the tokens
                 # must still be there then. Their gradient is complete only after the last replay, so drop them then.
-                tokens.register_hook(lambda grad: self._drop_tokens(tokens))
+                # The hook lives in autograd's C++ graph, out of the collector's sight: holding the tokens or this
+                # method strongly there made a cycle that kept every run (model, encoder, features) alive.
+                unit, held = weakref.ref(self.unit), weakref.ref(tokens)
+                tokens.register_hook(lambda grad: _drop_tokens(unit(), held()))
             else:
-                self._drop_tokens(tokens)
-
-    def _drop_tokens(self, tokens: torch.Tensor) -> None:
-        if self.unit.tokens is tokens:
-            self.unit.tokens = None
+                _drop_tokens(self.unit, tokens)
 
     def nonfinite_inputs(self, batch: MethodBatch, updated: bool, root: Path | None) -> list[NonFiniteInput]:
         """This batch's CLIP image features (or face embeddings) and image tokens, recomputed (only after a
@@ -379,3 +379,9 @@ class IPSampleConditioning:
         tokens = self.no_image if uncond else self.image
         with self.method.tokens_active(tokens.expand(rows, *tokens.shape[1:])):
             yield
+
+
+def _drop_tokens(unit: TrainingIPUnit | None, tokens: torch.Tensor | None) -> None:
+    """Take a step's image tokens off the unit, unless a later step's are there already."""
+    if unit is not None and tokens is not None and unit.tokens is tokens:
+        unit.tokens = None
