@@ -145,7 +145,11 @@ def test_the_api_takes_the_faceid_fields_and_several_photos(webui):
     a = driver.txt2img(alwayson_scripts=_units(one), is_api=True)
     b = driver.txt2img(alwayson_scripts=_units(three), is_api=True)
     c = driver.txt2img(alwayson_scripts=_units(dict(three, multi_image="Concatenate")), is_api=True)
-    assert not _same(a, b) and not _same(b, c)
+    assert not _same(a, b)
+    # Average vs Concatenate: on this tiny model the attention is nearly uniform over the face tokens, so
+    # attending to the three faces' tokens is the average of their values to the last bit of a pixel (strict MKL);
+    # test_faceid_family checks the tokens of each mode, here the API field reaches the unit
+    assert "Multi-image: Concatenate" in c.infotexts[0] and "Multi-image: Concatenate" not in b.infotexts[0]
     positional = [True, FACEID, "none", 1.5, 0.0, 1.0, "Balanced", "Crop and Resize", 512, -1, -1,
                   _b64(face_image(1)), "All blocks", 1.0, "Average", "Center crop", None, -1, "", True, 1.0, 1.0]
     assert _same(driver.txt2img(alwayson_scripts=_units(positional), is_api=True), a)
