@@ -370,7 +370,8 @@ class Trainer:
             first_step = self.step
             while self.step < config.steps:
                 if self.callbacks.interrupted():
-                    self.save_checkpoint()
+                    if self._checkpoint_step != self.step:  # not again right after a save_every checkpoint
+                        self.save_checkpoint()
                     return self._result(self._publish(interrupted=True), True, first_step)
                 losses.append(self._optimizer_step())
                 self._report(losses[-1], start, first_step)

@@ -202,3 +202,32 @@ def test_checkpoints_resume_under_the_webui_safe_unpickler(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "modules.safe", SimpleNamespace(unsafe_torch_load=torch.load))
     monkeypatch.setattr(torch, "load", lambda *a, **k: None)  # what safe.load returns for these files
     assert read_state(state_path).step == 1
+
+
+class _CountCheckpoints(_StopAt):
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.saved: list[int] = []
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.saved.append(step)
+
+
+def test_an_interrupt_right_after_a_scheduled_checkpoint_does_not_write_it_again(tmp_path):
+    # The real WebUI 1.10.1 showed "checkpoint at step 4: ..." twice in the job's log (and wrote the files twice)
+    # when Interrupt came during step 4 of a run with save_every 2.
+    make_shapes_dataset(tmp_path / "ds", "2_shapes", count=2)
+    stopper = _CountCheckpoints(4)
+    result = train(_config(tmp_path, "a", save_every=2), tiny("sd1")[1], callbacks=stopper)
+    state = checkpoint_paths(_config(tmp_path, "a"), 4)[1]
+    assert result.interrupted and result.step == 4
+    assert stopper.saved == [2, 4] and result.checkpoints == [checkpoint_paths(_config(tmp_path, "a"), 2)[1], state]
+    # between scheduled checkpoints the interrupt still saves its own, and a resumed run interrupted before its
+    # first step still names its checkpoint
+    stopper = _CountCheckpoints(3)
+    result = train(_config(tmp_path, "b", save_every=2), tiny("sd1")[1], callbacks=stopper)
+    assert stopper.saved == [2, 3] and result.interrupted
+    stopper = _CountCheckpoints(0)
+    resumed = train(_config(tmp_path, "b", save_every=2), tiny("sd1")[1], callbacks=stopper,
+                    resume_from=checkpoint_paths(_config(tmp_path, "b"), 3)[1])
+    assert resumed.interrupted and resumed.step == 3 and resumed.checkpoints

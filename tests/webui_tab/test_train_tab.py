@@ -253,6 +253,18 @@ def test_running_status_rendered():
     assert expected == pytest.approx(0.48369, abs=1e-5)
 
 
+def test_a_resumed_runs_loss_curve_is_drawn_at_its_own_steps():
+    # The real WebUI 1.10.1 drew a run resumed at step 4 and finished at 6 at steps 1-2 while the progress line said
+    # "step 6 / 6": the status holds this session's losses only, the steps before them are the resumed ones.
+    resumed = JobStatus(state=JobState.FINISHED, method="ip_adapter", step=6, total=6, losses=[0.9982, 1.0037])
+    raw = [(s, v) for s, v, k in render_status(resumed).loss_points if k == "loss"]
+    assert raw == [(5, 0.9982), (6, 1.0037)]
+    assert [s for s, _, k in render_status(_running(4)).loss_points if k == "loss"] == [1, 2, 3, 4]
+    losses = [float(i % 10) for i in range(1000)]
+    raw = [s for s, v, k in loss_points(losses, max_points=100, first_step=501) if k == "loss"]
+    assert raw[0] == 510 and raw[-1] == 1500
+
+
 def test_finished_interrupted_failed_messages():
     done = JobStatus(state=JobState.FINISHED, method="lora", step=10, total=10, elapsed=75,
                      output="/m/Lora/my<style>.safetensors", checkpoint="/w/c.state")

@@ -166,8 +166,10 @@ def smoothed(losses: list[float], factor: float = SMOOTHING) -> list[float]:
     return out
 
 
-def loss_points(losses: list[float], max_points: int = LOSS_PLOT_POINTS) -> tuple[tuple[int, float, str], ...]:
-    """Raw and smoothed loss by step (step 1 = the first loss); long runs averaged into ``max_points``."""
+def loss_points(losses: list[float], max_points: int = LOSS_PLOT_POINTS,
+                first_step: int = 1) -> tuple[tuple[int, float, str], ...]:
+    """Raw and smoothed loss by step (``first_step``: the first loss's, after a resume the step it resumed at + 1);
+    long runs averaged into ``max_points``."""
     if not losses:
         return ()
     stride = max(1, math.ceil(len(losses) / max_points))
@@ -176,7 +178,7 @@ def loss_points(losses: list[float], max_points: int = LOSS_PLOT_POINTS) -> tupl
         for start in range(0, len(values), stride):
             chunk = [v for v in values[start:start + stride] if math.isfinite(v)]
             if chunk:
-                points.append((min(start + stride, len(values)), sum(chunk) / len(chunk), series))
+                points.append((first_step - 1 + min(start + stride, len(values)), sum(chunk) / len(chunk), series))
     return tuple(points)
 
 
@@ -241,7 +243,8 @@ def render_status(status: JobStatus) -> StatusView:
     running = status.state is JobState.RUNNING
     return StatusView(
         progress=_progress_line(status),
-        loss_points=loss_points(list(status.losses)),
+        # the status holds this session's losses: a resumed run's first is the step after the one it resumed at
+        loss_points=loss_points(list(status.losses), first_step=status.step - len(status.losses) + 1),
         samples=tuple(reversed(status.samples)),
         log="\n".join(status.log),
         result=result_message(status),
