@@ -11,7 +11,8 @@ from face.faceid_weights import SD15, face_embeddings, faceid_state_dict, flat
 from fixtures.ip import random_ip_state_dict
 from fixtures.unets import LDM_SD1, LDM_SDXL, build_ldm_unet
 from lib_adapters.errors import FormatError, IncompatibleModelError
-from lib_adapters.formats.faceid import faceid_from_state_dict, is_faceid_state_dict, load_faceid_adapter
+from lib_adapters.formats.faceid import faceid_from_state_dict, load_faceid_adapter
+from lib_adapters.formats.faceid_keys import is_faceid_keys
 from lib_adapters.models.clip_vision import EncoderNeed
 from lib_adapters.models.faceid import FaceIDVariant
 from lib_adapters.unet.layout import bind_layout
@@ -52,7 +53,7 @@ def test_variants_from_keys_in_both_layouts(tmp_path, fmt, variant, name, expect
     assert model_keys + lora_keys == len(flat(nested))
     assert (len(loaded.lora) == 2 * len(SITES)) is lora and (not loaded.lora or
                                                              {r.rank for r in loaded.lora.values()} == {4})
-    assert is_faceid_state_dict(flat(nested))
+    assert is_faceid_keys(flat(nested))
 
 
 def test_lora_records_hold_the_file_tensors_by_processor_number():
@@ -77,7 +78,7 @@ def test_plus_v2_follows_the_caller_over_the_name():
 def test_other_ip_adapters_are_not_faceid(variant):
     bound = bind_layout(build_ldm_unet(LDM_SD1))
     sd = flat(random_ip_state_dict(bound, variant, LDM_SD1["context_dim"]))
-    assert not is_faceid_state_dict(sd)
+    assert not is_faceid_keys(sd)
     with pytest.raises(FormatError, match="not a FaceID model"):
         faceid_from_state_dict(sd, "ip-adapter-plus_sd15")
 

@@ -235,28 +235,42 @@ def test_what_forge_cannot_train_is_refused_before_anything_starts(env, flavour)
 def test_every_method_trains_on_forge_as_on_a1111(env, method):
     if method == "t2i":
         add_conditions(env.dataset)
-    runs = {}
-    for flavour in [A1111, *FORGES]:
-        name = f"{method.replace(' ', '_')}_{flavour or 'a1111'}"
-        with webui_on(flavour) as (_, _, training_host):
-            if flavour is not None:
-                training_host = WatchingHost(host.current())
-            status = train(training_host, request(env, name, **METHODS[method]))
-        assert status.state is JobState.FINISHED, (flavour, status.error)
-        if flavour is not None:
-            assert training_host.wrapped == [[]] * 4, flavour
-        folder = env.lora_dir if method == "lora" else env.adapters
-        runs[flavour] = (status, read_state_dict(folder / f"{name}.safetensors"))
+    folder = env.lora_dir if method == "lora" else env.adapters
+    runs = _trained_on_each_host(env, method.replace(" ", "_"), METHODS[method], folder)
     reference, weights = runs[A1111]
     assert len(reference.losses) == 4
     if "sample_every" in METHODS[method]:
         assert len(reference.samples) == 2
+    _assert_forge_runs_match(runs)
+    for flavour in FORGES:
+        assert len(runs[flavour][0].samples) == len(reference.samples)
+
+
+def _trained_on_each_host(env, prefix: str, settings: dict, folder: Path) -> dict:
+    """The same request trained on A1111 and on each Forge (its UNet never wrapped there): flavour -> (status, the
+    published file's tensors)."""
+    runs = {}
+    for flavour in [A1111, *FORGES]:
+        name = f"{prefix}_{flavour or 'a1111'}"
+        with webui_on(flavour) as (_, _, training_host):
+            if flavour is not None:
+                training_host = WatchingHost(host.current())
+            status = train(training_host, request(env, name, **settings))
+        assert status.state is JobState.FINISHED, (flavour, status.error)
+        if flavour is not None:
+            assert training_host.wrapped == [[]] * 4, flavour
+        runs[flavour] = (status, read_state_dict(folder / f"{name}.safetensors"))
+    return runs
+
+
+def _assert_forge_runs_match(runs: dict) -> None:
+    """Each Forge run has the A1111 run's loss at every step and its weights."""
+    reference, weights = runs[A1111]
     for flavour in FORGES:
         status, forge_weights = runs[flavour]
         assert np.abs(np.subtract(status.losses, reference.losses)).max() <= TOLERANCE, flavour
         assert forge_weights.keys() == weights.keys()
         assert max(float((forge_weights[k].float() - weights[k].float()).abs().max()) for k in weights) <= 1e-3
-        assert len(status.samples) == len(reference.samples)
 
 
 
@@ -273,24 +287,10 @@ def test_faceid_trains_on_forge_as_on_a1111(env, tmp_path):
         (faces / f"{seed}.txt").write_text("a portrait of me")
     settings = dict(method="ip_adapter", ip_projection="faceid", ip_lora_rank=4, ip_image_encoder="",
                     dataset_dir=str(faces))
-    runs = {}
-    for flavour in [A1111, *FORGES]:
-        name = f"faceid_{flavour or 'a1111'}"
-        with webui_on(flavour) as (_, _, training_host):
-            if flavour is not None:
-                training_host = WatchingHost(host.current())
-            status = train(training_host, request(env, name, **settings))
-        assert status.state is JobState.FINISHED, (flavour, status.error)
-        if flavour is not None:
-            assert training_host.wrapped == [[]] * 4, flavour
-        runs[flavour] = (status, read_state_dict(env.adapters / f"{name}.safetensors"))
+    runs = _trained_on_each_host(env, "faceid", settings, env.adapters)
     reference, weights = runs[A1111]
     assert len(reference.losses) == 4 and any("lora" in k for k in weights), list(weights)[:8]
-    for flavour in FORGES:
-        status, forge_weights = runs[flavour]
-        assert np.abs(np.subtract(status.losses, reference.losses)).max() <= TOLERANCE, flavour
-        assert forge_weights.keys() == weights.keys()
-        assert max(float((forge_weights[k].float() - weights[k].float()).abs().max()) for k in weights) <= 1e-3
+    _assert_forge_runs_match(runs)
 
 
 @pytest.mark.parametrize("flavour", FORGES)

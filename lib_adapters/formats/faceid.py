@@ -33,7 +33,7 @@ from ..models.clip_vision import EncoderNeed
 from ..models.faceid import FaceIDAdapterModel, FaceIDConfig, FaceIDVariant
 from .detect import ModelFamily, detect_family
 from .faceid_keys import LORA_KEY as _LORA_KEY
-from .faceid_keys import is_faceid_keys, variant_of_keys
+from .faceid_keys import variant_of_keys
 from .ip import check_ip_sites, resampler_shape, site_widths, split_ip_file
 from .reader import read_state_dict
 from .state_dict import StateDict, load_strict, shape_of
@@ -109,11 +109,6 @@ class LoadedFaceIDAdapter:
         with torch.no_grad():
             clip = clip_hidden.float() if clip_hidden is not None else None
             return self.model.image_proj(face_embeds.float(), clip, s_scale=s_scale)
-
-
-def is_faceid_state_dict(sd: StateDict) -> bool:
-    """True for FaceID files (flat ``image_proj.*``/``ip_adapter.*`` keys), False for other IP-Adapters."""
-    return is_faceid_keys(sd)
 
 
 def _perceiver_fields(proj: StateDict, prefix: str, dim: int, source: str) -> dict[str, int]:

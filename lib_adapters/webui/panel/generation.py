@@ -45,6 +45,14 @@ def prompt_loras(p: Any) -> frozenset[str]:
     return frozenset(m.strip().lower() for text in prompts if isinstance(text, str) for m in _PROMPT_LORA.findall(text))
 
 
+def _tell(p: Any, message: str) -> None:
+    """Say ``message`` in the console and in the image's comments (the UI shows them under the image)."""
+    log.warning(message)
+    comment = getattr(p, "comment", None)
+    if callable(comment):
+        comment(message)
+
+
 def rows_of(cond: Any) -> int:
     """Row count of a conditioning (a tensor, or SDXL's dict of tensors)."""
     if isinstance(cond, dict):
@@ -123,10 +131,7 @@ class GenerationController:
             if not isinstance(exc, AdapterError):
                 log.exception("Adapters: registering the units on Forge's UNet patcher failed")
                 exc = AdapterError(f"unexpected {type(exc).__name__}: {exc}")
-            log.warning("Adapters: %s", exc)
-            comment = getattr(p, "comment", None)
-            if callable(comment):
-                comment(f"Adapters: {exc}")
+            _tell(p, f"Adapters: {exc}")
             p.extra_generation_params["Adapters skipped"] = str(exc)  # API clients read the infotext
 
     def end(self) -> None:
@@ -168,20 +173,12 @@ class GenerationController:
     def _say(p: Any, ctx: BuildContext | None) -> None:
         """The notes of a unit's build (it still runs): in the console and the image's comments."""
         while ctx is not None and ctx.notes:
-            message = ctx.notes.pop(0)
-            log.warning(message)
-            comment = getattr(p, "comment", None)
-            if callable(comment):
-                comment(message)
+            _tell(p, ctx.notes.pop(0))
 
     def _skip(self, p: Any, label: str, exc: AdapterError) -> None:
         reason = str(exc)
         if reason.startswith(f"{label}: "):  # e.g. the face analysis names the unit for the preview's message
             reason = reason[len(label) + 2:]
-        message = f"{label} skipped: {reason}"
-        log.warning(message)
-        comment = getattr(p, "comment", None)
-        if callable(comment):
-            comment(message)
+        _tell(p, f"{label} skipped: {reason}")
         # API clients see the infotext but not the comments: say it there too
         p.extra_generation_params[f"{label} skipped"] = reason

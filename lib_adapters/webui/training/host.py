@@ -79,11 +79,9 @@ class TrainingHost:
     def places(self, method: str = "lora") -> FilePlaces:
         """The panel's folders for the files a request names (catalog names, encoders, preprocessor weights), and
         the WebUI's models/insightface/models, where insightface (and sd-webui-controlnet) keep the face models."""
-        from modules import paths
         cfg = _panel_settings()
         catalog = ModelCatalog(cfg.model_dirs, cfg.shared_model_dirs)  # a fresh scan: exactly what is there now
-        return FilePlaces(catalog.resolve, tuple(cfg.encoder_dirs), cfg.annotator_dir,
-                          face_models_root(paths.models_path))
+        return FilePlaces(catalog.resolve, tuple(cfg.encoder_dirs), cfg.annotator_dir, face_models_root(cfg.models_dir))
 
     def work_dir(self, method: str = "lora") -> Path:
         """Checkpoints, samples and the latent cache: ``<outputs>/adapters-training`` (never scanned as models)."""
